@@ -1,0 +1,180 @@
+"""Results -> report: REPORT.md (accuracy and F1 tables), results.csv/json and figures.
+
+``python -m covid_tune.report OUTPUT`` rebuilds the report of a finished or interrupted sweep
+from its output folder, without training (missing test evaluations run locally).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from covid_tune import plan as plan_mod
+from covid_tune import results as results_mod
+from covid_tune.data import DatasetError, scan_dataset
+from covid_tune.losses import LOSS_LABELS
+from covid_tune.spec import TRAINER_AXES, Spec, SpecError, validate
+
+SPEC_FILE = "spec.json"
+SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Test"))
+CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
+               "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status",
+               "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
+               "test_acc_ci_low", "test_acc_ci_high", "node", "checkpoint"]
+
+
+def flat_row(row: dict) -> dict:
+    """A result row reduced to results.csv's columns."""
+    out = {k: row.get(k) for k in CSV_COLUMNS}
+    ev = row.get("eval") or {}
+    for split, prefix in (("train", "train"), ("validation", "val"), ("test", "test")):
+        out[f"{prefix}_acc"] = ev.get(split, {}).get("acc")
+        out[f"{prefix}_f1"] = ev.get(split, {}).get("f1")
+    ci = ev.get("test", {}).get("acc_ci95") or [None, None]
+    out["test_acc_ci_low"], out["test_acc_ci_high"] = ci
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _cell(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(values) == 1:
+        return _pct(vals[0])
+    mean, std = results_mod.mean_std(vals)
+    return f"{_pct(mean)} ± {_pct(std)}"
+
+
+def _epochs_cell(rows: list[dict]) -> str:
+    return " / ".join(f"{r['epochs_trained']}{'*' if r['stopped_early'] else ''}" for r in rows)
+
+
+def metric_table(flat: list[dict], key: str, show_loss: bool = True) -> str:
+    """One course-style table (Sr #, Backbone, Layers, Loss, [varied trainer settings], Epochs, Train,
+    Validation, Test).
+
+    Rows that differ only in seed are one row: mean ± std (sample std) over the seeds.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in flat:
+        groups.setdefault(r["group"], []).append(r)
+    axes = [a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1]
+    lines = []
+    for sr, members in enumerate(groups.values(), 1):
+        first = members[0]
+        cells = [sr, first["backbone"], first["layers"]]
+        cells += [LOSS_LABELS.get(first["loss"], first["loss"])] if show_loss else []
+        cells += [f"{first[a]:g}" if isinstance(first[a], float) else first[a] for a in axes]
+        cells += [_epochs_cell(members)]
+        cells += [_cell([m[f"{p}_{key}"] for m in members]) for p in ("train", "val", "test")]
+        lines.append(cells)
+    headers = ["Sr #", "Backbone", "Layers"] + (["Loss"] if show_loss else []) + axes + ["Epochs", "Train", "Validation", "Test"]
+    return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict) -> Path:
+    """Write REPORT.md, results.csv, results.json and figures under ``out/report``."""
+    from covid_tune import figures
+
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    flat = [flat_row(r) for r in rows]
+    pd.DataFrame(flat, columns=CSV_COLUMNS).to_csv(report_dir / "results.csv", index=False)
+    slim = [{k: v for k, v in r.items() if k != "eval"} | {"eval": _slim_eval(r.get("eval"))} for r in rows]
+    (report_dir / "results.json").write_text(json.dumps({"name": spec.name, "classes": classes, "counts": counts,
+                                                         "metric": spec.scheduler.metric, "rows": slim}, indent=1))
+    figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
+
+    show_loss = len({r["loss"] for r in flat}) > 1 or spec.data.label_mode == "multi"
+    f1_name = "macro F1" if spec.data.label_mode == "single" else "support-weighted F1"
+    acc_name = "accuracy" if spec.data.label_mode == "single" else "exact-match accuracy"
+    n_seeds = max(len([r for r in flat if r["group"] == g]) for g in {r["group"] for r in flat}) if flat else 0
+    md = [f"# {spec.name}", "",
+          f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
+          + "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()) + ".",
+          f"Best epoch per configuration chosen by `{spec.scheduler.metric}`; up to {spec.trainer.epochs} epochs"
+          + (f", ASHA (grace period {spec.scheduler.grace_period}, reduction factor {spec.scheduler.reduction_factor:g})."
+             if spec.scheduler.asha else "."),
+          "",
+          f"## Accuracy", "", metric_table(flat, "acc", show_loss), "",
+          f"## F1-score", "", metric_table(flat, "f1", show_loss), "",
+          f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
+          "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
+          + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""), ""]
+    ci_rows = [[f["config_id"], _pct(f["test_acc"]), f"[{_pct(f['test_acc_ci_low'])}, {_pct(f['test_acc_ci_high'])}]",
+                (r.get("eval") or {}).get("test", {}).get("n", "-")] for f, r in zip(flat, rows)]
+    md += ["## Test accuracy, 95% bootstrap confidence interval", "",
+           tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
+                    disable_numparse=True), ""]
+    problems = [r for r in flat if r["status"] not in ("ok",)]
+    if problems:
+        md += ["## Incomplete configurations", ""]
+        md += [f"- `{r['config_id']}`: {r['status']}" for r in problems] + [""]
+    md += figures.markdown(figs, rows)
+    (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
+    return report_dir / "REPORT.md"
+
+
+def _slim_eval(ev: dict | None) -> dict | None:
+    if not ev:
+        return None
+    return {s: {k: v for k, v in m.items() if k != "correct"} for s, m in ev.items()}
+
+
+def save_spec(out: Path, spec: Spec) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+
+
+def load_saved_spec(out: Path) -> Spec:
+    path = out / SPEC_FILE
+    if not path.is_file():
+        raise SpecError(f"{out} is not a covid_tune output folder (no {SPEC_FILE})")
+    return validate(json.loads(path.read_text()))
+
+
+def dataset_root(spec: Spec) -> Path:
+    """The data folder of a spec: its root, or the synthetic data written under the output."""
+    return Path(spec.data.root) if spec.data.root else spec.output_dir / "synthetic-data"
+
+
+def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator = results_mod.evaluate_locally, index=None) -> Path:
+    """Collect trials, export and evaluate best checkpoints, write the report. Returns REPORT.md."""
+    plan = plan_mod.expand(spec)
+    if index is None:
+        index = scan_dataset(dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+    trials_path = out / results_mod.TRIALS_FILE
+    status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
+    rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
+                                status, evaluator)
+    return write_report(out, spec, rows, index.classes, index.counts())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m covid_tune.report",
+                                     description="Rebuild REPORT.md, results.csv/json and figures of a sweep's "
+                                                 "output folder without training.")
+    parser.add_argument("output", type=Path, help="the sweep's output folder (holds spec.json)")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_saved_spec(args.output.resolve())
+        path = build(args.output.resolve(), spec)
+    except (SpecError, DatasetError) as exc:
+        print(f"covid_tune.report: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

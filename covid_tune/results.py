@@ -1,0 +1,188 @@
+"""Trials -> results: read Tune's trial folders, pick and export each configuration's best
+checkpoint, evaluate it once, and assemble one result row per configuration.
+
+Reads the experiment folder as files (``params.json``, ``result.json``, ``checkpoint_*/``), so
+it needs no running Ray and works on interrupted sweeps too.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from covid_tune import engine
+from covid_tune.data import DatasetIndex
+from covid_tune.losses import build_loss
+from covid_tune.metrics import bootstrap_ci
+from covid_tune.spec import TRAINER_AXES
+from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
+from covid_tune.trainable import METRICS_FILE, STATE_FILE
+
+EVAL_FILE = "eval.json"
+TRIALS_FILE = "trials.json"  # written by the sweep: each trial's final status
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1")
+
+
+@dataclass
+class TrialRecord:
+    """What one trial left on disk."""
+
+    config_id: str
+    trial_dir: Path
+    history: list[dict]  # one row per reported epoch (HISTORY_KEYS + time_total_s, hostname, node_ip)
+    checkpoints: dict[int, Path] = field(default_factory=dict)  # epoch -> checkpoint folder
+    broken: list[str] = field(default_factory=list)  # checkpoints that did not load
+
+
+def _read_history(path: Path) -> list[dict]:
+    rows: dict[int, dict] = {}
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a crash
+            continue
+        if "epoch" in r:
+            rows[int(r["epoch"])] = {k: r.get(k) for k in HISTORY_KEYS + ("time_total_s", "hostname", "node_ip")}
+    return [rows[e] for e in sorted(rows)]
+
+
+def _checkpoint_epoch(folder: Path) -> int:
+    """The epoch a checkpoint folder holds; raises if the folder is incomplete or unreadable."""
+    metrics = json.loads((folder / METRICS_FILE).read_text())
+    torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    return int(metrics["epoch"])
+
+
+def collect(experiment: Path) -> dict[str, TrialRecord]:
+    """Every trial under a Tune experiment folder, keyed by config id."""
+    records: dict[str, TrialRecord] = {}
+    for params in sorted(Path(experiment).glob("*/params.json")):
+        trial_dir = params.parent
+        cid = json.loads(params.read_text()).get("config_id")
+        if cid is None:
+            continue
+        rec = TrialRecord(cid, trial_dir, _read_history(trial_dir / "result.json"))
+        for folder in sorted(trial_dir.glob("checkpoint_*")):
+            try:
+                rec.checkpoints[_checkpoint_epoch(folder)] = folder
+            except Exception as exc:
+                rec.broken.append(f"{folder}: {type(exc).__name__}: {exc}")
+        if cid in records and len(records[cid].history) >= len(rec.history):
+            continue
+        records[cid] = rec
+    return records
+
+
+def best_epoch(rec: TrialRecord, metric: str, mode: str) -> int | None:
+    """The epoch with the best ``metric`` among those whose checkpoint exists (earliest on ties)."""
+    candidates = [r for r in rec.history if r["epoch"] in rec.checkpoints and r.get(metric) is not None]
+    if not candidates:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(candidates, key=lambda r: (sign * r[metric], -r["epoch"]))["epoch"]
+
+
+def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric: str, mode: str,
+                out_dir: Path) -> Path | None:
+    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch."""
+    epoch = best_epoch(rec, metric, mode)
+    if epoch is None:
+        return None
+    target = out_dir / rec.config_id
+    meta_path = target / "model.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("epoch") == epoch:
+        return target
+    state = torch.load(rec.checkpoints[epoch] / STATE_FILE, map_location="cpu", weights_only=True)
+    row = next(r for r in rec.history if r["epoch"] == epoch)
+    meta = {
+        **asdict(hp), "config_id": rec.config_id, "classes": classes, "epoch": epoch,
+        "metrics": {k: row[k] for k in HISTORY_KEYS if k != "epoch"},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "preprocess": f"grayscale={hp.grayscale}; Resize(round({hp.image_size}*256/224)); CenterCrop({hp.image_size})",
+        "source_checkpoint": str(rec.checkpoints[epoch]),
+    }
+    (target / EVAL_FILE).unlink(missing_ok=True)
+    save_exported(state["model"], meta, target)
+    return target
+
+
+def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64) -> dict:
+    """Evaluate an exported model on train (no augmentation), validation and test; cached in eval.json."""
+    model_dir = Path(model_dir)
+    cache = model_dir / EVAL_FILE
+    model, meta = load_exported(model_dir)
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("epoch") == meta["epoch"]:
+            return cached
+    device = engine.default_device()
+    model.to(device)
+    loss_fn = build_loss(meta["loss"], meta["focal_alpha"], meta["focal_gamma"])
+    out = {"epoch": meta["epoch"], "splits": {}}
+    for split in ("train", "validation", "test"):
+        loader = engine.make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
+                                    grayscale=meta["grayscale"])
+        res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"], len(meta["classes"]))
+        correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
+        out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),
+                                "acc_ci95": list(bootstrap_ci(correct)), "correct": correct.astype(int).tolist()}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(cache)
+    return out
+
+
+Evaluator = Callable[[list[Path], DatasetIndex], list[dict]]
+
+
+def evaluate_locally(model_dirs: list[Path], index: DatasetIndex) -> list[dict]:
+    return [evaluate_export(d, index) for d in model_dirs]
+
+
+def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIndex, metric: str, mode: str,
+             out_dir: Path, trial_status: dict[str, dict] | None = None,
+             evaluator: Evaluator = evaluate_locally) -> list[dict]:
+    """One row per planned configuration: best epoch, exported checkpoint, train/val/test metrics."""
+    records = collect(experiment)
+    trial_status = trial_status or {}
+    rows, to_eval = [], []
+    for sr, (cid, hp) in enumerate(plan.items(), 1):
+        rec = records.get(cid)
+        status = trial_status.get(cid, {}).get("status", "incomplete" if trial_status == {} else "missing")
+        row = {"sr": sr, "config_id": cid, "group": hp.group, "backbone": hp.backbone, "freeze": hp.freeze,
+               "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed,
+               "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "stopped_early": False,
+               "status": status if rec else "not started", "checkpoint": None, "history": [], "node": None}
+        row.update({k: getattr(hp, k) for k in TRAINER_AXES})
+        if rec is not None:
+            for problem in rec.broken:
+                warnings.warn(f"{cid}: skipping unreadable checkpoint {problem}", stacklevel=2)
+            row["history"] = rec.history
+            row["epochs_trained"] = len(rec.history)
+            row["node"] = rec.history[-1].get("hostname") if rec.history else None
+            row["stopped_early"] = status == "ok" and 0 < len(rec.history) < hp.epochs
+            target = export_best(rec, hp, index.classes, metric, mode, out_dir)
+            if target is not None:
+                row["best_epoch"] = json.loads((target / "model.json").read_text())["epoch"]
+                row["checkpoint"] = str(target / "model.pt")
+                to_eval.append((row, target))
+        rows.append(row)
+    if to_eval:
+        for (row, _), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):
+            row["eval"] = ev["splits"]
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(arr) == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

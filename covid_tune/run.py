@@ -1,0 +1,114 @@
+"""``python -m covid_tune.run SPEC``: the whole sweep, from spec to report.
+
+spec -> plan -> (data and weights checked) -> Ray Tune trials -> best checkpoints -> test
+evaluation as Ray tasks -> OUTPUT/report/REPORT.md. Exit codes: 0 done, 1 a trial failed,
+2 bad spec, data or weights (nothing started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from covid_tune import plan as plan_mod
+from covid_tune import report as report_mod
+from covid_tune.data import DatasetError, check_implies, make_synthetic, scan_dataset
+from covid_tune.models import WeightsUnavailable, check_weights
+from covid_tune.spec import Spec, SpecError, load_spec
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m covid_tune.run",
+        description="Run a sweep of chest X-ray classifiers on Ray Tune (local Ray, or a cluster with "
+                    "--address / RAY_ADDRESS) and write OUTPUT/report/REPORT.md.")
+    p.add_argument("spec", type=Path, help="YAML sweep spec, e.g. sweeps/demo.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key (repeatable), e.g. --set trainer.epochs=2 --set grid.seed=[0,1]")
+    p.add_argument("--dry-run", action="store_true", help="print the trial grid and exit without training")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start Ray locally)")
+    p.add_argument("--output", help="output folder (default: the spec's output, else runs/<name>)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="restore an interrupted sweep in the output folder and finish it")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete an earlier sweep in the output folder and start again")
+    return p.parse_args(argv)
+
+
+def _log(msg: str) -> None:
+    print(f"[covid_tune] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(spec: Spec):
+    """Check everything a trial needs before Ray starts: data (generated if synthetic) and weights."""
+    if spec.data.synthetic is not None:
+        s = spec.data.synthetic
+        _log(f"synthetic data -> {report_mod.dataset_root(spec)}")
+        make_synthetic(report_mod.dataset_root(spec), s.classes,
+                       {"train": s.train, "validation": s.validation, "test": s.test}, s.image_size, s.seed)
+    index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+    check_implies(index.classes, spec.data.implies)
+    for backbone in spec.grid.backbone:
+        check_weights(backbone, spec.trainer.weights)
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else []) \
+        + ([f"ray.address={args.address}"] if args.address else [])
+    try:
+        spec = load_spec(args.spec, overrides)
+    except SpecError as exc:
+        print(f"covid_tune: {exc}", file=sys.stderr)
+        return 2
+    plan = plan_mod.expand(spec)
+    if args.dry_run:
+        print(plan_mod.plan_table(plan))
+        print(f"\n{len(plan)} trial(s); output: {spec.output_dir}")
+        return 0
+
+    out = spec.output_dir
+    if spec.experiment_dir.exists() and not args.resume:
+        if not args.overwrite:
+            print(f"covid_tune: {spec.experiment_dir} already holds a sweep named {spec.name!r}; "
+                  "pass --resume to finish it or --overwrite to start again", file=sys.stderr)
+            return 2
+        shutil.rmtree(spec.experiment_dir)
+        for sub in ("best", "report"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "trials.json").unlink(missing_ok=True)
+    try:
+        index = prepare(spec)
+    except (DatasetError, WeightsUnavailable, ValueError) as exc:
+        print(f"covid_tune: {exc}", file=sys.stderr)
+        return 2
+    _log(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
+         f"({', '.join(index.classes)}); output: {out}")
+    report_mod.save_spec(out, spec)
+
+    from covid_tune import results as results_mod
+    from covid_tune import tuning  # Ray is imported only when a sweep really runs
+
+    start = time.time()
+    try:
+        trials = tuning.run_sweep(spec, plan, index, resume=args.resume)
+    except FileNotFoundError as exc:
+        print(f"covid_tune: {exc}", file=sys.stderr)
+        return 2
+    _log(f"trials finished in {time.time() - start:.0f} s; evaluating best checkpoints")
+
+    def evaluator(dirs, idx):
+        return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus, spec.resources.gpu)
+
+    path = report_mod.build(out, spec, evaluator=evaluator, index=index)
+    _log(f"report: {path} ({time.time() - start:.0f} s in all)")
+    return 1 if any(t["status"] == "error" for t in trials.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Sweep specs: YAML -> validated, frozen :class:`Spec`.
+
+Every problem is reported as ``key.path: what is wrong (allowed: ...)`` in one
+:class:`SpecError`, before anything starts. Relative paths are resolved against the current
+directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from covid_tune import models
+from covid_tune.losses import LOSSES
+
+TRAINER_AXES = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
+METRICS = ("val_acc", "val_f1", "val_loss")
+
+
+class SpecError(ValueError):
+    """The spec cannot be used; the message names each key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSpec(_Section):
+    """A generated dataset (written under ``OUTPUT/synthetic-data``) instead of a folder."""
+
+    classes: list[str] = Field(default=["infected", "normal"], min_length=2)
+    train: int = Field(60, ge=1, description="images per class in train")
+    validation: int = Field(20, ge=1)
+    test: int = Field(20, ge=1)
+    image_size: int = Field(64, ge=16, le=512)
+    seed: int = 0
+
+
+class DataSpec(_Section):
+    root: Optional[str] = None
+    synthetic: Optional[SyntheticSpec] = None
+    class_map: dict[str, str] = {}
+    image_size: int = Field(224, ge=16, le=1024)
+    label_mode: Literal["single", "multi"] = "single"
+    implies: dict[str, list[str]] = {}
+    threshold: float = Field(0.5, gt=0, lt=1)
+    on_bad_file: Literal["error", "skip"] = "error"
+    grayscale: bool = True
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.root is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data)")
+        if self.implies and self.label_mode != "multi":
+            raise ValueError("data.implies needs data.label_mode: multi")
+        return self
+
+
+def _as_list(value: Any) -> Any:
+    return value if value is None or isinstance(value, (list, dict)) else [value]
+
+
+class GridSpec(_Section):
+    """Axes whose product is the trial grid. A scalar is a one-value axis."""
+
+    backbone: list[str] = Field(min_length=1)
+    freeze: Union[list[str], dict[str, list[str]]] = ["none"]
+    loss: list[str] = Field(default=["ce"], min_length=1)
+    seed: list[int] = Field(default=[0], min_length=1)
+    optimizer: Optional[list[Literal["sgd", "adam"]]] = None
+    lr: Optional[list[float]] = None
+    momentum: Optional[list[float]] = None
+    weight_decay: Optional[list[float]] = None
+    batch_size: Optional[list[int]] = None
+    head_hidden: Optional[list[int]] = None
+    dropout: Optional[list[float]] = None
+
+    _wrap = field_validator("*", mode="before")(_as_list)
+
+
+class TrainerSpec(_Section):
+    epochs: int = Field(24, ge=1, description="max epochs per trial = ASHA's max_t")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(40, ge=1)
+    head_hidden: int = Field(240, ge=0)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    weights: str = Field("none", description="none | imagenet | path to a torchvision state_dict")
+    focal_alpha: Optional[float] = Field(0.25, gt=0, lt=1)
+    focal_gamma: float = Field(2.0, ge=0)
+
+
+class SchedulerSpec(_Section):
+    metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"
+    mode: Optional[Literal["min", "max"]] = None
+    asha: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _mode_fits_metric(self) -> "SchedulerSpec":
+        right = "min" if self.metric == "val_loss" else "max"
+        if self.mode is not None and self.mode != right:
+            raise ValueError(f"scheduler.mode {self.mode!r} does not fit metric {self.metric!r} (use {right!r})")
+        object.__setattr__(self, "mode", right)
+        return self
+
+
+class ResourcesSpec(_Section):
+    cpus: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("a fraction of a GPU must be at most 1 (0.25, 0.5, ...); above 1 use whole GPUs")
+        return v
+
+
+class RaySpec(_Section):
+    address: Optional[str] = None
+    storage_path: Optional[str] = None
+    max_failures: int = Field(0, ge=0)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+
+
+class Spec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output: Optional[str] = None
+    data: DataSpec
+    grid: GridSpec
+    trainer: TrainerSpec = TrainerSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Spec":
+        problems = []
+        known = models.backbone_names()
+        for b in self.grid.backbone:
+            if b not in known:
+                problems.append(f"grid.backbone: unknown backbone {b!r} (allowed: {', '.join(known)})")
+        for b, levels in self.freeze_levels().items():
+            if b not in known:
+                if isinstance(self.grid.freeze, dict):
+                    problems.append(f"grid.freeze: {b!r} is not in grid.backbone {self.grid.backbone}")
+                continue
+            allowed = models.freeze_level_names(b)
+            for level in levels:
+                if level not in allowed:
+                    problems.append(f"grid.freeze: backbone {b!r} has no freeze level {level!r} "
+                                    f"(allowed for {b}: {', '.join(allowed)})")
+        for loss in self.grid.loss:
+            if loss not in LOSSES:
+                problems.append(f"grid.loss: unknown loss {loss!r} (allowed: {', '.join(LOSSES)})")
+            elif LOSSES[loss] != self.data.label_mode:
+                fits = [n for n, m in LOSSES.items() if m == self.data.label_mode]
+                problems.append(f"grid.loss: {loss!r} needs data.label_mode {LOSSES[loss]!r}, but it is "
+                                f"{self.data.label_mode!r} (allowed with it: {', '.join(fits)})")
+        if self.trainer.weights == "imagenet":
+            lacking = [b for b in self.grid.backbone if b in known and models.get_backbone(b).imagenet_weights is None]
+            if lacking:
+                problems.append(f"trainer.weights: imagenet is not available for {lacking} (use none or a file)")
+        if self.scheduler.grace_period > self.trainer.epochs:
+            problems.append(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds trainer.epochs "
+                            f"({self.trainer.epochs})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def freeze_levels(self) -> dict[str, list[str]]:
+        """Freeze levels per backbone (a list applies to every backbone)."""
+        f = self.grid.freeze
+        if isinstance(f, dict):
+            return {b: list(f.get(b, ["none"])) for b in dict.fromkeys(list(self.grid.backbone) + list(f))}
+        return {b: list(f) for b in self.grid.backbone}
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}").resolve()
+
+    @property
+    def experiment_dir(self) -> Path:
+        """Tune's experiment folder: ``ray.storage_path/name``, by default ``OUTPUT/ray/name``."""
+        return Path(self.ray.storage_path or self.output_dir / "ray") / self.name
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    model: Any = Spec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("list[", "dict["))))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"{key}: unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}")
+    return "invalid spec:\n" + "\n".join(f"  {line}" for line in dict.fromkeys(lines))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw spec dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected key.path=value, e.g. --set trainer.epochs=2")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {key}: {part!r} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"--set {key}: cannot parse value {value!r}: {exc}") from None
+    return raw
+
+
+def validate(raw: Any) -> Spec:
+    """Validate a raw mapping into a :class:`Spec`, raising :class:`SpecError` on any problem."""
+    if not isinstance(raw, dict):
+        raise SpecError("invalid spec: the top level must be a mapping with keys "
+                        f"{', '.join(Spec.model_fields)}")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err)) from None
+    # absolute paths, so Ray workers with another working directory read the same folders
+    update: dict[str, Any] = {"output": str(spec.output_dir)}
+    if spec.data.root is not None:
+        update["data"] = spec.data.model_copy(update={"root": str(Path(spec.data.root).resolve())})
+    return spec.model_copy(update=update)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    """Read a YAML spec, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file {path} is not valid YAML: {exc}") from None
+    return validate(apply_overrides(raw or {}, overrides or []))
