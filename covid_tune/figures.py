@@ -54,7 +54,8 @@ def _confusion(path: Path, confusion: list, classes: list[str], label_mode: str,
 
 
 def write_figures(fig_dir: Path, rows: list[dict], classes: list[str], label_mode: str) -> dict[str, dict[str, str]]:
-    """Per configuration: ``<id>_loss.png``, ``<id>_acc.png`` and ``<id>_confusion.png`` (test split)."""
+    """Per configuration: ``<id>_loss.png``, ``<id>_acc.png``, ``<id>_confusion.png`` (test split) and,
+    for multi-label tasks, ``<id>_confusion_train.png`` and ``<id>_confusion_validation.png``."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, str]] = {}
     for row in rows:
@@ -63,11 +64,15 @@ def write_figures(fig_dir: Path, rows: list[dict], classes: list[str], label_mod
             for key, label in (("loss", "loss"), ("acc", "accuracy")):
                 _curve(fig_dir / f"{cid}_{key}.png", row["history"], key, f"{cid}: {label}")
                 files[key] = f"figures/{cid}_{key}.png"
-        test = (row.get("eval") or {}).get("test")
-        if test:
-            _confusion(fig_dir / f"{cid}_confusion.png", test["confusion"], classes, label_mode,
-                       f"{cid}: test confusion (epoch {row['best_epoch']})")
-            files["confusion"] = f"figures/{cid}_confusion.png"
+        # single-label: the test matrix; multi-label: per-class 2x2 matrices for every split
+        splits = ("test",) if label_mode == "single" else ("train", "validation", "test")
+        for split in splits:
+            ev = (row.get("eval") or {}).get(split)
+            if ev:
+                key = "confusion" if split == "test" else f"confusion_{split}"
+                _confusion(fig_dir / f"{cid}_{key}.png", ev["confusion"], classes, label_mode,
+                           f"{cid}: {split} confusion (epoch {row['best_epoch']})")
+                files[key] = f"figures/{cid}_{key}.png"
         written[cid] = files
     return written
 
@@ -80,5 +85,6 @@ def markdown(figs: dict[str, dict[str, str]], rows: list[dict]) -> list[str]:
         if not files:
             continue
         lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}, seed {row['seed']}", ""]
-        lines += [" ".join(f"![{k}]({files[k]})" for k in ("loss", "acc", "confusion") if k in files), ""]
+        order = ("loss", "acc", "confusion_train", "confusion_validation", "confusion")
+        lines += [" ".join(f"![{k}]({files[k]})" for k in order if k in files), ""]
     return lines

@@ -26,7 +26,7 @@ SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Tes
 CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
                "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status",
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
-               "test_acc_ci_low", "test_acc_ci_high", "node", "checkpoint"]
+               "test_acc_ci_low", "test_acc_ci_high", "node", "node_ip", "node_id", "checkpoint"]
 
 
 def flat_row(row: dict) -> dict:
@@ -116,6 +116,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
+    md += _source_table(rows)
     problems = [r for r in flat if r["status"] not in ("ok",)]
     if problems:
         md += ["## Incomplete configurations", ""]
@@ -123,6 +124,21 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += figures.markdown(figs, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
+
+
+def _source_table(rows: list[dict]) -> list[str]:
+    """Per-source test accuracy (when the data has a manifest with ``source_dataset``)."""
+    with_sources = [r for r in rows if r.get("test_by_source")]
+    if not with_sources:
+        return []
+    sources = sorted({s for r in with_sources for s in r["test_by_source"]})
+    counts = {s: next(r["test_by_source"][s]["n"] for r in with_sources if s in r["test_by_source"]) for s in sources}
+    table = [[r["config_id"]] + [_pct(r["test_by_source"].get(s, {}).get("acc")) for s in sources] for r in with_sources]
+    return ["## Test accuracy by source dataset", "",
+            "Source and class can be confounded (see the data's README): a model may recognise the source "
+            "rather than the disease. Accuracy in % of the best checkpoint on each source's test images.", "",
+            tabulate(table, headers=["config_id"] + [f"{s} (n={counts[s]})" for s in sources], tablefmt="github",
+                     disable_numparse=True), ""]
 
 
 def _slim_eval(ev: dict | None) -> dict | None:
@@ -153,6 +169,8 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator = results_mod.
     plan = plan_mod.expand(spec)
     if index is None:
         index = scan_dataset(dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+    if spec.remote_storage:
+        results_mod.download_experiment(spec)
     trials_path = out / results_mod.TRIALS_FILE
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",

@@ -20,7 +20,7 @@ from covid_tune import engine
 from covid_tune.data import DatasetIndex
 from covid_tune.losses import build_loss
 from covid_tune.metrics import bootstrap_ci
-from covid_tune.spec import TRAINER_AXES
+from covid_tune.spec import TRAINER_AXES, Spec
 from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
 from covid_tune.trainable import METRICS_FILE, STATE_FILE
 
@@ -35,7 +35,7 @@ class TrialRecord:
 
     config_id: str
     trial_dir: Path
-    history: list[dict]  # one row per reported epoch (HISTORY_KEYS + time_total_s, hostname, node_ip)
+    history: list[dict]  # one row per reported epoch (HISTORY_KEYS + time_total_s, hostname, node_ip, node_id)
     checkpoints: dict[int, Path] = field(default_factory=dict)  # epoch -> checkpoint folder
     broken: list[str] = field(default_factory=list)  # checkpoints that did not load
 
@@ -50,7 +50,7 @@ def _read_history(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut off by a crash
             continue
         if "epoch" in r:
-            rows[int(r["epoch"])] = {k: r.get(k) for k in HISTORY_KEYS + ("time_total_s", "hostname", "node_ip")}
+            rows[int(r["epoch"])] = {k: r.get(k) for k in HISTORY_KEYS + ("time_total_s", "hostname", "node_ip", "node_id")}
     return [rows[e] for e in sorted(rows)]
 
 
@@ -167,7 +167,10 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
                 warnings.warn(f"{cid}: skipping unreadable checkpoint {problem}", stacklevel=2)
             row["history"] = rec.history
             row["epochs_trained"] = len(rec.history)
-            row["node"] = rec.history[-1].get("hostname") if rec.history else None
+            last = rec.history[-1] if rec.history else {}
+            row["node"] = last.get("hostname")
+            row["node_ip"] = last.get("node_ip")
+            row["node_id"] = last.get("node_id")
             row["stopped_early"] = status == "ok" and 0 < len(rec.history) < hp.epochs
             target = export_best(rec, hp, index.classes, metric, mode, out_dir)
             if target is not None:
@@ -175,10 +178,46 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
                 row["checkpoint"] = str(target / "model.pt")
                 to_eval.append((row, target))
         rows.append(row)
+    sources = source_groups(index, "test")
     if to_eval:
         for (row, _), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):
             row["eval"] = ev["splits"]
+            if sources is not None:
+                row["test_by_source"] = accuracy_by_group(ev["splits"]["test"]["correct"], sources)
     return rows
+
+
+def source_groups(index: DatasetIndex, split: str, column: str = "source_dataset") -> list[str] | None:
+    """Each image's ``column`` value from ``ROOT/manifest.csv`` (None when there is no such manifest)."""
+    import pandas as pd
+
+    manifest = index.root / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    table = pd.read_csv(manifest)
+    if column not in table.columns or "file" not in table.columns:
+        return None
+    lookup = dict(zip(table["file"].astype(str), table[column].astype(str)))
+    return [lookup.get(str(Path(p).relative_to(index.root)), "unknown") for p in index.paths(split)]
+
+
+def accuracy_by_group(correct: list[int], groups: list[str]) -> dict[str, dict]:
+    """Accuracy and count of per-sample 0/1 outcomes within each group."""
+    out: dict[str, dict] = {}
+    for g in sorted(set(groups)):
+        hits = [c for c, gg in zip(correct, groups) if gg == g]
+        out[g] = {"n": len(hits), "acc": sum(hits) / len(hits)}
+    return out
+
+
+def download_experiment(spec: Spec) -> Path:
+    """Copy a remote (URI) experiment to ``spec.experiment_dir`` so results can be read as files."""
+    import pyarrow.fs  # comes with ray[tune]; reads s3://, gs://, hdfs:// and file:// alike
+
+    target = spec.experiment_dir
+    target.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(spec.experiment_path, str(target))
+    return target
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

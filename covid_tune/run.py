@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         trials = tuning.run_sweep(spec, plan, index, resume=args.resume)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
     _log(f"trials finished in {time.time() - start:.0f} s; evaluating best checkpoints")

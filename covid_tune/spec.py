@@ -83,6 +83,22 @@ class GridSpec(_Section):
 
     _wrap = field_validator("*", mode="before")(_as_list)
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbones(cls, names: list[str]) -> list[str]:
+        unknown = [b for b in names if b not in models.backbone_names()]
+        if unknown:
+            raise ValueError(f"unknown backbone(s) {unknown} (allowed: {', '.join(models.backbone_names())})")
+        return names
+
+    @field_validator("loss")
+    @classmethod
+    def _known_losses(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in LOSSES]
+        if unknown:
+            raise ValueError(f"unknown loss(es) {unknown} (allowed: {', '.join(LOSSES)})")
+        return names
+
 
 class TrainerSpec(_Section):
     epochs: int = Field(24, ge=1, description="max epochs per trial = ASHA's max_t")
@@ -147,14 +163,9 @@ class Spec(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Spec":
         problems = []
-        known = models.backbone_names()
-        for b in self.grid.backbone:
-            if b not in known:
-                problems.append(f"grid.backbone: unknown backbone {b!r} (allowed: {', '.join(known)})")
         for b, levels in self.freeze_levels().items():
-            if b not in known:
-                if isinstance(self.grid.freeze, dict):
-                    problems.append(f"grid.freeze: {b!r} is not in grid.backbone {self.grid.backbone}")
+            if b not in self.grid.backbone:
+                problems.append(f"grid.freeze: {b!r} is not in grid.backbone {self.grid.backbone}")
                 continue
             allowed = models.freeze_level_names(b)
             for level in levels:
@@ -162,14 +173,12 @@ class Spec(_Section):
                     problems.append(f"grid.freeze: backbone {b!r} has no freeze level {level!r} "
                                     f"(allowed for {b}: {', '.join(allowed)})")
         for loss in self.grid.loss:
-            if loss not in LOSSES:
-                problems.append(f"grid.loss: unknown loss {loss!r} (allowed: {', '.join(LOSSES)})")
-            elif LOSSES[loss] != self.data.label_mode:
+            if LOSSES[loss] != self.data.label_mode:
                 fits = [n for n, m in LOSSES.items() if m == self.data.label_mode]
                 problems.append(f"grid.loss: {loss!r} needs data.label_mode {LOSSES[loss]!r}, but it is "
                                 f"{self.data.label_mode!r} (allowed with it: {', '.join(fits)})")
         if self.trainer.weights == "imagenet":
-            lacking = [b for b in self.grid.backbone if b in known and models.get_backbone(b).imagenet_weights is None]
+            lacking = [b for b in self.grid.backbone if models.get_backbone(b).imagenet_weights is None]
             if lacking:
                 problems.append(f"trainer.weights: imagenet is not available for {lacking} (use none or a file)")
         if self.scheduler.grace_period > self.trainer.epochs:
@@ -191,9 +200,26 @@ class Spec(_Section):
         return Path(self.output or f"runs/{self.name}").resolve()
 
     @property
+    def remote_storage(self) -> bool:
+        """True when ``ray.storage_path`` is a URI (s3://, gs://, ...) rather than a folder."""
+        return "://" in (self.ray.storage_path or "")
+
+    @property
+    def storage_root(self) -> str:
+        """Where Tune keeps experiments: ``ray.storage_path`` or ``OUTPUT/ray``."""
+        return (self.ray.storage_path or str(self.output_dir / "ray")).rstrip("/")
+
+    @property
+    def experiment_path(self) -> str:
+        """Tune's experiment folder or URI: ``storage_root/name``."""
+        return f"{self.storage_root}/{self.name}"
+
+    @property
     def experiment_dir(self) -> Path:
-        """Tune's experiment folder: ``ray.storage_path/name``, by default ``OUTPUT/ray/name``."""
-        return Path(self.ray.storage_path or self.output_dir / "ray") / self.name
+        """A local folder holding the experiment: itself, or the download of a remote one."""
+        if self.remote_storage:
+            return self.output_dir / "ray-download" / self.name
+        return Path(self.experiment_path)
 
 
 def _allowed_keys(loc: tuple) -> list[str] | None:
@@ -259,6 +285,8 @@ def validate(raw: Any) -> Spec:
         raise SpecError(_format_errors(err)) from None
     # absolute paths, so Ray workers with another working directory read the same folders
     update: dict[str, Any] = {"output": str(spec.output_dir)}
+    if spec.ray.storage_path and "://" not in spec.ray.storage_path:
+        update["ray"] = spec.ray.model_copy(update={"storage_path": str(Path(spec.ray.storage_path).resolve())})
     if spec.data.root is not None:
         update["data"] = spec.data.model_copy(update={"root": str(Path(spec.data.root).resolve())})
     return spec.model_copy(update=update)

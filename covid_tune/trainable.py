@@ -6,6 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -32,7 +33,8 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
         with checkpoint.as_directory() as d:
             run.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=run.device, weights_only=True))
     while run.epoch < hp.epochs:
-        metrics = run.run_epoch()
+        # the node id tells apart nodes that share a host name and IP (several Ray nodes on one machine)
+        metrics = {**run.run_epoch(), "node_id": ray.get_runtime_context().get_node_id()}
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(run, metrics, Path(d))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

@@ -1,0 +1,77 @@
+"""Shared fixtures: one place that shrinks any spec to test size, tiny image folders, real data."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CXR_REAL = (REPO / ".." / "shared" / "cxr-real").resolve()
+needs_cxr_real = pytest.mark.skipif(not CXR_REAL.is_dir(), reason=f"real chest X-rays not present at {CXR_REAL}")
+
+# What every test sweep uses instead of the spec's own sizes: tiny images, few epochs, no weights.
+SHRINK = {
+    "data": {"image_size": 32, "augment": False},
+    "trainer": {"epochs": 2, "batch_size": 16, "head_hidden": 16, "weights": "none"},
+    "scheduler": {"grace_period": 1},
+    "resources": {"cpus": 1, "gpu": 0},
+}
+
+
+def shrink(raw: dict, tmp_path: Path, **sections) -> dict:
+    """A copy of a raw spec made test-sized, writing under ``tmp_path``; ``sections`` override more."""
+    out = copy.deepcopy(raw)
+    for section, values in list(SHRINK.items()) + list(sections.items()):
+        out.setdefault(section, {})
+        out[section] = {**(out[section] or {}), **values}
+    out["output"] = str(tmp_path / "out")
+    out.get("ray", {}).pop("storage_path", None)
+    return out
+
+
+@pytest.fixture
+def tiny_raw(tmp_path: Path) -> dict:
+    """A complete, valid raw spec: synthetic data, tiny CNN, 2 configurations, 2 epochs."""
+    return shrink({
+        "name": "tiny",
+        "data": {"synthetic": {"classes": ["infected", "normal"], "train": 24, "validation": 10, "test": 10,
+                               "image_size": 36}},
+        "grid": {"backbone": ["tiny_cnn"], "freeze": ["fc_only", "none"], "loss": ["ce"], "seed": [0]},
+        "trainer": {"lr": 0.01},
+        "scheduler": {"metric": "val_loss"},
+    }, tmp_path)
+
+
+def load_sweep(name: str) -> dict:
+    return yaml.safe_load((REPO / "sweeps" / name).read_text())
+
+
+def write_image(path: Path, mode: str = "L", size: int = 24, seed: int = 0) -> Path:
+    """A small random image in the given PIL mode (L, RGB, RGBA)."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    arr = rng.integers(0, 255, size=(size, size, channels), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if channels == 1 else arr, mode).save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path):
+    """Factory: an ImageFolder tree ``root/{train,validation,test}/<class>/`` with n images each."""
+
+    def make(classes=("covid", "normal", "pneumonia"), n: int = 3, splits=("train", "validation", "test"),
+             mode: str = "L") -> Path:
+        root = tmp_path / "data"
+        for s_i, split in enumerate(splits):
+            for c_i, cls in enumerate(classes):
+                for i in range(n):
+                    write_image(root / split / cls / f"{cls}_{i}.png", mode, seed=100 * s_i + 10 * c_i + i)
+        return root
+
+    return make

@@ -1,0 +1,130 @@
+"""End to end through Ray: the demo sweep, shrunk, from YAML to REPORT.md, and back again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torchvision import transforms as T
+
+from conftest import REPO, load_sweep, shrink
+from covid_tune.models import load_exported
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def parse_markdown_table(md: str, heading: str) -> pd.DataFrame:
+    """The first GitHub table after ``## heading`` as strings."""
+    lines = md.split(f"## {heading}\n", 1)[1].strip().splitlines()
+    table = [ln for ln in lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("|")), len(lines))]]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
+    return pd.DataFrame(cells[2:], columns=cells[0])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """The demo spec with tiny sizes, run once through Ray for every test of this module."""
+    tmp = tmp_path_factory.mktemp("demo")
+    raw = shrink(load_sweep("demo.yaml"), tmp, trainer={"epochs": 4, "batch_size": 16, "head_hidden": 16,
+                                                          "weights": "none"})
+    raw["data"]["synthetic"].update(train=40, validation=16, test=16)
+    spec_path = tmp / "demo.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    proc = run_cli("covid_tune.run", str(spec_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return Path(raw["output"])
+
+
+def test_report_tables_match_results_csv(demo_run: Path) -> None:
+    md = (demo_run / "report" / "REPORT.md").read_text()
+    csv = pd.read_csv(demo_run / "report" / "results.csv")
+    assert len(csv) == 8 and csv["config_id"].is_unique
+    for heading, key in (("Accuracy", "acc"), ("F1-score", "f1")):
+        table = parse_markdown_table(md, heading)
+        assert list(table.columns[:3]) == ["Sr #", "Backbone", "Layers"]
+        assert list(table.columns[-4:]) == ["Epochs", "Train", "Validation", "Test"]
+        assert len(table) == len(csv)
+        for (_, t), (_, c) in zip(table.iterrows(), csv.iterrows()):
+            assert t["Backbone"] == c["backbone"] and t["Layers"] == c["layers"]
+            assert t["Epochs"] == f"{c['epochs_trained']}{'*' if c['stopped_early'] else ''}"
+            for col, prefix in (("Train", "train"), ("Validation", "val"), ("Test", "test")):
+                assert float(t[col]) == pytest.approx(100 * c[f"{prefix}_{key}"], abs=0.006)
+
+
+def test_every_configuration_has_a_loadable_best_checkpoint(demo_run: Path) -> None:
+    csv = pd.read_csv(demo_run / "report" / "results.csv")
+    assert (csv["status"] == "ok").all()
+    assert (csv["epochs_trained"] <= 4).all() and (csv["epochs_trained"] >= 1).all()
+    assert (csv["best_epoch"] <= csv["epochs_trained"]).all()
+    # ASHA really ran: some trials stopped before the maximum, and they are the ones flagged
+    assert csv["stopped_early"].any() and not csv["stopped_early"].all()
+    assert (csv.loc[csv["stopped_early"], "epochs_trained"] < 4).all()
+    assert (csv.loc[~csv["stopped_early"], "epochs_trained"] == 4).all()
+    for path in csv["checkpoint"]:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_best_checkpoint_reproduces_recorded_validation_accuracy(demo_run: Path) -> None:
+    csv = pd.read_csv(demo_run / "report" / "results.csv")
+    row = csv.sort_values("val_acc").iloc[-1]
+    model_dir = Path(row["checkpoint"]).parent
+    meta = json.loads((model_dir / "model.json").read_text())
+    model, _ = load_exported(model_dir)
+    # preprocessing rebuilt from model.json alone
+    size = meta["image_size"]
+    tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
+                    T.Normalize(meta["normalization"]["mean"], meta["normalization"]["std"])])
+    root = demo_run / "synthetic-data" / "validation"
+    correct = total = 0
+    with torch.no_grad():
+        for label, cls in enumerate(meta["classes"]):
+            for f in sorted((root / cls).glob("*.png")):
+                x = tf(Image.open(f).convert("L").convert("RGB")).unsqueeze(0)
+                correct += int(model(x).argmax(1).item() == label)
+                total += 1
+    assert correct / total == pytest.approx(meta["metrics"]["val_acc"], abs=1e-9)
+    assert correct / total == pytest.approx(row["val_acc"], abs=1e-9)
+    assert meta["epoch"] == row["best_epoch"]
+
+
+def test_history_and_figures(demo_run: Path) -> None:
+    data = json.loads((demo_run / "report" / "results.json").read_text())
+    for row in data["rows"]:
+        epochs = [h["epoch"] for h in row["history"]]
+        assert epochs == list(range(1, row["epochs_trained"] + 1))
+        best = min(row["history"], key=lambda h: (h["val_loss"], h["epoch"]))  # metric val_loss, mode min
+        assert row["best_epoch"] == best["epoch"]
+        for kind in ("loss", "acc", "confusion"):
+            png = demo_run / "report" / "figures" / f"{row['config_id']}_{kind}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert Image.open(png).size[0] > 100
+
+
+def test_report_rebuilds_from_output_folder(demo_run: Path) -> None:
+    before = pd.read_csv(demo_run / "report" / "results.csv")
+    (demo_run / "report" / "REPORT.md").unlink()
+    proc = run_cli("covid_tune.report", str(demo_run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = pd.read_csv(demo_run / "report" / "results.csv")
+    pd.testing.assert_frame_equal(before, after)
+    assert (demo_run / "report" / "REPORT.md").is_file()
+
+
+def test_rerun_without_resume_refuses_to_overwrite(demo_run: Path) -> None:
+    spec = demo_run.parent / "demo.yaml"
+    proc = run_cli("covid_tune.run", str(spec))
+    assert proc.returncode == 2
+    assert "--resume" in proc.stderr and "--overwrite" in proc.stderr
