@@ -80,7 +80,9 @@ def _check_image(path: Path) -> str | None:
         return f"{path}: not an image file (extension {path.suffix or 'none'!r}; allowed: {', '.join(IMAGE_EXTENSIONS)})"
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.verify()  # PNG chunk checksums
+        with Image.open(path) as im:
+            im.load()  # a full decode: verify() does not read JPEG data, so truncation shows only here
     except Exception as exc:  # PIL raises many types for broken files
         return f"{path}: unreadable image ({type(exc).__name__}: {exc})"
     return None
@@ -193,15 +195,29 @@ def eval_transform(image_size: int) -> T.Compose:
     ])
 
 
-def load_image(path: str, grayscale: bool = True) -> Image.Image:
-    """Open any grayscale/RGB/RGBA/palette image as 3-channel RGB (grayscale replicated)."""
+def decode_image(path: str, grayscale: bool = True) -> Image.Image:
+    """Open any grayscale/RGB/RGBA/palette image as one-channel ``L`` (grayscale) or ``RGB``.
+
+    Transparency is composited onto black. :func:`load_image` is this plus channel replication;
+    the decoded cache (:mod:`covid_tune.cache`) keeps grayscale as one channel until the model.
+    """
     with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit and float X-rays: stretch the image's own range to 0-255 (convert("L") would clip)
+            arr = np.asarray(im, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+            im = Image.fromarray(np.round(arr).astype(np.uint8), "L")
         if im.mode in ("RGBA", "LA", "P"):
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (0, 0, 0, 255))
             im = Image.alpha_composite(background, im)
-        im = im.convert("L") if grayscale else im.convert("RGB")
-        return im.convert("RGB")
+        return im.convert("L") if grayscale else im.convert("RGB")
+
+
+def load_image(path: str, grayscale: bool = True) -> Image.Image:
+    """Open any grayscale/RGB/RGBA/palette image as 3-channel RGB (grayscale replicated)."""
+    return decode_image(path, grayscale).convert("RGB")
 
 
 class ImageDataset(Dataset):
@@ -257,8 +273,9 @@ def make_synthetic(root: str | Path, classes: Sequence[str] = ("infected", "norm
                    counts: dict[str, int] | None = None, image_size: int = 64, seed: int = 0) -> Path:
     """Write a deterministic, learnable ImageFolder dataset to ``root`` (skipped if already there).
 
-    A class named ``normal`` gets no opacities; the others get distinct patterns. The same
-    arguments always give byte-identical files.
+    A class named ``normal`` gets no opacities; the first three others get distinct patterns
+    (round opacities, a diffuse lower-lung opacity, streaks; further classes repeat the streaks).
+    The same arguments always give byte-identical files.
     """
     root = Path(root)
     counts = counts or {"train": 60, "validation": 20, "test": 20}

@@ -2,6 +2,13 @@
 
 ``TrainingRun(hparams, dataset_index)`` builds model, optimizer, loss and loaders;
 ``train_one_epoch`` and ``evaluate`` are usable on their own (torchvision references style).
+
+Two input pipelines: without a decoded cache, PIL decode + torchvision transforms in a
+``DataLoader`` (the course's way); with one (``decoded=``, :mod:`covid_tune.cache`), uint8
+tensors kept on the trial's device and augmented there (:mod:`covid_tune.loaders`). On either,
+a frozen prefix of the network runs under ``torch.no_grad()``, and a head-only configuration can
+train on features computed once (``feature_cache``). On CUDA, training runs under bf16 autocast
+with channels_last (``precision``).
 """
 
 from __future__ import annotations
@@ -15,9 +22,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from covid_tune import data as data_mod
+from covid_tune.cache import DecodedSplits
+from covid_tune.loaders import FeatureLoader, TensorLoader
 from covid_tune.losses import build_loss
 from covid_tune.metrics import multi_label_metrics, single_label_metrics
-from covid_tune.models import create_model
+from covid_tune.models import SplitForward, create_model, split_frozen_prefix
+
+FEATURE_CACHE_MODES = ("auto", "on", "off")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,8 @@ class HParams:
     grayscale: bool = True
     augment: bool = True
     num_workers: int = 0
+    feature_cache: str = "auto"  # auto | on | off: train a head-only model on features computed once
+    precision: str = "auto"  # auto (bf16 autocast + channels_last on CUDA, fp32 elsewhere) | bf16 | fp32
 
 
 def seed_everything(seed: int) -> None:
@@ -91,39 +105,95 @@ class EpochResult:
         return {f"{prefix}_loss": self.loss, f"{prefix}_acc": self.metrics["acc"], f"{prefix}_f1": self.metrics["f1"]}
 
 
-def _run(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device, label_mode: str,
-         threshold: float, n_classes: int, optimizer: torch.optim.Optimizer | None) -> EpochResult:
-    total, count, trues, preds = 0.0, 0, [], []
+def _run(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, label_mode: str,
+         threshold: float, n_classes: int, optimizer: torch.optim.Optimizer | None,
+         amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> EpochResult:
+    # sums stay on the device: one host sync per epoch instead of one per step
+    total, count, trues, preds = torch.zeros((), dtype=torch.float64, device=device), 0, [], []
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(images)
+        if channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()  # the loss in float32 whatever the autocast dtype
         loss = loss_fn(logits, targets)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        total += loss.item() * len(images)
+        total += loss.detach().double() * len(images)
         count += len(images)
-        trues.append(targets.detach().cpu())
-        preds.append(predict(logits.detach(), label_mode, threshold).cpu())
-    y_true = torch.cat(trues).numpy() if trues else np.zeros(0)
-    y_pred = torch.cat(preds).numpy() if preds else np.zeros(0)
-    return EpochResult(total / max(count, 1), score(y_true, y_pred, label_mode, n_classes), y_true, y_pred)
+        trues.append(targets.detach())
+        preds.append(predict(logits.detach(), label_mode, threshold))
+    y_true = torch.cat(trues).cpu().numpy() if trues else np.zeros(0)
+    y_pred = torch.cat(preds).cpu().numpy() if preds else np.zeros(0)
+    return EpochResult(total.item() / max(count, 1), score(y_true, y_pred, label_mode, n_classes), y_true, y_pred)
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device, label_mode: str, threshold: float, n_classes: int) -> EpochResult:
+def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device, label_mode: str, threshold: float, n_classes: int,
+                    amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> EpochResult:
     """One pass over ``loader`` with optimizer steps; metrics are from the training-mode outputs."""
     model.train()
-    return _run(model, loader, loss_fn, device, label_mode, threshold, n_classes, optimizer)
+    return _run(model, loader, loss_fn, device, label_mode, threshold, n_classes, optimizer, amp_dtype, channels_last)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device,
-             label_mode: str, threshold: float, n_classes: int) -> EpochResult:
+def evaluate(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device,
+             label_mode: str, threshold: float, n_classes: int,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> EpochResult:
     """Loss and metrics of ``model`` in eval mode over ``loader``."""
     model.eval()
-    return _run(model, loader, loss_fn, device, label_mode, threshold, n_classes, None)
+    return _run(model, loader, loss_fn, device, label_mode, threshold, n_classes, None, amp_dtype, channels_last)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, prefix: nn.Module, loader, device: torch.device,
+                     amp_dtype: torch.dtype | None = None, channels_last: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prefix``'s float32 outputs and the targets over ``loader`` (in its order), with ``model`` in eval mode."""
+    model.eval()
+    feats, targets = [], []
+    for images, y in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            feats.append(prefix(images).float())
+        targets.append(y.to(device, non_blocking=True))
+    return torch.cat(feats), torch.cat(targets)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels_last) for a trial on ``device``.
+
+    ``auto``: bf16 + channels_last on CUDA (tensor cores; NHWC is their native conv layout),
+    float32 on CPU, where bf16 autocast is supported but slower on most processors.
+    """
+    if precision not in PRECISIONS:
+        raise KeyError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    cuda = device.type == "cuda"
+    if precision == "fp32" or (precision == "auto" and not cuda):
+        return None, False
+    return torch.bfloat16, cuda
+
+
+def feature_cache_mode(setting: str, head_only: bool, augment: bool) -> str:
+    """``off``, ``exact`` or ``inexact`` (features without the training augmentation).
+
+    Features computed once equal what the plain path computes every step only when training
+    inputs are not augmented, so ``auto`` turns the cache on only then; ``on`` also turns it on
+    with augmentation (faster, but the head then never sees augmented images). Only head-only
+    configurations (the prefix ends at the flatten, e.g. ``fc_only``) can use it.
+    """
+    if setting not in FEATURE_CACHE_MODES:
+        raise KeyError(f"unknown feature_cache {setting!r}; choose one of: {', '.join(FEATURE_CACHE_MODES)}")
+    if setting == "off" or not head_only:
+        return "off"
+    if not augment:
+        return "exact"
+    return "inexact" if setting == "on" else "off"
 
 
 def make_loader(index: data_mod.DatasetIndex, split: str, image_size: int, batch_size: int, label_mode: str,
@@ -143,28 +213,90 @@ def default_device(use_gpu: bool = True) -> torch.device:
 
 
 class TrainingRun:
-    """Model, optimizer, loss and train/validation loaders of one trial, plus its epoch counter."""
+    """Model, optimizer, loss and train/validation loaders of one trial, plus its epoch counter.
 
-    def __init__(self, hp: HParams, index: data_mod.DatasetIndex, device: torch.device | None = None) -> None:
+    ``decoded`` (the decoded cache of this index, :func:`covid_tune.cache.build_decoded_cache`)
+    switches the input pipeline from PIL ``DataLoader`` s to device-resident :class:`TensorLoader` s.
+    """
+
+    def __init__(self, hp: HParams, index: data_mod.DatasetIndex, device: torch.device | None = None,
+                 decoded: DecodedSplits | None = None) -> None:
         seed_everything(hp.seed)
         self.hp = hp
         self.classes = list(index.classes)
         self.device = device or default_device()
+        self.amp_dtype, self.channels_last = resolve_precision(hp.precision, self.device)
         self.model = create_model(hp.backbone, len(self.classes), freeze=hp.freeze, weights=hp.weights,
                                   head_hidden=hp.head_hidden, dropout=hp.dropout).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)
         self.loss_fn = build_loss(hp.loss, hp.focal_alpha, hp.focal_gamma)
-        common = dict(image_size=hp.image_size, batch_size=hp.batch_size, label_mode=hp.label_mode,
-                      implies=hp.implies, grayscale=hp.grayscale, num_workers=hp.num_workers, seed=hp.seed)
-        self.train_loader = make_loader(index, "train", train=True, augment=hp.augment, **common)
-        self.val_loader = make_loader(index, "validation", **common)
+        self.split = split_frozen_prefix(self.model, hp.backbone)
+        # the frozen prefix runs without autograd: no activations kept for a backward that never reaches it
+        self.forward_model: nn.Module = SplitForward(self.model, self.split) if self.split else self.model
+        self.feature_mode = feature_cache_mode(hp.feature_cache, self.split.head_only, hp.augment)
+        self.decoded = decoded
+        if decoded is None:
+            common = dict(image_size=hp.image_size, batch_size=hp.batch_size, label_mode=hp.label_mode,
+                          implies=hp.implies, grayscale=hp.grayscale, num_workers=hp.num_workers, seed=hp.seed)
+            self.train_loader = make_loader(index, "train", train=True, augment=hp.augment, **common)
+            self.val_loader = make_loader(index, "validation", **common)
+        else:
+            decoded.check(index, hp.image_size, hp.grayscale)
+            self.train_loader = self._tensor_loader(index, decoded, "train", train=True)
+            self.val_loader = self._tensor_loader(index, decoded, "validation", train=False)
+        self._index = index
+        self._features: tuple[FeatureLoader, FeatureLoader] | None = None
         self.epoch = 0
+
+    def _tensor_loader(self, index: data_mod.DatasetIndex, decoded: DecodedSplits, split: str,
+                       train: bool) -> TensorLoader:
+        hp = self.hp
+        targets = data_mod.encode_targets(index.labels(split), index.classes, hp.label_mode, hp.implies)
+        return TensorLoader(decoded[split], targets, hp.image_size, hp.batch_size, shuffle=train,
+                            augment=train and hp.augment, seed=hp.seed, device=self.device,
+                            channels_last=self.channels_last)
+
+    @property
+    def modes(self) -> dict[str, int]:
+        """Which paths this run takes, as 0/1 numbers for the reported metrics."""
+        return {"decoded_cache": int(self.decoded is not None), "feature_cache": int(self.feature_mode != "off"),
+                "augmented": int(self.hp.augment and self.feature_mode == "off")}
+
+    def feature_loaders(self) -> tuple[FeatureLoader, FeatureLoader]:
+        """Train/validation loaders over the frozen prefix's features, computed on first use.
+
+        Computed from un-augmented images (the evaluation crop) in eval mode, after any
+        ``load_state_dict``: the prefix is frozen, so they hold for every epoch of the run.
+        """
+        if self._features is None:
+            hp = self.hp
+            if self.decoded is None:
+                train_images = make_loader(self._index, "train", hp.image_size, hp.batch_size, hp.label_mode,
+                                           hp.implies, grayscale=hp.grayscale, num_workers=hp.num_workers)
+            else:
+                train_images = self._tensor_loader(self._index, self.decoded, "train", train=False)
+            args = (self.device, self.amp_dtype, self.channels_last)
+            train = extract_features(self.model, self.split.prefix, train_images, *args)
+            val = extract_features(self.model, self.split.prefix, self.val_loader, *args)
+            self._features = (FeatureLoader(*train, hp.batch_size, shuffle=True, seed=hp.seed),
+                              FeatureLoader(*val, hp.batch_size))
+        return self._features
 
     def run_epoch(self) -> dict[str, float]:
         """Train one epoch, evaluate on validation; returns ``epoch`` and train_/val_ loss, acc, f1."""
         args = (self.device, self.hp.label_mode, self.hp.threshold, len(self.classes))
-        train = train_one_epoch(self.model, self.train_loader, self.loss_fn, self.optimizer, *args)
-        val = evaluate(self.model, self.val_loader, self.loss_fn, *args)
+        fast = dict(amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+        if self.feature_mode != "off":
+            train_loader, val_loader = self.feature_loaders()
+            model: nn.Module = SplitForward(self.model, self.split, from_features=True)
+        else:
+            train_loader, val_loader, model = self.train_loader, self.val_loader, self.forward_model
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(self.epoch)  # order and augmentation depend on (seed, epoch) only
+        train = train_one_epoch(model, train_loader, self.loss_fn, self.optimizer, *args, **fast)
+        val = evaluate(model, val_loader, self.loss_fn, *args, **fast)
         self.epoch += 1
         return {"epoch": self.epoch, **train.summary("train"), **val.summary("val")}
 

@@ -42,6 +42,9 @@ class Backbone:
     head_attr: str  # dotted path of the final Linear layer that the head replaces
     freeze_levels: dict[str, FreezeLevel]
     imagenet_weights: Callable[[], object] | None = None  # torchvision Weights enum member
+    # the network as an ordered list of (dotted name, module) whose composition is its forward;
+    # lets a frozen prefix run under no_grad or be computed once (see split_frozen_prefix)
+    stages: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -105,12 +108,29 @@ def _range(prefix: str, start: int, stop: int) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}" for i in range(start, stop))
 
 
+def _indexed(prefix: str, seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    return [(f"{prefix}.{i}", m) for i, m in enumerate(seq)]
+
+
+def _vgg_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    # torchvision VGG.forward: features -> avgpool -> flatten(1) -> classifier
+    return (_indexed("features", net.features) + [("avgpool", net.avgpool), ("flatten", nn.Flatten(1))]
+            + _indexed("classifier", net.classifier))
+
+
+def _resnet_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    # torchvision ResNet._forward_impl, in order
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
+    return [(n, getattr(net, n)) for n in names] + [("flatten", nn.Flatten(1)), ("fc", net.fc)]
+
+
 # vgg16.features blocks: [0:5], [5:10], [10:17], [17:24], [24:31]
 register(Backbone(
     name="vgg16",
     build=_vgg16,
     head_attr="classifier.6",
     imagenet_weights=_vgg16_weights,
+    stages=_vgg_stages,
     freeze_levels={
         "fc_only": FreezeLevel("Only FC layers unfrozen", ("features",)),
         "conv1-3": FreezeLevel("Conv blocks 1-3 frozen", _range("features", 0, 17)),
@@ -125,6 +145,7 @@ register(Backbone(
     build=_resnet18,
     head_attr="fc",
     imagenet_weights=_resnet18_weights,
+    stages=_resnet_stages,
     freeze_levels={
         "fc_only": FreezeLevel("Only FC unfrozen", _RESNET_STEM + ("layer1", "layer2", "layer3", "layer4")),
         "layer1-3": FreezeLevel("Stem + layer1-3 frozen", _RESNET_STEM + ("layer1", "layer2", "layer3")),
@@ -152,10 +173,15 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def _tiny_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    return _indexed("features", net.features) + [("pool", net.pool), ("flatten", nn.Flatten(1)), ("fc", net.fc)]
+
+
 register(Backbone(
     name="tiny_cnn",
     build=TinyCNN,
     head_attr="fc",
+    stages=_tiny_stages,
     freeze_levels={
         "fc_only": FreezeLevel("Only FC unfrozen", ("features",)),
         "block1": FreezeLevel("Block 1 frozen", ("features.0",)),
@@ -262,6 +288,88 @@ def create_model(name: str, num_classes: int, freeze: str = "none", weights: str
     else:
         setattr(parent, attr, head)
     return Classifier(net, spec.freeze_levels[freeze].frozen)
+
+
+# Parameterless modules whose output does not depend on train/eval mode: safe to fold into a
+# frozen prefix that runs without autograd (Dropout is not: it must stay where train() reaches it).
+_MODE_FREE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
+
+
+def _prefix_eligible(name: str, module: nn.Module, frozen: tuple[str, ...]) -> bool:
+    if any(p.requires_grad for p in module.parameters()):
+        return False
+    if _under(name, frozen):  # frozen by the level: Classifier.train() keeps it in eval mode
+        return True
+    return all(isinstance(m, _MODE_FREE + (nn.Sequential,)) for m in module.modules())
+
+
+@dataclass(frozen=True)
+class PrefixSplit:
+    """A Classifier cut in two: ``rest(prefix(x)) == model(x)``.
+
+    ``prefix`` holds the leading stages with no trainable parameter and no train-mode behaviour
+    (everything frozen, plus parameterless ReLU/pooling/flatten), so its output needs no autograd
+    and, for a given input, never changes during training. ``head_only`` means the prefix ends
+    with the flatten, i.e. only fully-connected layers are trained (``fc_only``).
+    """
+
+    prefix: nn.Sequential
+    rest: nn.Sequential
+    prefix_names: tuple[str, ...]
+    rest_names: tuple[str, ...]
+
+    @property
+    def head_only(self) -> bool:
+        return "flatten" in self.prefix_names
+
+    def __bool__(self) -> bool:
+        return len(self.prefix) > 0
+
+
+def split_frozen_prefix(model: Classifier, backbone: str) -> PrefixSplit:
+    """Split ``model`` (built by :func:`create_model` for ``backbone``) at the end of its frozen prefix.
+
+    Both halves share the model's modules (no copies): training ``rest`` trains the model.
+    A backbone without declared ``stages`` gets an empty prefix.
+    """
+    stages_fn = get_backbone(backbone).stages
+    stages = stages_fn(model.net) if stages_fn is not None else [("net", model.net)]
+    cut = 0
+    while cut < len(stages) and _prefix_eligible(stages[cut][0], stages[cut][1], model.frozen):
+        cut += 1
+    if cut == len(stages):  # nothing trainable at all: keep the last stage as the rest
+        cut -= 1
+    names = [n for n, _ in stages]
+    return PrefixSplit(nn.Sequential(*[m for _, m in stages[:cut]]), nn.Sequential(*[m for _, m in stages[cut:]]),
+                       tuple(names[:cut]), tuple(names[cut:]))
+
+
+class SplitForward(nn.Module):
+    """Runs a :class:`Classifier` as ``rest(prefix(x))`` with the frozen prefix under ``torch.no_grad()``.
+
+    Same outputs and same gradients for every trainable parameter as ``model(x)``, without keeping
+    the prefix's activations for a backward pass that would never reach them. With
+    ``from_features=True`` the input is already the prefix's output (a feature cache) and only
+    ``rest`` runs. ``train()``/``eval()`` go through the Classifier, so frozen BatchNorm layers stay in
+    eval mode; parameters and ``state_dict`` are the Classifier's.
+    """
+
+    def __init__(self, model: Classifier, split: PrefixSplit, from_features: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self._split = split  # not a submodule: its modules are the model's own
+        self.from_features = from_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.from_features:
+            with torch.no_grad():
+                x = self._split.prefix(x)
+        return self._split.rest(x)
+
+    def train(self, mode: bool = True) -> "SplitForward":
+        self.training = mode
+        self.model.train(mode)
+        return self
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -37,6 +37,7 @@ def expand(spec: Spec) -> dict[str, HParams]:
                 backbone=backbone, freeze=freeze, loss=loss, seed=seed, group=group,
                 epochs=spec.trainer.epochs, weights=spec.trainer.weights,
                 focal_alpha=spec.trainer.focal_alpha, focal_gamma=spec.trainer.focal_gamma,
+                feature_cache=spec.trainer.feature_cache, precision=spec.trainer.precision,
                 image_size=spec.data.image_size, label_mode=spec.data.label_mode,
                 implies={k: list(v) for k, v in spec.data.implies.items()}, threshold=spec.data.threshold,
                 grayscale=spec.data.grayscale, augment=spec.data.augment, num_workers=spec.data.num_workers,

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -98,7 +99,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     show_loss = len({r["loss"] for r in flat}) > 1 or spec.data.label_mode == "multi"
     f1_name = "macro F1" if spec.data.label_mode == "single" else "support-weighted F1"
     acc_name = "accuracy" if spec.data.label_mode == "single" else "exact-match accuracy"
-    n_seeds = max(len([r for r in flat if r["group"] == g]) for g in {r["group"] for r in flat}) if flat else 0
+    n_seeds = max(Counter(r["group"] for r in flat).values(), default=0)
     md = [f"# {spec.name}", "",
           f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
           + "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()) + ".",
@@ -106,8 +107,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
           + (f", ASHA (grace period {spec.scheduler.grace_period}, reduction factor {spec.scheduler.reduction_factor:g})."
              if spec.scheduler.asha else "."),
           "",
-          f"## Accuracy", "", metric_table(flat, "acc", show_loss), "",
-          f"## F1-score", "", metric_table(flat, "f1", show_loss), "",
+          "## Accuracy", "", metric_table(flat, "acc", show_loss), "",
+          "## F1-score", "", metric_table(flat, "f1", show_loss), "",
           f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
           "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
           + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""), ""]

@@ -152,15 +152,16 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
              evaluator: Evaluator = evaluate_locally) -> list[dict]:
     """One row per planned configuration: best epoch, exported checkpoint, train/val/test metrics."""
     records = collect(experiment)
-    trial_status = trial_status or {}
     rows, to_eval = [], []
     for sr, (cid, hp) in enumerate(plan.items(), 1):
         rec = records.get(cid)
-        status = trial_status.get(cid, {}).get("status", "incomplete" if trial_status == {} else "missing")
+        # no trials.json: the sweep was interrupted before Tune finished
+        status = (trial_status or {}).get(cid, {}).get("status", "incomplete")
         row = {"sr": sr, "config_id": cid, "group": hp.group, "backbone": hp.backbone, "freeze": hp.freeze,
                "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed,
                "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "stopped_early": False,
-               "status": status if rec else "not started", "checkpoint": None, "history": [], "node": None}
+               "status": status if rec else "not started", "checkpoint": None, "history": [],
+               "node": None, "node_ip": None, "node_id": None}
         row.update({k: getattr(hp, k) for k in TRAINER_AXES})
         if rec is not None:
             for problem in rec.broken:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,6 +52,8 @@ class DataSpec(_Section):
     grayscale: bool = True
     augment: bool = True
     num_workers: int = Field(0, ge=0)
+    cache: bool = Field(True, description="decode + resize every image once into OUTPUT/cache (uint8), "
+                                          "augment as tensors on the trial's device; false = PIL DataLoader")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
@@ -73,15 +75,27 @@ class GridSpec(_Section):
     freeze: Union[list[str], dict[str, list[str]]] = ["none"]
     loss: list[str] = Field(default=["ce"], min_length=1)
     seed: list[int] = Field(default=[0], min_length=1)
+    # the same bounds as the trainer keys they replace
     optimizer: Optional[list[Literal["sgd", "adam"]]] = None
-    lr: Optional[list[float]] = None
-    momentum: Optional[list[float]] = None
-    weight_decay: Optional[list[float]] = None
-    batch_size: Optional[list[int]] = None
-    head_hidden: Optional[list[int]] = None
-    dropout: Optional[list[float]] = None
+    lr: Optional[list[Annotated[float, Field(gt=0)]]] = None
+    momentum: Optional[list[Annotated[float, Field(ge=0, lt=1)]]] = None
+    weight_decay: Optional[list[Annotated[float, Field(ge=0)]]] = None
+    batch_size: Optional[list[Annotated[int, Field(ge=1)]]] = None
+    head_hidden: Optional[list[Annotated[int, Field(ge=0)]]] = None
+    dropout: Optional[list[Annotated[float, Field(ge=0, lt=1)]]] = None
 
     _wrap = field_validator("*", mode="before")(_as_list)
+
+    @field_validator("*")
+    @classmethod
+    def _no_repeats(cls, value: Any) -> Any:
+        # a repeated value would give two trials the same config id
+        lists = value.values() if isinstance(value, dict) else [value] if value is not None else []
+        for values in lists:
+            repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if repeated:
+                raise ValueError(f"repeated value(s) {repeated}")
+        return value
 
     @field_validator("backbone")
     @classmethod
@@ -112,6 +126,11 @@ class TrainerSpec(_Section):
     weights: str = Field("none", description="none | imagenet | path to a torchvision state_dict")
     focal_alpha: Optional[float] = Field(0.25, gt=0, lt=1)
     focal_gamma: float = Field(2.0, ge=0)
+    feature_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="head-only configurations train on features computed once; auto = only where "
+                            "exact (data.augment false), on = also with augmentation (features unaugmented)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast + channels_last on CUDA, float32 on CPU")
 
 
 class SchedulerSpec(_Section):
@@ -289,6 +308,8 @@ def validate(raw: Any) -> Spec:
         update["ray"] = spec.ray.model_copy(update={"storage_path": str(Path(spec.ray.storage_path).resolve())})
     if spec.data.root is not None:
         update["data"] = spec.data.model_copy(update={"root": str(Path(spec.data.root).resolve())})
+    if spec.trainer.weights not in ("none", "imagenet"):
+        update["trainer"] = spec.trainer.model_copy(update={"weights": str(Path(spec.trainer.weights).resolve())})
     return spec.model_copy(update=update)
 
 
@@ -301,4 +322,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
         raise SpecError(f"spec file {path} does not exist") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"spec file {path} is not valid YAML: {exc}") from None
-    return validate(apply_overrides(raw or {}, overrides or []))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec file {path}: the top level must be a mapping of sections, not {type(raw).__name__}")
+    return validate(apply_overrides(raw, overrides or []))

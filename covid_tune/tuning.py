@@ -21,7 +21,6 @@ from covid_tune.spec import Spec
 from covid_tune.trainable import train_trial
 
 
-
 def connect(address: str | None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally."""
     if ray.is_initialized():
@@ -30,8 +29,10 @@ def connect(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # a small object store: trials share only the dataset index and plan through it
-        ray.init(include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=True)
+        # address="local": a new Ray instance even when `ray start` (or a test cluster) recorded one
+        # in /tmp/ray/ray_current_cluster, which ray.init() would otherwise silently join.
+        # A small object store: trials share only the dataset index and plan through it.
+        ray.init(address="local", include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=True)
 
 
 def check_resources(spec: Spec) -> None:
@@ -76,7 +77,7 @@ def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
                 for n in nodes}
             blind = [name for name, ref in refs.items() if not ray.get(ref)]
             if blind:
-                shown = spec.ray.storage_path or spec.storage_root if key == "ray.storage_path" else spec.data.root
+                shown = spec.storage_root if key == "ray.storage_path" else index.root
                 raise ValueError(
                     f"{key} {shown} is not visible from node(s) {', '.join(blind)}. On a multi-node cluster "
                     "Ray Tune no longer syncs trial results to the head node: put ray.storage_path on a shared "
@@ -87,8 +88,13 @@ def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
             Path(probes["ray.storage_path"]).unlink(missing_ok=True)
 
 
-def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex):
-    fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu)
+def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded=None):
+    if decoded is None and spec.data.cache:  # built (or read back from OUTPUT/cache) here unless given
+        from covid_tune.cache import prepare_cache
+        decoded = prepare_cache(spec, index)
+    # with_parameters puts each argument in Ray's object store once: one copy of the cache per node
+    fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
+                              decoded=decoded)
     return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
 
 

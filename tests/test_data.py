@@ -187,9 +187,6 @@ def test_skip_still_fails_when_a_class_is_left_empty(image_folder) -> None:
         dataset_error(root, root / "train" / "a", "no usable images", on_bad_file="skip")
 
 
-@pytest.mark.xfail(reason="BUG: _check_image only calls Image.verify(), which does not decode JPEG data, so a "
-                          "truncated/corrupt JPEG passes scan_dataset and crashes load_image during training",
-                   strict=True)
 def test_truncated_jpeg_is_an_error(image_folder, tmp_path: Path) -> None:
     root = image_folder(classes=("a", "b"), n=1)
     good = tmp_path / "good.jpg"
@@ -247,8 +244,6 @@ def test_load_image_rgba_is_composited_on_black(tmp_path: Path) -> None:
     assert np.abs(arr - expected).max() <= 1.0
 
 
-@pytest.mark.xfail(reason="BUG: load_image converts 16-bit grayscale (mode I;16) with PIL's convert('L'), which "
-                          "clips every value above 255 to white instead of rescaling", strict=True)
 def test_load_image_16_bit_grayscale_is_rescaled(tmp_path: Path) -> None:
     values = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     path = tmp_path / "x16.png"

@@ -175,8 +175,11 @@ def test_head_shape(stepped) -> None:
     assert isinstance(head[2], nn.Dropout) and head[2].p == 0.0
     assert isinstance(head[3], nn.Linear) and (head[3].in_features, head[3].out_features) == (HIDDEN, N_CLASSES)
     stepped.model.eval()
-    with torch.no_grad():
-        assert stepped.model(torch.randn(1, 3, 32, 32)).shape == (1, N_CLASSES)
+    try:
+        with torch.no_grad():
+            assert stepped.model(torch.randn(1, 3, 32, 32)).shape == (1, N_CLASSES)
+    finally:
+        stepped.model.train()  # leave the shared model as the other tests expect it
 
 
 @pytest.mark.parametrize("name, in_features", [("tiny_cnn", 32), ("resnet18", 512)])

@@ -90,6 +90,27 @@ def test_relative_data_root_is_made_absolute(tiny_raw: dict, tmp_path: Path, mon
     assert spec.data.root == str(tmp_path.resolve() / "some" / "data")
 
 
+def test_relative_storage_path_is_made_absolute(tiny_raw: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tiny_raw["ray"] = {"storage_path": "store"}
+    assert validate(tiny_raw).ray.storage_path == str(tmp_path.resolve() / "store")
+
+
+@pytest.mark.parametrize("weights", ["none", "imagenet"])
+def test_weights_keywords_are_kept(tiny_raw: dict, tmp_path: Path, monkeypatch, weights: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    tiny_raw["grid"]["backbone"] = ["resnet18"]
+    tiny_raw["trainer"]["weights"] = weights
+    assert validate(tiny_raw).trainer.weights == weights
+
+
+def test_relative_weights_file_is_made_absolute(tiny_raw: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tiny_raw["grid"]["backbone"] = ["resnet18"]
+    tiny_raw["trainer"]["weights"] = "weights/resnet18.pt"
+    assert validate(tiny_raw).trainer.weights == str(tmp_path.resolve() / "weights" / "resnet18.pt")
+
+
 def test_freeze_mapping_per_backbone(tiny_raw: dict) -> None:
     tiny_raw["grid"]["backbone"] = ["resnet18", "tiny_cnn"]
     tiny_raw["grid"]["freeze"] = {"resnet18": ["fc_only", "layer1"], "tiny_cnn": ["block1"]}
@@ -296,9 +317,6 @@ def test_several_field_problems_are_reported_together(tiny_raw: dict) -> None:
     spec_error(tiny_raw, "trainer.optimizer", "resources.gpu", "bogus")
 
 
-@pytest.mark.xfail(reason="BUG: grid trainer axes (grid.lr, grid.batch_size, ...) skip the bounds that the "
-                          "matching trainer.* keys enforce, so grid.lr: [-0.1] or grid.batch_size: [0] validate "
-                          "and only fail inside a Ray trial", strict=True)
 @pytest.mark.parametrize("axis, value", [("lr", -0.1), ("lr", 0), ("batch_size", 0), ("momentum", 1.5),
                                          ("dropout", 1.0), ("head_hidden", -1), ("weight_decay", -1e-4)])
 def test_grid_trainer_axes_obey_trainer_bounds(tiny_raw: dict, axis: str, value) -> None:
@@ -405,12 +423,22 @@ def test_load_spec_of_non_mapping_yaml(tmp_path: Path) -> None:
         load_spec(path)
 
 
-@pytest.mark.xfail(reason="BUG: load_spec applies --set overrides before checking that the YAML top level is "
-                          "a mapping, so a list/scalar spec with --set raises TypeError, not SpecError",
-                   strict=True)
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n"])
 def test_load_spec_of_non_mapping_yaml_with_overrides(tmp_path: Path, text: str) -> None:
     path = tmp_path / "odd.yaml"
     path.write_text(text)
     with pytest.raises(SpecError, match="mapping"):
         load_spec(path, ["name=x"])
+
+
+@pytest.mark.parametrize("axis,values", [("seed", [0, 0]), ("lr", [0.01, 0.01]), ("backbone", ["tiny_cnn", "tiny_cnn"])])
+def test_repeated_axis_values_are_rejected(tiny_raw, axis, values):
+    tiny_raw["grid"][axis] = values
+    with pytest.raises(SpecError, match=rf"grid\.{axis}: repeated value"):
+        validate(tiny_raw)
+
+
+def test_repeated_freeze_level_in_mapping_is_rejected(tiny_raw):
+    tiny_raw["grid"]["freeze"] = {"tiny_cnn": ["none", "none"]}
+    with pytest.raises(SpecError, match=r"grid\.freeze: repeated value"):
+        validate(tiny_raw)

@@ -1,0 +1,101 @@
+"""Loader-like iterators over tensors already in the trial's memory: no worker processes.
+
+:class:`TensorLoader` batches uint8 images (the decoded cache) on the trial's device, CPU or GPU,
+augmenting and normalizing there (:mod:`covid_tune.augment`). :class:`FeatureLoader` batches
+precomputed features (the feature cache). Both shuffle with a generator seeded by
+``(seed, epoch)``, so an epoch's order does not depend on what ran before it: a resumed trial
+sees the same batches as an uninterrupted one, and the image and feature paths of one seed see
+the same order. Set the epoch with ``set_epoch`` before iterating.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from covid_tune.augment import COURSE, AugmentSettings, make_batch
+
+SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator for one (seed, epoch, purpose): independent streams, reproducible anywhere."""
+    state = np.random.SeedSequence([seed % 2**32, epoch, stream]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor view of ``array`` without a copy, read-only memory maps and object-store views included.
+
+    Nothing here ever writes to it (batches are gathered copies), so torch's warning about
+    non-writable arrays does not apply.
+    """
+    if isinstance(array, torch.Tensor):
+        return array
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(array))
+
+
+class _Batches:
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, SHUFFLE_STREAM))
+
+
+class TensorLoader(_Batches):
+    """(images, targets) batches from uint8 ``(N, C, S, S)`` images held on ``device``.
+
+    The images are moved to ``device`` once (on CPU a read-only array is used in place); each batch
+    is gathered, augmented or centre-cropped, and normalized there.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, image_size: int,
+                 batch_size: int, shuffle: bool = False, augment: bool = False, seed: int = 0,
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 settings: AugmentSettings = COURSE) -> None:
+        super().__init__(len(images), batch_size, shuffle, seed)
+        self.device = torch.device(device)
+        self.images = as_tensor(images).to(self.device)
+        self.targets = torch.as_tensor(np.asarray(targets)).to(self.device)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"expected uint8 (N, C, S, S) images, got {tuple(self.images.shape)} {self.images.dtype}")
+        if len(self.targets) != self.n:
+            raise ValueError(f"{self.n} images but {len(self.targets)} targets")
+        self.image_size, self.augment, self.channels_last, self.settings = image_size, augment, channels_last, settings
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = epoch_generator(self.seed, self.epoch, AUGMENT_STREAM) if self.augment else None
+        for idx in self._order().split(self.batch_size):
+            idx = idx.to(self.device)
+            batch = make_batch(self.images.index_select(0, idx), self.image_size, self.augment, generator,
+                               self.settings, self.channels_last)
+            yield batch, self.targets.index_select(0, idx)
+
+
+class FeatureLoader(_Batches):
+    """(features, targets) batches from precomputed ``(N, ...)`` features, same order rule as TensorLoader."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(len(features), batch_size, shuffle, seed)
+        self.features, self.targets = features, targets
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self._order().split(self.batch_size):
+            idx = idx.to(self.features.device)
+            yield self.features.index_select(0, idx), self.targets.index_select(0, idx)
