@@ -57,22 +57,57 @@ def sample_affine(n: int, generator: torch.Generator, settings: AugmentSettings 
     cx = w / 2 + u[:, 2 * a] * (1 - w)  # box centre, as a fraction of the side
     cy = h / 2 + u[:, 2 * a + 1] * (1 - h)
     angle = torch.deg2rad(settings.degrees * (2 * u[:, 2 * a + 2] - 1))
-    flip = torch.where((u[:, 2 * a + 3] < 0.5) & settings.flip, -1.0, 1.0).to(torch.float64)
+    flip = (u[:, 2 * a + 3] < 0.5) & settings.flip
+    return affine_matrix(w, h, cx, cy, angle, flip)
+
+
+def affine_matrix(w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, angle: torch.Tensor,
+                  flip: torch.Tensor) -> torch.Tensor:
+    """``(n, 2, 3)`` float32 ``affine_grid`` matrices for crop boxes of a rotated, square image.
+
+    Box: width ``w``, height ``h``, centre ``(cx, cy)``, all as fractions of the side, taken from
+    the image rotated by ``angle`` (radians) about its centre; ``flip`` mirrors the crop. Output
+    coordinate ``u`` reads input coordinate ``R(angle) @ (box_centre + diag(+-w, h) @ u)`` in
+    normalized [-1, 1] units (isotropic on a square image, so a rotation stays a rotation).
+    """
+    f64 = dict(dtype=torch.float64)
+    w, h, cx, cy, angle = (torch.as_tensor(t, **f64) for t in (w, h, cx, cy, angle))
+    sign = 1.0 - 2.0 * torch.as_tensor(flip).to(torch.float64)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    # normalized coords: the box is centre (2c-1), half-size w (the full side spans 2)
-    sx, sy, bx, by = w * flip, h, 2 * cx - 1, 2 * cy - 1
+    sx, sy, bx, by = w * sign, h, 2 * cx - 1, 2 * cy - 1
     theta = torch.stack([
-        torch.stack([cos * sx, -sin * sy, cos * bx - sin * by], 1),
-        torch.stack([sin * sx, cos * sy, sin * bx + cos * by], 1),
-    ], 1)
+        torch.stack([cos * sx, -sin * sy, cos * bx - sin * by], -1),
+        torch.stack([sin * sx, cos * sy, sin * bx + cos * by], -1),
+    ], -2)
     return theta.to(torch.float32)
+
+
+def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, size, size), align_corners=False)``, built in two broadcast adds.
+
+    The affine map is separable into a row part and a column part, so each coordinate plane is one
+    ``(B, 1, W) + (B, H, 1)`` sum written straight into the grid; ``F.affine_grid``'s batched
+    matmul over every pixel costs several times more on a CPU.
+    """
+    b = theta.shape[0]
+    pos = (torch.arange(size, dtype=torch.float32, device=theta.device) * 2 + 1) / size - 1  # pixel centres
+    grid = torch.empty(b, size, size, 2, dtype=torch.float32, device=theta.device)
+    for k in range(2):
+        along_x = theta[:, k, 0, None, None] * pos.view(1, 1, size) + theta[:, k, 2, None, None]
+        along_y = theta[:, k, 1, None, None] * pos.view(1, size, 1)
+        torch.add(along_x, along_y, out=grid[..., k])
+    return grid
 
 
 def affine_crop(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     """Resample uint8 ``(B, C, S, S)`` images through ``theta`` to float ``(B, C, size, size)`` in [0, 1]."""
-    x = images.to(torch.float32).div(255)
-    grid = F.affine_grid(theta.to(x.device), [x.shape[0], x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_(0, 1)
+    return _affine_sample(images, theta, size).div_(255)
+
+
+def _affine_sample(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    # sampled on the 0-255 scale: the division folds into the normalization that follows
+    grid = affine_grid(theta.to(images.device), size)
+    return F.grid_sample(images.to(torch.float32), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -83,12 +118,18 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """One channel replicated to three (grayscale meets the RGB network here), then ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return (x - mean) / std
+    """One channel replicated to three (grayscale meets the RGB network here), then ImageNet mean/std.
+
+    Per channel ``(x - mean) / std`` in float32, the operations of ``T.Normalize``, so centre crops
+    come out bit-identical to the PIL evaluation transform; each plane is written in place.
+    """
+    out = torch.empty(x.shape[0], 3, *x.shape[2:], dtype=torch.float32, device=x.device)
+    for c in range(3):
+        mean = torch.tensor(IMAGENET_MEAN[c], dtype=torch.float32, device=x.device)
+        std = torch.tensor(IMAGENET_STD[c], dtype=torch.float32, device=x.device)
+        torch.sub(x[:, c if x.shape[1] == 3 else 0], mean, out=out[:, c])
+        out[:, c].div_(std)
+    return out
 
 
 def make_batch(images: torch.Tensor, size: int, augment: bool, generator: torch.Generator | None = None,
@@ -97,8 +138,18 @@ def make_batch(images: torch.Tensor, size: int, augment: bool, generator: torch.
     if augment:
         if generator is None:
             raise ValueError("augmentation needs a seeded generator")
-        x = affine_crop(images, sample_affine(images.shape[0], generator, settings), size)
+        x = _affine_sample(images, sample_affine(images.shape[0], generator, settings), size)
+        x = _scale_normalize(x)
     else:
-        x = center_crop(images, size)
-    x = normalize(x)
+        x = normalize(center_crop(images, size))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _scale_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``normalize(x / 255)`` for 0-255 samples, one fused multiply-add per output plane."""
+    out = torch.empty(x.shape[0], 3, *x.shape[2:], dtype=torch.float32, device=x.device)
+    for c in range(3):
+        scale = torch.tensor(1.0 / (255.0 * IMAGENET_STD[c]), dtype=torch.float32, device=x.device)
+        shift = torch.full((), -IMAGENET_MEAN[c] / IMAGENET_STD[c], dtype=torch.float32, device=x.device)
+        torch.addcmul(shift, x[:, c if x.shape[1] == 3 else 0], scale, out=out[:, c])
+    return out

@@ -117,6 +117,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
+    md += _per_class_table(rows, classes)
     md += _source_table(rows)
     problems = [r for r in flat if r["status"] not in ("ok",)]
     if problems:
@@ -125,6 +126,16 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += figures.markdown(figs, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
+
+
+def _per_class_table(rows: list[dict], classes: list[str]) -> list[str]:
+    """Test F1 of each class, per configuration."""
+    table = [[r["config_id"]] + [_pct(f) for f in r["eval"]["test"]["f1_per_class"]] for r in rows if r.get("eval")]
+    if not table:
+        return []
+    return ["## Per-class F1 on the test split", "",
+            tabulate(table, headers=["config_id"] + [f"{c} (%)" for c in classes], tablefmt="github",
+                     disable_numparse=True), ""]
 
 
 def _source_table(rows: list[dict]) -> list[str]:

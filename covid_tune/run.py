@@ -57,6 +57,59 @@ def prepare(spec: Spec):
     return index
 
 
+def _experiment_exists(spec: Spec) -> bool:
+    """Whether Tune's experiment folder (a local/shared folder or a storage URI) already exists."""
+    if not spec.remote_storage:
+        return spec.experiment_dir.exists()
+    import pyarrow.fs  # comes with ray[tune]; s3://, gs://, file:// alike
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(spec.experiment_path)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _delete_experiment(spec: Spec) -> None:
+    if spec.remote_storage:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(spec.experiment_path)
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(path)
+    shutil.rmtree(spec.experiment_dir, ignore_errors=True)  # the folder, or the local download of a URI
+
+
+def _check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str | None:
+    """Refuse to mix two sweeps in one output/storage folder; clear it for --overwrite.
+
+    Returns why the run must stop, or None. --resume needs the same plan the sweep started with
+    (Tune restores its own copy of the grid); without --resume or --overwrite an existing sweep
+    is never touched.
+    """
+    out = spec.output_dir
+    exists = _experiment_exists(spec)
+    if resume:
+        if not exists:
+            return f"--resume: no sweep named {spec.name!r} to restore at {spec.experiment_path}"
+        try:
+            before = report_mod.load_saved_spec(out)
+        except (SpecError, ValueError, OSError):
+            before = None
+        if before is not None and plan_mod.expand(before) != plan:
+            return (f"--resume: the spec differs from the one {out} was started with ({out / report_mod.SPEC_FILE}): "
+                    "the trial grid or training settings changed. Resume with the same spec and --set "
+                    "options, or pass --overwrite to start again")
+        (out / "trials.json").unlink(missing_ok=True)  # written again when the restored sweep ends
+        return None
+    if exists:
+        if not overwrite:
+            return (f"{spec.experiment_path} already holds a sweep named {spec.name!r}; "
+                    "pass --resume to finish it or --overwrite to start again")
+        _delete_experiment(spec)
+        for sub in ("best", "report"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "trials.json").unlink(missing_ok=True)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else []) \
@@ -73,15 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out = spec.output_dir
-    if spec.experiment_dir.exists() and not args.resume:
-        if not args.overwrite:
-            print(f"covid_tune: {spec.experiment_dir} already holds a sweep named {spec.name!r}; "
-                  "pass --resume to finish it or --overwrite to start again", file=sys.stderr)
-            return 2
-        shutil.rmtree(spec.experiment_dir)
-        for sub in ("best", "report"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "trials.json").unlink(missing_ok=True)
+    try:
+        problem = _check_output(spec, plan, resume=args.resume, overwrite=args.overwrite)
+    except OSError as exc:  # a storage URI that cannot be reached (credentials, network, ...)
+        problem = f"cannot check ray.storage_path {spec.storage_root}: {exc}"
+    if problem:
+        print(f"covid_tune: {problem}", file=sys.stderr)
+        return 2
     try:
         index = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:

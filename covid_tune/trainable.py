@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from ray import tune
@@ -17,10 +19,52 @@ STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 
 
-def save_checkpoint(run: TrainingRun, metrics: dict, directory: Path) -> None:
+def save_state(state: dict, metrics: dict, directory: Path) -> None:
     """What one checkpoint directory holds: the full training state and that epoch's metrics."""
-    torch.save(run.state_dict(), directory / STATE_FILE)
+    torch.save(state, directory / STATE_FILE)
     (directory / METRICS_FILE).write_text(json.dumps(metrics))
+
+
+def save_checkpoint(run: TrainingRun, metrics: dict, directory: Path) -> None:
+    """:func:`save_state` of ``run``'s current state."""
+    save_state(run.state_dict(), metrics, directory)
+
+
+def snapshot(state: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied to the CPU (safe to save while training goes on)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class _NextEpoch:
+    """``run.run_epoch()`` on a daemon thread, so it trains while the previous epoch is being reported.
+
+    ``tune.report`` waits for Tune's driver to take the result and persists the checkpoint (a copy
+    of the model and optimizer state): time in which nothing would train. A daemon thread never
+    holds the worker up when Tune stops the trial (ASHA) while it runs.
+    """
+
+    def __init__(self, run: TrainingRun) -> None:
+        self._out: dict = {}
+        self._thread = threading.Thread(target=self._work, args=(run,), daemon=True, name="covid_tune-epoch")
+        self._thread.start()
+
+    def _work(self, run: TrainingRun) -> None:
+        try:
+            self._out["metrics"] = run.run_epoch()
+        except BaseException as exc:  # re-raised in the trial's own thread by result()
+            self._out["error"] = exc
+
+    def result(self) -> dict:
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["metrics"]
 
 
 def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpus: float, gpu: float,
@@ -30,6 +74,9 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
     per node) selects the tensor pipeline; without it the trial decodes with PIL. Each epoch's
     metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented`` (0/1).
+
+    Epoch k's state is copied as soon as it ends and epoch k + 1 starts training while epoch k is
+    saved and reported; the checkpoint of epoch k holds exactly the state after epoch k.
     """
     hp = plan[config["config_id"]]
     torch.set_num_threads(max(1, int(cpus)))
@@ -38,8 +85,17 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             run.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=run.device, weights_only=True))
-    while run.epoch < hp.epochs:
-        metrics = {**run.run_epoch(), **run.modes}
+    if run.epoch >= hp.epochs:
+        return
+    pending = _NextEpoch(run)
+    while True:
+        metrics = {**pending.result(), **run.modes}
+        state = snapshot(run.state_dict())  # before the next epoch touches weights or the RNG
+        last = run.epoch >= hp.epochs
+        if not last:
+            pending = _NextEpoch(run)
         with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(run, metrics, Path(d))
+            save_state(state, metrics, Path(d))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        if last:
+            return
