@@ -30,10 +30,17 @@ minutes on two CPU cores.
 
 from __future__ import annotations
 
+import os
+
+# Before torch starts OpenMP: threads that wait sleep instead of spinning. On a machine shared with
+# other jobs, a spinning two-thread process stalls whenever one core is taken (steps 10x slower);
+# passive waiting costs an idle machine up to ~15% on two threads. Both sides run under it (Ray's
+# workers inherit it). Set OMP_WAIT_POLICY yourself to measure otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import contextlib
 import json
-import os
 import platform
 import shutil
 import sys
@@ -72,25 +79,27 @@ class Sizes:
     loader_images: int = 685
     loader_size: int = 224
     loader_batch: int = 32
+    large_images: int = 96
     head_backbones: tuple[str, ...] = ("resnet18", "vgg16")
-    head_train: int = 685
-    head_val: int = 180
+    head_train: int = 256
+    head_val: int = 64
     head_size: int = 224
     overhead_backbone: str = "resnet18"
     overhead_freeze: str = "layer1"
-    overhead_size: int = 64
-    overhead_epochs: int = 8
+    overhead_size: int = 96
+    overhead_epochs: int = 6
     grid_size: int = 96
     grid_epochs: int = 8
     grid_lrs: tuple[float, ...] = (0.01, 0.001)
+    grid_backbones: tuple[str, ...] = ("resnet18",)
     gpu_batch: int = 128
     gpu_steps: int = 30
-    rounds: int = 3  # repeats of the short side-by-side measurements (fastest kept)
+    rounds: int = 2  # repeats of the side-by-side measurements (fastest kept)
 
 
 FULL = Sizes()
-QUICK = Sizes(loader_images=256, head_backbones=("resnet18",), head_train=128, head_val=32,
-              overhead_epochs=4, grid_size=64, grid_epochs=4, grid_lrs=(0.01,), gpu_steps=15, rounds=2)
+QUICK = Sizes(loader_images=256, large_images=64, head_backbones=("resnet18",), head_train=128, head_val=32, overhead_size=64,
+              overhead_epochs=3, grid_size=64, grid_epochs=6, grid_lrs=(0.01,), gpu_steps=15)
 
 
 def log(msg: str) -> None:
@@ -113,7 +122,8 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     try:
         import ray
         info["ray"] = ray.__version__
@@ -210,6 +220,35 @@ def bench_loader(index: DatasetIndex, s: Sizes, work: Path, cores: int) -> dict:
             "loader_speedup": ips["per_core_cache"] / ips["per_core_pil"]}
 
 
+def bench_loader_large(s: Sizes, work: Path) -> dict:
+    """The per-core comparison again on full-size sources: generated 1024 px X-ray-like PNGs.
+
+    The real images here were already shrunk to 224 px, which makes PIL's decoding cheap; the
+    course's datasets hold full-size radiographs, decoded and rotated at full size every epoch.
+    """
+    root = make_synthetic(work / "synthetic-1024", counts={"train": s.large_images // 2, "validation": 1, "test": 1},
+                          image_size=1024)
+    index = scan_dataset(root)
+    n = len(index.paths("train"))
+    build_s, decoded = timed(lambda: cache_mod.build_decoded_cache(index, s.loader_size, True, work / "large-cache",
+                                                                   splits=("train",)))
+    loaders = {"pil": engine.make_loader(index, "train", s.loader_size, s.loader_batch, "single", {}, train=True,
+                                         augment=True, num_workers=0, seed=0),
+               "cache": TensorLoader(decoded["train"], index.labels("train"), s.loader_size, s.loader_batch,
+                                     shuffle=True, augment=True, seed=0)}
+    torch.set_num_threads(1)
+    best = {k: float("inf") for k in loaders}
+    for e in range(s.rounds):
+        for k, loader in loaders.items():
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(e)
+            best[k] = min(best[k], timed(lambda: sum(len(x) for x, _ in loader))[0])
+    torch.set_num_threads(machine()["cores"] or 1)
+    return {"images": n, "source_px": 1024, "image_size": s.loader_size, "pil_images_per_s": n / best["pil"],
+            "cache_images_per_s": n / best["cache"], "cache_build_ms_per_image": 1000 * build_s / n,
+            "speedup": best["pil"] / best["cache"]}
+
+
 # --- 2. head-only: feature cache ----------------------------------------------------------------------
 
 def bench_head_cache(index: DatasetIndex, s: Sizes, decoded_cache: Path) -> dict:
@@ -259,13 +298,14 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
     fn = tune.with_resources(tune.with_parameters(train_trial, plan={"one": hp}, index=index, cpus=1, gpu=0,
                                                   decoded=decoded), {"cpu": 1})
 
-    def direct() -> float:
+    def direct() -> tuple[float, list[float]]:
         torch.set_num_threads(1)
         start = time.perf_counter()
         run = TrainingRun(hp, index, CPU, decoded=decoded)
+        epochs = []
         while run.epoch < hp.epochs:
-            run.run_epoch()
-        return time.perf_counter() - start
+            epochs.append(timed(run.run_epoch)[0])
+        return time.perf_counter() - start, epochs
 
     def inside(i: int) -> tuple[float, float]:
         tuner = tune.Tuner(fn, param_space={"config_id": "one"},
@@ -276,19 +316,22 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
         if grid[0].error:
             raise RuntimeError(f"the Tune trial failed: {grid[0].error}")
         assert grid[0].metrics["epoch"] == hp.epochs and grid[0].metrics["decoded_cache"] == 1
-        return wall, grid[0].metrics["time_total_s"]
+        return wall, grid[0].metrics["time_total_s"], list(grid[0].metrics_dataframe["time_this_iter_s"])
 
-    direct_s, fit_s, trial_s = [], [], []
+    direct_s, fit_s, trial_s, epochs = [], [], [], {"direct": [], "trial": []}
     for i in range(s.rounds):
         log(f"tune overhead: round {i + 1}/{s.rounds}, direct then inside Tune")
-        direct_s.append(direct())
-        wall, trial = inside(i)
+        total, per_epoch = direct()
+        direct_s.append(total)
+        epochs["direct"].append(per_epoch)
+        wall, trial, per_epoch = inside(i)
         fit_s.append(wall)
         trial_s.append(trial)
+        epochs["trial"].append(per_epoch)
     base = min(direct_s)
     return {"config": f"{hp.backbone}-{hp.freeze} {hp.image_size} px, {hp.epochs} epochs, "
                       f"{len(index.paths('train'))}+{len(index.paths('validation'))} images, 1 CPU",
-            "direct_s": direct_s, "trial_s": trial_s, "tune_fit_s": fit_s,
+            "direct_s": direct_s, "trial_s": trial_s, "tune_fit_s": fit_s, "epoch_s": epochs,
             "tune_overhead": (min(trial_s) - base) / base,
             "fixed_per_trial_s": min(f - t for f, t in zip(fit_s, trial_s)),
             "fit_overhead": (min(fit_s) - base) / base}
@@ -296,12 +339,15 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
 
 # --- 4. the whole grid -----------------------------------------------------------------------------------
 
+FREEZE_LEVELS = {"resnet18": ["fc_only", "layer1-3", "layer1", "none"], "vgg16": ["fc_only", "conv1-3", "conv1-2", "none"],
+                 "tiny_cnn": ["fc_only", "block1", "none"]}
+
+
 def grid_raw(root: Path, class_map: dict, s: Sizes, out: Path) -> dict:
     return {
         "name": "bench-grid", "output": str(out),
         "data": {"root": str(root), "class_map": class_map, "image_size": s.grid_size, "augment": False},
-        "grid": {"backbone": ["resnet18", "tiny_cnn"],
-                 "freeze": {"resnet18": ["fc_only", "layer1-3", "layer1", "none"], "tiny_cnn": ["fc_only", "none"]},
+        "grid": {"backbone": list(s.grid_backbones), "freeze": {b: FREEZE_LEVELS[b] for b in s.grid_backbones},
                  "loss": "ce", "seed": 0, "lr": list(s.grid_lrs)},
         "trainer": {"epochs": s.grid_epochs, "optimizer": "sgd", "momentum": 0.9, "batch_size": 32,
                     "head_hidden": 64, "dropout": 0.3, "weights": "none"},
@@ -482,6 +528,11 @@ def table(res: dict) -> str:
                      f"{verdict('loader_speedup', x['loader_speedup'])} |")
         lines.append(f"| the same, all cores | {ips['all_cores_pil']:,.0f} img/s (worker processes) | "
                      f"{ips['all_cores_cache']:,.0f} img/s (threads) | {x['all_cores_speedup']:.1f}x | | |")
+    if "loader_large" in r:
+        x = r["loader_large"]
+        lines.append(f"| the same per core, {x['images']} full-size ({x['source_px']} px, synthetic) sources | "
+                     f"{x['pil_images_per_s']:,.0f} img/s | {x['cache_images_per_s']:,.0f} img/s | "
+                     f"{x['speedup']:.0f}x | | |")
     if "head_cache" in r:
         x = r["head_cache"]
         for b, v in x["backbones"].items():
@@ -541,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         if "loader" in parts:
             log("input pipeline")
             res["results"]["loader"] = bench_loader(index, s, work, cores)
+            res["results"]["loader_large"] = bench_loader_large(s, work)
         if "head_cache" in parts:
             res["results"]["head_cache"] = bench_head_cache(index, s, work / "head-cache")
         if "gpu" in parts and torch.cuda.is_available():
@@ -553,8 +605,14 @@ def main(argv: list[str] | None = None) -> int:
             # slow the Tune side down, so both sides compete for the CPU on equal terms here
             os.environ.setdefault("RAY_worker_niceness", "0")
             log("starting Ray")
+            import ray
+
             with quiet(work / "ray.log"):
-                ray_start_s, _ = timed(lambda: tuning.connect(None))
+                # a private local Ray: ray.init() without an address would join any cluster that
+                # `ray start` left running on this machine (someone else's, on a shared one)
+                ray_start_s, _ = timed(lambda: ray.init(address="local", include_dashboard=False,
+                                                        object_store_memory=512 * 1024**2, log_to_driver=True))
+            assert tuning.ray.is_initialized()
             res["results"]["ray_start_s"] = ray_start_s
             if "tune_overhead" in parts:
                 res["results"]["tune_overhead"] = bench_tune_overhead(index, s, work)

@@ -2,9 +2,9 @@
 
 The course's training transform is ``RandomRotation(30)``, ``RandomResizedCrop(size)`` (scale
 0.08-1, ratio 3/4-4/3) and a horizontal flip. Here the three are one affine map per sample
-(rotation about the centre, then the crop box, then the flip), applied to a whole batch with a
-single ``F.affine_grid`` + ``F.grid_sample`` (bilinear, zeros outside the image as
-RandomRotation's fill). Parameters are drawn on the CPU from a seeded ``torch.Generator`` so
+(rotation about the centre, then the crop box, then the flip), applied to a whole batch with one
+sampling grid and one ``F.grid_sample`` (bilinear, zeros outside the image as RandomRotation's
+fill). Parameters are drawn on the CPU from a seeded ``torch.Generator`` so
 the same seed gives the same crops on CPU and GPU.
 
 Evaluation (and training with augmentation off) is the centre crop: a slice of the cached square,
@@ -13,6 +13,7 @@ converted and normalized with the same float32 operations as ``ToTensor`` + ``No
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -117,18 +118,29 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top:top + size, top:top + size].to(torch.float32).div(255)
 
 
+@functools.lru_cache(maxsize=None)
+def _constants(device: torch.device) -> dict[str, list[torch.Tensor]]:
+    """Per-channel normalization constants as 0-dim float32 tensors, made once per device (no
+    host-to-device copy per batch on a GPU)."""
+    def t(values) -> list[torch.Tensor]:
+        return [torch.tensor(v, dtype=torch.float32, device=device) for v in values]
+
+    return {"mean": t(IMAGENET_MEAN), "std": t(IMAGENET_STD),
+            "scale": t([1.0 / (255.0 * s) for s in IMAGENET_STD]),
+            "shift": t([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])}
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """One channel replicated to three (grayscale meets the RGB network here), then ImageNet mean/std.
 
     Per channel ``(x - mean) / std`` in float32, the operations of ``T.Normalize``, so centre crops
     come out bit-identical to the PIL evaluation transform; each plane is written in place.
     """
+    k = _constants(x.device)
     out = torch.empty(x.shape[0], 3, *x.shape[2:], dtype=torch.float32, device=x.device)
     for c in range(3):
-        mean = torch.tensor(IMAGENET_MEAN[c], dtype=torch.float32, device=x.device)
-        std = torch.tensor(IMAGENET_STD[c], dtype=torch.float32, device=x.device)
-        torch.sub(x[:, c if x.shape[1] == 3 else 0], mean, out=out[:, c])
-        out[:, c].div_(std)
+        torch.sub(x[:, c if x.shape[1] == 3 else 0], k["mean"][c], out=out[:, c])
+        out[:, c].div_(k["std"][c])
     return out
 
 
@@ -147,9 +159,8 @@ def make_batch(images: torch.Tensor, size: int, augment: bool, generator: torch.
 
 def _scale_normalize(x: torch.Tensor) -> torch.Tensor:
     """``normalize(x / 255)`` for 0-255 samples, one fused multiply-add per output plane."""
+    k = _constants(x.device)
     out = torch.empty(x.shape[0], 3, *x.shape[2:], dtype=torch.float32, device=x.device)
     for c in range(3):
-        scale = torch.tensor(1.0 / (255.0 * IMAGENET_STD[c]), dtype=torch.float32, device=x.device)
-        shift = torch.full((), -IMAGENET_MEAN[c] / IMAGENET_STD[c], dtype=torch.float32, device=x.device)
-        torch.addcmul(shift, x[:, c if x.shape[1] == 3 else 0], scale, out=out[:, c])
+        torch.addcmul(k["shift"][c], x[:, c if x.shape[1] == 3 else 0], k["scale"][c], out=out[:, c])
     return out

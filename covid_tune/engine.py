@@ -14,6 +14,7 @@ with channels_last (``precision``).
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from covid_tune import data as data_mod
 from covid_tune.cache import DecodedSplits
-from covid_tune.loaders import FeatureLoader, TensorLoader
+from covid_tune.loaders import SHUFFLE_STREAM, FeatureLoader, TensorLoader, epoch_generator
 from covid_tune.losses import build_loss
 from covid_tune.metrics import multi_label_metrics, single_label_metrics
 from covid_tune.models import SplitForward, create_model, split_frozen_prefix
@@ -212,6 +213,26 @@ def default_device(use_gpu: bool = True) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
+class EpochInterrupted(RuntimeError):
+    """``TrainingRun.request_stop()`` was called while an epoch ran; the run is to be abandoned."""
+
+
+class _Stoppable:
+    """A loader whose iteration ends in :class:`EpochInterrupted` once ``event`` is set (checked per batch)."""
+
+    def __init__(self, loader, event: threading.Event) -> None:
+        self.loader, self.event = loader, event
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.event.is_set():
+                raise EpochInterrupted("training stopped")
+            yield batch
+
+
 class TrainingRun:
     """Model, optimizer, loss and train/validation loaders of one trial, plus its epoch counter.
 
@@ -248,7 +269,12 @@ class TrainingRun:
             self.val_loader = self._tensor_loader(index, decoded, "validation", train=False)
         self._index = index
         self._features: tuple[FeatureLoader, FeatureLoader] | None = None
+        self._stop = threading.Event()
         self.epoch = 0
+
+    def request_stop(self) -> None:
+        """Make an epoch running in another thread end at its next batch (with :class:`EpochInterrupted`)."""
+        self._stop.set()
 
     def _tensor_loader(self, index: data_mod.DatasetIndex, decoded: DecodedSplits, split: str,
                        train: bool) -> TensorLoader:
@@ -276,10 +302,12 @@ class TrainingRun:
                 train_images = make_loader(self._index, "train", hp.image_size, hp.batch_size, hp.label_mode,
                                            hp.implies, grayscale=hp.grayscale, num_workers=hp.num_workers)
             else:
-                train_images = self._tensor_loader(self._index, self.decoded, "train", train=False)
+                # the train split already on the device, in order and without augmentation (no second copy)
+                train_images = TensorLoader(self.train_loader.images, self.train_loader.targets, hp.image_size,
+                                            hp.batch_size, device=self.device, channels_last=self.channels_last)
             args = (self.device, self.amp_dtype, self.channels_last)
-            train = extract_features(self.model, self.split.prefix, train_images, *args)
-            val = extract_features(self.model, self.split.prefix, self.val_loader, *args)
+            train = extract_features(self.model, self.split.prefix, _Stoppable(train_images, self._stop), *args)
+            val = extract_features(self.model, self.split.prefix, _Stoppable(self.val_loader, self._stop), *args)
             self._features = (FeatureLoader(*train, hp.batch_size, shuffle=True, seed=hp.seed),
                               FeatureLoader(*val, hp.batch_size))
         return self._features
@@ -295,18 +323,28 @@ class TrainingRun:
             train_loader, val_loader, model = self.train_loader, self.val_loader, self.forward_model
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(self.epoch)  # order and augmentation depend on (seed, epoch) only
-        train = train_one_epoch(model, train_loader, self.loss_fn, self.optimizer, *args, **fast)
-        val = evaluate(model, val_loader, self.loss_fn, *args, **fast)
+        elif isinstance(train_loader, DataLoader) and train_loader.generator is not None:
+            # the PIL path: reseed the shuffle per epoch too, so a resumed trial sees the same order
+            train_loader.generator.set_state(epoch_generator(self.hp.seed, self.epoch, SHUFFLE_STREAM).get_state())
+        train = train_one_epoch(model, _Stoppable(train_loader, self._stop), self.loss_fn, self.optimizer, *args,
+                                **fast)
+        val = evaluate(model, _Stoppable(val_loader, self._stop), self.loss_fn, *args, **fast)
         self.epoch += 1
         return {"epoch": self.epoch, **train.summary("train"), **val.summary("val")}
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-                "torch_rng": torch.get_rng_state()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                 "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":  # dropout on a GPU draws from the device's generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
+        # RNG states must be CPU byte tensors, whatever map_location the checkpoint was loaded with
         if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)

@@ -66,7 +66,10 @@ def collect(experiment: Path) -> dict[str, TrialRecord]:
     records: dict[str, TrialRecord] = {}
     for params in sorted(Path(experiment).glob("*/params.json")):
         trial_dir = params.parent
-        cid = json.loads(params.read_text()).get("config_id")
+        try:
+            cid = json.loads(params.read_text()).get("config_id")
+        except json.JSONDecodeError:  # a trial folder Tune was still creating when the sweep stopped
+            continue
         if cid is None:
             continue
         rec = TrialRecord(cid, trial_dir, _read_history(trial_dir / "result.json"))

@@ -45,8 +45,9 @@ class _NextEpoch:
     """``run.run_epoch()`` on a daemon thread, so it trains while the previous epoch is being reported.
 
     ``tune.report`` waits for Tune's driver to take the result and persists the checkpoint (a copy
-    of the model and optimizer state): time in which nothing would train. A daemon thread never
-    holds the worker up when Tune stops the trial (ASHA) while it runs.
+    of the model and optimizer state): time in which nothing would train. When Tune stops the trial
+    (ASHA) the epoch in flight is cut short with ``run.request_stop()``; being a daemon thread, it
+    never keeps a worker process alive either.
     """
 
     def __init__(self, run: TrainingRun) -> None:
@@ -59,6 +60,9 @@ class _NextEpoch:
             self._out["metrics"] = run.run_epoch()
         except BaseException as exc:  # re-raised in the trial's own thread by result()
             self._out["error"] = exc
+
+    def join(self) -> None:
+        self._thread.join()
 
     def result(self) -> dict:
         self._thread.join()
@@ -88,14 +92,21 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     if run.epoch >= hp.epochs:
         return
     pending = _NextEpoch(run)
-    while True:
-        metrics = {**pending.result(), **run.modes}
-        state = snapshot(run.state_dict())  # before the next epoch touches weights or the RNG
-        last = run.epoch >= hp.epochs
-        if not last:
-            pending = _NextEpoch(run)
-        with tempfile.TemporaryDirectory() as d:
-            save_state(state, metrics, Path(d))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        if last:
-            return
+    try:
+        while True:
+            metrics = {**pending.result(), **run.modes}
+            state = snapshot(run.state_dict())  # before the next epoch touches weights or the RNG
+            last = run.epoch >= hp.epochs
+            if not last:
+                pending = _NextEpoch(run)
+            with tempfile.TemporaryDirectory() as d:
+                save_state(state, metrics, Path(d))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))  # SystemExit when stopped
+            if last:
+                return
+    finally:
+        # stopped by the scheduler (tune.report raised SystemExit): end the epoch in flight at its next
+        # batch and wait for it, so that no thread of this trial trains on in a worker that Tune may
+        # reuse for another trial (reuse_actors)
+        run.request_stop()
+        pending.join()

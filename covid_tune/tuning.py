@@ -198,6 +198,7 @@ class ResumeFromLastReport(tune.Callback):
     @staticmethod
     def _catch_up(trial) -> None:
         try:
+            _save_logged_rows(trial)
             _catch_up_checkpoint(trial)
         except Exception as exc:  # noqa: BLE001 - never stop a sweep over this repair
             print(f"covid_tune: could not check trial {trial}'s last checkpoint: {type(exc).__name__}: {exc}",
@@ -208,23 +209,56 @@ class ResumeFromLastReport(tune.Callback):
 
 
 def _reported_rows(trial) -> list[dict]:
-    """``trial``'s reported results that name a checkpoint, oldest first: result.json on storage
-    (what survived the driver) and the last result Tune holds (newer while the driver lives)."""
+    """``trial``'s reported results that name a checkpoint, oldest first.
+
+    From result.json on storage (what the last sync saved), from the driver's own staging copy of
+    it (a driver restored in the same Ray session, e.g. a job submitted again to the same cluster,
+    finds the rows its killed predecessor logged but never synced; Tune syncs them up later) and
+    from the last result Tune holds (the newest while the driver lives, when a trial is retried).
+    """
     import pyarrow.fs
 
-    rows = [dict(trial.last_result or {})]
+    texts = []
     fs = trial.storage.storage_filesystem
     path = f"{trial.storage.trial_fs_path}/result.json"
     if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
         with fs.open_input_stream(path) as f:
-            for line in f.read().decode().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a row cut off when the driver died
-                    continue
+            texts.append(f.read().decode())
+    staged = Path(trial.storage.trial_driver_staging_path, "result.json")
+    if staged.is_file():
+        texts.append(staged.read_text())
+    rows = [dict(trial.last_result or {})]
+    for text in texts:
+        for line in text.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a row cut off when the driver died
+                continue
     by_iteration = {r["training_iteration"]: r for r in rows
                     if r.get("checkpoint_dir_name") and "epoch" in r and "training_iteration" in r}
     return [by_iteration[i] for i in sorted(by_iteration)]
+
+
+def _save_logged_rows(trial) -> bool:
+    """Copy the driver's result.json of ``trial`` to storage when it holds more rows than storage.
+
+    When a trial (re)starts, Tune's JSON logger replaces the driver's copy of result.json with the
+    one on storage, which is only as new as the last experiment sync: a trial retried after its
+    worker or node died would lose the rows reported since. Saving the driver's copy first (it only
+    ever grows, and storage only ever holds an older copy of it) keeps them.
+    """
+    staged = Path(trial.storage.trial_driver_staging_path, "result.json")
+    if not staged.is_file():
+        return False
+    data = staged.read_bytes()
+    fs = trial.storage.storage_filesystem
+    path = f"{trial.storage.trial_fs_path}/result.json"
+    info = fs.get_file_info(path)
+    if info.size is not None and info.size >= len(data):
+        return False
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    return True
 
 
 def _complete_checkpoint(fs, folder: str, epoch: int) -> bool:
@@ -261,7 +295,8 @@ def _catch_up_checkpoint(trial) -> bool:
     exists = {}
     for result in [*manager._checkpoint_results, manager._latest_checkpoint_result]:
         if result is not None and result.checkpoint.path not in exists:
-            exists[result.checkpoint.path] = fs.get_file_info(result.checkpoint.path).type != pyarrow.fs.FileType.NotFound
+            found = fs.get_file_info(result.checkpoint.path).type
+            exists[result.checkpoint.path] = found != pyarrow.fs.FileType.NotFound
     current = manager._latest_checkpoint_result
     was = Path(current.checkpoint.path).name if current is not None else "the start"
     chosen = next((r for r in reversed(rows) if _complete_checkpoint(
@@ -280,8 +315,9 @@ def _catch_up_checkpoint(trial) -> bool:
             current is not None and Path(current.checkpoint.path).name == chosen["checkpoint_dir_name"]):
         again = [r["epoch"] for r in rows if r["training_iteration"] > at]
         if again:
-            print(f"covid_tune: {trial}: resuming from {Path(current.checkpoint.path).name if current else 'the start'}"
-                  f"; the checkpoints of reported epoch(s) {again} are gone, they are trained again", file=sys.stderr)
+            where = Path(current.checkpoint.path).name if current is not None else "the start"
+            print(f"covid_tune: {trial}: resuming from {where}; the checkpoints of reported epoch(s) {again} "
+                  "are gone, they are trained again", file=sys.stderr)
         return False
     name = chosen["checkpoint_dir_name"]
     folder = f"{trial.storage.trial_fs_path}/{name}"

@@ -185,7 +185,14 @@ def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -
     spec = validate(raw)
     index = prepare(spec)
     plan = plan_mod.expand(spec)
-    trials = tuning.run_sweep(spec, plan, index)
+    import ray
+
+    if not ray.is_initialized():  # a private local Ray, never a cluster someone left running here
+        ray.init(address="local", include_dashboard=False, num_cpus=2, object_store_memory=256 * 1024**2)
+    try:
+        trials = tuning.run_sweep(spec, plan, index)
+    finally:
+        ray.shutdown()
     assert all(t["status"] == "ok" for t in trials.values()), trials
     assert len(list((spec.output_dir / "cache").glob("*.npy"))) == 2  # train + validation, built once
     for cid, rec in results.collect(spec.experiment_dir).items():

@@ -105,10 +105,6 @@ def test_state_dict_round_trip_restores_model_and_epoch(index: DatasetIndex) -> 
     assert fresh.run_epoch()["epoch"] == 2
 
 
-@pytest.mark.xfail(reason="BUG: on the DataLoader path (no decoded cache) the shuffle order comes from the train "
-                          "DataLoader's generator, which neither state_dict saves nor set_epoch reseeds, so a run "
-                          "resumed from a checkpoint shuffles epoch k+1 like epoch 1 and diverges from the "
-                          "uninterrupted run", strict=True)
 def test_resumed_run_matches_uninterrupted_run(index: DatasetIndex) -> None:
     straight = TrainingRun(HP, index, CPU)
     straight.run_epoch()

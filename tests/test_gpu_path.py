@@ -323,3 +323,40 @@ def test_feature_cache_on_with_augmentation_is_flagged(index, decoded) -> None:
     after = on.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("net.features."))
     assert not torch.equal(before["net.fc.0.weight"], after["net.fc.0.weight"])
+
+
+def test_request_stop_ends_an_epoch_in_another_thread(index, decoded, monkeypatch) -> None:
+    """What the trainable does when Tune stops a trial while the next epoch already trains."""
+    import threading
+
+    from covid_tune.engine import EpochInterrupted
+
+    run = TrainingRun(replace(HP, batch_size=2), index, CPU, decoded=decoded)
+    batches, go_on = [], threading.Event()
+    real_iter = TensorLoader.__iter__
+
+    def slow(self):
+        for batch in real_iter(self):
+            batches.append(1)
+            go_on.wait(10)
+            yield batch
+
+    monkeypatch.setattr(TensorLoader, "__iter__", slow)
+    outcome = {}
+
+    def epoch() -> None:
+        try:
+            run.run_epoch()
+        except EpochInterrupted as exc:
+            outcome["stopped"] = exc
+
+    worker = threading.Thread(target=epoch)
+    worker.start()
+    while not batches:
+        worker.join(0.01)
+    run.request_stop()
+    go_on.set()
+    worker.join(10)
+    assert not worker.is_alive() and "stopped" in outcome
+    assert len(batches) <= 2 < len(run.train_loader)  # ended at the next batch, not the end of the epoch
+    assert run.epoch == 0  # an interrupted epoch does not count
