@@ -296,7 +296,7 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
 
 @pytest.mark.slow
 def test_sweep_uses_both_nodes_and_survives_losing_one(cluster, tmp_path) -> None:
-    epochs = 8
+    epochs = 16
     spec = sweep_spec(tmp_path, "nodes", epochs)
     out = tmp_path / "out"
     experiment = out / "ray" / "nodes"
@@ -345,7 +345,7 @@ def test_sweep_uses_both_nodes_and_survives_losing_one(cluster, tmp_path) -> Non
 def test_killed_driver_resumes_without_losing_or_repeating_epochs(cluster, tmp_path) -> None:
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
-    epochs = 12
+    epochs = 16
     # three checkpoints kept (Tune snapshots every `keep` checkpoints), so an older one is there to
     # fake a lagging snapshot below
     spec = sweep_spec(tmp_path, "resume", epochs, keep=3)
@@ -447,13 +447,11 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(cluster, tmp_path) 
     alive = lambda: ray_workers_of(cluster.head) | ray_workers_of(cluster.worker)  # noqa: E731
 
     def running_trial():
-        """A trial a few epochs in (the driver's own, live, copy of result.json says), some of
-        them not on storage yet."""
+        """A trial a few epochs in (the driver's own, live, copy of result.json says); often some
+        of them are not on storage yet. Not required: how far storage lags is up to Tune's timing."""
         for staged in Path(cluster.env["RAY_TMPDIR"]).glob("ray/session_*/artifacts/*/retry/driver_artifacts"):
-            saved = trial_rows(experiment) if experiment.is_dir() else {}
             for cid, rows in trial_rows(staged).items():
-                if 1 <= len(saved.get(cid, [])) <= len(rows) - 2 and len(rows) <= epochs - 3 \
-                        and rows[-1]["pid"] in alive():
+                if 2 <= len(rows) <= epochs - 3 and rows[-1]["pid"] in alive():
                     return cid, rows
         return None
 
