@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -75,3 +76,11 @@ def image_folder(tmp_path: Path):
         return root
 
     return make
+
+
+def parse_markdown_table(md: str, heading: str) -> pd.DataFrame:
+    """The first GitHub table after ``## heading``, every cell a string."""
+    lines = md.split(f"## {heading}\n", 1)[1].strip().splitlines()
+    lines = lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("|")), len(lines))]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    return pd.DataFrame(cells[2:], columns=cells[0])

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import CXR_REAL, REPO, load_sweep, needs_cxr_real, shrink
+from conftest import CXR_REAL, REPO, load_sweep, needs_cxr_real, parse_markdown_table, shrink
 from covid_tune.plan import expand
 from covid_tune.spec import validate
 
@@ -58,13 +58,6 @@ def test_course_defaults_in_part_specs() -> None:
     assert p2.trainer.batch_size == 64 and p2.trainer.focal_gamma == 2.0
     # seeds multiply the grid
     assert len(expand(validate({**load_sweep("part2.yaml"), "grid": {**load_sweep("part2.yaml")["grid"], "seed": [0, 1, 2]}}))) == 12
-
-
-def _parse_table(md: str, heading: str) -> pd.DataFrame:
-    lines = md.split(f"## {heading}\n", 1)[1].strip().splitlines()
-    lines = lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("|")), len(lines))]
-    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-    return pd.DataFrame(cells[2:], columns=cells[0])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +106,7 @@ def test_seed_groups_show_mean_and_std(part2_run: Path) -> None:
     md = (part2_run / "report" / "REPORT.md").read_text()
     csv = pd.read_csv(part2_run / "report" / "results.csv")
     for heading, key in (("Accuracy", "acc"), ("F1-score", "f1")):
-        table = _parse_table(md, heading)
+        table = parse_markdown_table(md, heading)
         assert len(table) == 2 and list(table["Loss"]) == ["BCE", "Focal"]
         for (_, t), (_, members) in zip(table.iterrows(), csv.groupby("group", sort=False)):
             for col, prefix in (("Validation", "val"), ("Test", "test")):

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import REPO, load_sweep, shrink
+from conftest import REPO, load_sweep, parse_markdown_table, shrink
 from covid_tune.models import load_exported
 
 pytestmark = pytest.mark.slow
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.slow
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def parse_markdown_table(md: str, heading: str) -> pd.DataFrame:
-    """The first GitHub table after ``## heading`` as strings."""
-    lines = md.split(f"## {heading}\n", 1)[1].strip().splitlines()
-    table = [ln for ln in lines[: next((i for i, ln in enumerate(lines) if not ln.startswith("|")), len(lines))]]
-    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
-    return pd.DataFrame(cells[2:], columns=cells[0])
 
 
 @pytest.fixture(scope="module")
