@@ -49,7 +49,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from covid_tune import cache as cache_mod
@@ -409,7 +408,7 @@ def bench_grid(root: Path, class_map: dict, s: Sizes, work: Path, cores: int, ra
 
     log(f"grid: covid_tune (ASHA, caches, {cores} trials at once)")
     start = time.perf_counter()
-    decoded = cache_mod.prepare_cache(spec, index)
+    cache_mod.prepare_cache(spec, index)  # what run.py's prepare() does; run_sweep then reads it back from disk
     cache_s = time.perf_counter() - start
     with quiet(work / "ray.log"):
         trials = tuning.run_sweep(spec, plan, index)
@@ -455,52 +454,57 @@ def peak_flops(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k.lower() in name.lower()), None)
 
 
+def gpu_images_per_s(backbone: str, s: Sizes, device: torch.device) -> float:
+    """Training images/s of one backbone on the GPU path: uint8 split on the GPU, tensor augmentation,
+    bf16 autocast, channels_last, all layers trainable."""
+    from covid_tune.models import create_model
+
+    torch.manual_seed(0)
+    n = s.gpu_batch * 4
+    images = torch.randint(0, 256, (n, 1, 256, 256), dtype=torch.uint8)  # a decoded-cache-like split
+    amp_dtype, channels_last = engine.resolve_precision("auto", device)
+    model = create_model(backbone, 2, head_hidden=240).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = engine.make_optimizer(model, "sgd", 1e-3, 0.9, 0.0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = TensorLoader(images, torch.randint(0, 2, (n,)), 224, s.gpu_batch, shuffle=True, augment=True,
+                          device=device, channels_last=channels_last)
+
+    def steps(k: int) -> int:
+        done, epoch = 0, 0
+        while done < k:
+            loader.set_epoch(epoch)
+            epoch += 1
+            for x, y in loader:
+                with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    loss = loss_fn(model(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done += 1
+                if done >= k:
+                    break
+        torch.cuda.synchronize()
+        return done * s.gpu_batch
+
+    steps(5)  # warm-up: cuDNN autotuning, allocator
+    t, imgs = timed(lambda: steps(s.gpu_steps))
+    return imgs / t
+
+
 def bench_gpu(s: Sizes) -> dict:
     """Training images/s per backbone at 224 px on the GPU path, and that as a fraction of peak."""
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
     peak = peak_flops(name)
     out = {"device": name, "peak_bf16_flops": peak, "image_size": 224, "batch": s.gpu_batch, "backbones": {}}
-    from covid_tune.models import create_model
-
     for backbone in ("resnet18", "vgg16"):
-        torch.manual_seed(0)
-        n = s.gpu_batch * 4
-        images = torch.randint(0, 256, (n, 1, 256, 256), dtype=torch.uint8)  # a decoded-cache-like split
-        amp_dtype, channels_last = engine.resolve_precision("auto", device)
-        model = create_model(backbone, 2, head_hidden=240).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        opt = engine.make_optimizer(model, "sgd", 1e-3, 0.9, 0.0)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        loader = TensorLoader(images, torch.randint(0, 2, (n,)), 224, s.gpu_batch, shuffle=True, augment=True,
-                              device=device, channels_last=channels_last)
-
-        def steps(k: int) -> int:
-            done, epoch = 0, 0
-            while done < k:
-                loader.set_epoch(epoch)
-                epoch += 1
-                for x, y in loader:
-                    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = loss_fn(model(x).float(), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    done += 1
-                    if done >= k:
-                        break
-            torch.cuda.synchronize()
-            return done * s.gpu_batch
-
-        steps(5)  # warm-up: cuDNN autotuning, allocator
-        t, imgs = timed(lambda: steps(s.gpu_steps))
-        ips = imgs / t
+        ips = gpu_images_per_s(backbone, s, device)
+        torch.cuda.empty_cache()
         fpi = flops_per_image(backbone, 224)
         out["backbones"][backbone] = {"images_per_s": ips, "train_flops_per_image": fpi,
                                       "mfu": (fpi * ips / peak) if peak else None}
-        del model, opt, loader, images
-        torch.cuda.empty_cache()
     out["gpu_mfu"] = {b: v["mfu"] for b, v in out["backbones"].items()}
     return out
 

@@ -132,6 +132,12 @@ class TrainerSpec(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast + channels_last on CUDA, float32 on CPU")
 
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class SchedulerSpec(_Section):
     metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"

@@ -46,13 +46,14 @@ class _NextEpoch:
 
     ``tune.report`` waits for Tune's driver to take the result and persists the checkpoint (a copy
     of the model and optimizer state): time in which nothing would train. When Tune stops the trial
-    (ASHA) the epoch in flight is cut short with ``run.request_stop()``; being a daemon thread, it
-    never keeps a worker process alive either.
+    (ASHA) the epoch in flight is cut short with ``run.request_stop()``. Not a daemon thread: a
+    worker that exits while a daemon thread is inside a torch operation aborts ("Fatal Python error")
+    instead of exiting, so the exit waits for the epoch's next batch boundary instead.
     """
 
     def __init__(self, run: TrainingRun) -> None:
         self._out: dict = {}
-        self._thread = threading.Thread(target=self._work, args=(run,), daemon=True, name="covid_tune-epoch")
+        self._thread = threading.Thread(target=self._work, args=(run,), daemon=False, name="covid_tune-epoch")
         self._thread.start()
 
     def _work(self, run: TrainingRun) -> None:

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import write_image
 from covid_tune import cache
 from covid_tune.data import eval_transform, load_image, scan_dataset
 from covid_tune.loaders import TensorLoader

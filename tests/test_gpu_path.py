@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,3 +359,40 @@ def test_request_stop_ends_an_epoch_in_another_thread(index, decoded, monkeypatc
     assert not worker.is_alive() and "stopped" in outcome
     assert len(batches) <= 2 < len(run.train_loader)  # ended at the next batch, not the end of the epoch
     assert run.epoch == 0  # an interrupted epoch does not count
+
+
+def test_benchmark_table_and_targets_smoke(monkeypatch) -> None:
+    """benchmarks/run.py's report: targets judged right, every measured part rendered (no training here)."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # the script sets it: restored after the test
+    sys.modules["bench_run"] = bench  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench_run"]
+    assert bench.verdict("loader_speedup", 5.0) == "met" and bench.verdict("loader_speedup", 4.9) == "MISSED"
+    assert bench.verdict("tune_overhead", 0.06) == "MISSED" and bench.verdict("same_best_config", True) == "met"
+    assert bench.best_of({"a": [{"epoch": 1, "val_loss": 0.5}], "b": [{"epoch": 2, "val_loss": 0.4}]}) == ("b", 2, 0.4)
+    res = {"results": {
+        "loader": {"image_size": 224, "images_per_s": {"per_core_pil": 100.0, "per_core_cache": 600.0,
+                                                       "all_cores_pil": 180.0, "all_cores_cache": 900.0},
+                   "loader_speedup": 6.0, "all_cores_speedup": 5.0},
+        "head_cache": {"image_size": 224, "train_images": 8, "val_images": 4, "backbones": {
+            "resnet18": {"plain_epoch_s": 1.0, "cached_epoch_s": 0.01, "cached_first_epoch_s": 1.1, "speedup": 100.0}}},
+        "tune_overhead": {"config": "x", "direct_s": [10.0], "trial_s": [10.2], "fixed_per_trial_s": 3.0,
+                          "tune_overhead": 0.02},
+        "grid": {"configurations": 2, "epochs": 2, "image_size": 32, "train_images": 8, "val_images": 4,
+                 "course_s": 30.0, "course_epochs_trained": 4, "covid_tune_s": 9.0, "covid_tune_epochs_trained": 3,
+                 "covid_tune_ray_start_s": 2.0, "grid_speedup": 3.3, "same_best_config": True,
+                 "course_best": {"config": "a"}, "covid_tune_best": {"config": "a"}}}}
+    text = bench.table(res)
+    for key in ("loader_speedup", "head_cache_speedup", "tune_overhead", "grid_speedup", "same_best_config", "gpu_mfu"):
+        assert f"[{key}]" in text, key
+    assert "MISSED" not in text
+    assert bench.flops_per_image("tiny_cnn", 32) > 0

@@ -442,3 +442,11 @@ def test_repeated_freeze_level_in_mapping_is_rejected(tiny_raw):
     tiny_raw["grid"]["freeze"] = {"tiny_cnn": ["none", "none"]}
     with pytest.raises(SpecError, match=r"grid\.freeze: repeated value"):
         validate(tiny_raw)
+
+
+
+@pytest.mark.parametrize("value", ["on", "off", "auto"])
+def test_feature_cache_accepts_bare_yaml_on_off(tiny_raw, value):
+    # YAML reads a bare on/off as a bool; --set parses its value as YAML too
+    raw = apply_overrides(tiny_raw, [f"trainer.feature_cache={value}"])
+    assert validate(raw).trainer.feature_cache == value
