@@ -408,10 +408,10 @@ def bench_grid(root: Path, class_map: dict, s: Sizes, work: Path, cores: int, ra
 
     log(f"grid: covid_tune (ASHA, caches, {cores} trials at once)")
     start = time.perf_counter()
-    cache_mod.prepare_cache(spec, index)  # what run.py's prepare() does; run_sweep then reads it back from disk
+    decoded = cache_mod.prepare_cache(spec, index)  # what run.py's prepare() does
     cache_s = time.perf_counter() - start
     with quiet(work / "ray.log"):
-        trials = tuning.run_sweep(spec, plan, index)
+        trials = tuning.run_sweep(spec, plan, index, decoded)
     ours_s = time.perf_counter() - start + ray_start_s
     records = results_mod.collect(spec.experiment_dir)
     ours = {cid: rec.history for cid, rec in records.items()}

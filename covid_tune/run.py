@@ -15,7 +15,8 @@ from pathlib import Path
 
 from covid_tune import plan as plan_mod
 from covid_tune import report as report_mod
-from covid_tune.data import DatasetError, check_implies, make_synthetic, scan_dataset
+from covid_tune.cache import DecodedSplits, prepare_cache
+from covid_tune.data import DatasetError, DatasetIndex, check_implies, make_synthetic, scan_dataset
 from covid_tune.models import WeightsUnavailable, check_weights
 from covid_tune.spec import Spec, SpecError, load_spec
 
@@ -43,8 +44,9 @@ def _log(msg: str) -> None:
     print(f"[covid_tune] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(spec: Spec):
-    """Check everything a trial needs before Ray starts: data (generated if synthetic) and weights."""
+def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
+    """Check everything a trial needs before Ray starts: data (generated if synthetic) and weights;
+    then build (or read back) the decoded-image cache, once per run."""
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
         _log(f"synthetic data -> {report_mod.dataset_root(spec)}")
@@ -54,7 +56,7 @@ def prepare(spec: Spec):
     check_implies(index.classes, spec.data.implies)
     for backbone in spec.grid.backbone:
         check_weights(backbone, spec.trainer.weights)
-    return index
+    return index, prepare_cache(spec, index)
 
 
 def _experiment_exists(spec: Spec) -> bool:
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covid_tune: {problem}", file=sys.stderr)
         return 2
     try:
-        index = prepare(spec)
+        index, decoded = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        trials = tuning.run_sweep(spec, plan, index, resume=args.resume)
+        trials = tuning.run_sweep(spec, plan, index, decoded, resume=args.resume)
     except (FileNotFoundError, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2

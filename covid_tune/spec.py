@@ -100,18 +100,19 @@ class GridSpec(_Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbones(cls, names: list[str]) -> list[str]:
-        unknown = [b for b in names if b not in models.backbone_names()]
-        if unknown:
-            raise ValueError(f"unknown backbone(s) {unknown} (allowed: {', '.join(models.backbone_names())})")
-        return names
+        return _known(names, models.backbone_names(), "backbone(s)")
 
     @field_validator("loss")
     @classmethod
     def _known_losses(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in LOSSES]
-        if unknown:
-            raise ValueError(f"unknown loss(es) {unknown} (allowed: {', '.join(LOSSES)})")
-        return names
+        return _known(names, list(LOSSES), "loss(es)")
+
+
+def _known(names: list[str], allowed: list[str], what: str) -> list[str]:
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown} (allowed: {', '.join(allowed)})")
+    return names
 
 
 class TrainerSpec(_Section):

@@ -14,6 +14,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from covid_tune.cache import DecodedSplits
 from covid_tune.data import DatasetIndex
 from covid_tune.engine import HParams
 from covid_tune.results import TRIALS_FILE, download_experiment
@@ -127,10 +128,7 @@ def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
             Path(probes["ray.storage_path"][1]).unlink(missing_ok=True)
 
 
-def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded=None):
-    if decoded is None and spec.data.cache:  # built (or read back from OUTPUT/cache) here unless given
-        from covid_tune.cache import prepare_cache
-        decoded = prepare_cache(spec, index)
+def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: DecodedSplits | None):
     # with_parameters puts each argument in Ray's object store once: one copy of the cache per node
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
                               decoded=decoded)
@@ -332,8 +330,11 @@ def _catch_up_checkpoint(trial) -> bool:
     return True
 
 
-def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, resume: bool = False) -> dict[str, dict]:
+def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: DecodedSplits | None = None,
+              resume: bool = False) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
+
+    ``decoded`` is the decoded-image cache (``cache.prepare_cache``); None trains from the image files.
 
     Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
     """
@@ -341,7 +342,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, resume:
     check_resources(spec)
     check_shared_paths(spec, index)
     path = spec.experiment_path
-    trainable = _trainable(spec, plan, index)
+    trainable = _trainable(spec, plan, index, decoded)
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")

@@ -182,14 +182,14 @@ def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -
     raw = {**tiny_raw, "trainer": {**tiny_raw["trainer"], "epochs": 3, "dropout": 0.3},
            "scheduler": {**tiny_raw["scheduler"], "asha": False, "keep_checkpoints": 3}}
     spec = validate(raw)
-    index = prepare(spec)
+    index, decoded = prepare(spec)
     plan = plan_mod.expand(spec)
     import ray
 
     if not ray.is_initialized():  # a private local Ray, never a cluster someone left running here
         ray.init(address="local", include_dashboard=False, num_cpus=2, object_store_memory=256 * 1024**2)
     try:
-        trials = tuning.run_sweep(spec, plan, index)
+        trials = tuning.run_sweep(spec, plan, index, decoded)
     finally:
         ray.shutdown()
     assert all(t["status"] == "ok" for t in trials.values()), trials
