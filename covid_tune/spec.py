@@ -128,8 +128,11 @@ class TrainerSpec(_Section):
     focal_alpha: Optional[float] = Field(0.25, gt=0, lt=1)
     focal_gamma: float = Field(2.0, ge=0)
     feature_cache: Literal["auto", "on", "off"] = Field(
-        "auto", description="head-only configurations train on features computed once; auto = only where "
-                            "exact (data.augment false), on = also with augmentation (features unaugmented)")
+        "auto", description="configurations with a frozen prefix train the layers after it on the prefix's "
+                            "outputs, computed once; auto = only where exact (data.augment false), on = also "
+                            "with augmentation (outputs of unaugmented images)")
+    feature_cache_gb: float = Field(2.0, ge=0, description="the most memory (GB) one trial's cached prefix outputs "
+                                                           "may take; over it the prefix runs every step")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast + channels_last on CUDA, float32 on CPU")
 

@@ -78,10 +78,10 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
 
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
     per node) selects the tensor pipeline; without it the trial decodes with PIL. Each epoch's
-    metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented`` (0/1).
+    metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented``, ``gpu`` (0/1).
 
-    Epoch k's state is copied as soon as it ends and epoch k + 1 starts training while epoch k is
-    saved and reported; the checkpoint of epoch k holds exactly the state after epoch k.
+    Epoch k + 1 trains while epoch k is reported (and, on a GPU, while its state, copied to the CPU
+    as soon as it ended, is written); the checkpoint of epoch k holds exactly the state after epoch k.
     """
     hp = plan[config["config_id"]]
     torch.set_num_threads(max(1, int(cpus)))
@@ -92,16 +92,24 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
             run.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=run.device, weights_only=True))
     if run.epoch >= hp.epochs:
         return
+    # a GPU trains on while the CPU writes, so copy the state and write it behind the next epoch; on a
+    # CPU the copy costs as much as the write and both take cores from training: write, then train on
+    background_save = run.device.type == "cuda"
     pending = _NextEpoch(run)
     try:
         while True:
             metrics = {**pending.result(), **run.modes}
-            state = snapshot(run.state_dict())  # before the next epoch touches weights or the RNG
             last = run.epoch >= hp.epochs
-            if not last:
-                pending = _NextEpoch(run)
             with tempfile.TemporaryDirectory() as d:
-                save_state(state, metrics, Path(d))
+                if background_save:
+                    state = snapshot(run.state_dict())  # before the next epoch touches weights or the RNG
+                    if not last:
+                        pending = _NextEpoch(run)
+                    save_state(state, metrics, Path(d))
+                else:
+                    save_checkpoint(run, metrics, Path(d))
+                    if not last:
+                        pending = _NextEpoch(run)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))  # SystemExit when stopped
             if last:
                 return

@@ -147,8 +147,8 @@ def test_tensor_path_train_batches_without_augmentation_are_eval_crops(index, de
 def test_tensor_path_validation_equals_pil_path(index, decoded) -> None:
     plain, fast = TrainingRun(HP, index, CPU), TrainingRun(HP, index, CPU, decoded=decoded)
     a, b = plain.run_epoch(), fast.run_epoch()
-    assert plain.modes == {"decoded_cache": 0, "feature_cache": 0, "augmented": 0}
-    assert fast.modes == {"decoded_cache": 1, "feature_cache": 0, "augmented": 0}
+    assert plain.modes == {"decoded_cache": 0, "feature_cache": 0, "augmented": 0, "gpu": 0}
+    assert fast.modes == {"decoded_cache": 1, "feature_cache": 0, "augmented": 0, "gpu": 0}
     # training order differs (DataLoader vs seeded permutation); the data do not
     assert set(a) == set(b) and math.isfinite(b["train_loss"])
     fresh_plain, fresh_fast = TrainingRun(HP, index, CPU), TrainingRun(HP, index, CPU, decoded=decoded)
@@ -286,21 +286,28 @@ def test_feature_cache_modes() -> None:
     assert feature_cache_mode("auto", True, False) == "exact"
     assert feature_cache_mode("auto", True, True) == "off"
     assert feature_cache_mode("on", True, True) == "inexact"
-    assert feature_cache_mode("on", False, False) == "off"  # not head-only: nothing to cache
+    assert feature_cache_mode("on", False, False) == "off"  # no frozen prefix: nothing to cache
     assert feature_cache_mode("off", True, False) == "off"
     with pytest.raises(KeyError, match="auto, on, off"):
         feature_cache_mode("yes", True, False)
 
 
-def test_feature_cache_follows_the_plain_path(index, decoded) -> None:
-    hp = replace(HP, freeze="fc_only", dropout=0.3, head_hidden=8, lr=0.1)
+@pytest.mark.parametrize("freeze", ["fc_only", "block1"])
+def test_feature_cache_follows_the_plain_path(index, decoded, freeze: str) -> None:
+    """Head-only (fc_only) and a partial prefix (block1: blocks 2-3 and the head train on block 1's
+    cached outputs) give the plain path's losses, metrics and weights, epoch after epoch."""
+    hp = replace(HP, freeze=freeze, dropout=0.3, head_hidden=8, lr=0.1)
     # one after the other: each TrainingRun seeds the global RNG that dropout draws from
     plain = TrainingRun(replace(hp, feature_cache="off"), index, CPU, decoded=decoded)
     a = [plain.run_epoch() for _ in range(3)]
     cached = TrainingRun(replace(hp, feature_cache="auto"), index, CPU, decoded=decoded)
     b = [cached.run_epoch() for _ in range(3)]
     assert plain.modes["feature_cache"] == 0 and cached.modes == {"decoded_cache": 1, "feature_cache": 1,
-                                                                    "augmented": 0}
+                                                                    "augmented": 0, "gpu": 0}
+    per_image = {"fc_only": 32, "block1": 8 * 16 * 16}[freeze] * 4  # float32 outputs of the prefix
+    n = len(index.paths("train")) + len(index.paths("validation"))
+    assert cached.feature_bytes == n * per_image
+    assert tuple(cached._features[0].features.shape[1:]) == {"fc_only": (32,), "block1": (8, 16, 16)}[freeze]
     for ra, rb in zip(a, b):
         for k in ra:
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
@@ -308,6 +315,22 @@ def test_feature_cache_follows_the_plain_path(index, decoded) -> None:
     pa, pb = plain.model.state_dict(), cached.model.state_dict()
     for k in pa:
         assert torch.allclose(pa[k].float(), pb[k].float(), rtol=1e-4, atol=1e-6), k
+    if freeze == "block1":  # the unfrozen BatchNorm after the prefix kept learning its statistics
+        assert not torch.equal(pb["net.features.1.1.running_mean"], torch.zeros_like(pb["net.features.1.1.running_mean"]))
+
+
+def test_feature_cache_over_its_memory_budget_is_off(index, decoded) -> None:
+    hp = replace(HP, freeze="block1")
+    n = len(index.paths("train")) + len(index.paths("validation"))
+    need = n * 8 * 16 * 16 * 4
+    under = TrainingRun(replace(hp, feature_cache_gb=need / 1e9), index, CPU, decoded=decoded)
+    over = TrainingRun(replace(hp, feature_cache_gb=(need - 1) / 1e9), index, CPU, decoded=decoded)
+    assert under.feature_mode == "exact" and under.modes["feature_cache"] == 1
+    assert over.feature_mode == "off" and over.modes["feature_cache"] == 0
+    # the size probe (a forward pass) left every weight and BatchNorm statistic as a run without it has them
+    unprobed = TrainingRun(replace(hp, feature_cache="off"), index, CPU, decoded=decoded).model.state_dict()
+    assert all(torch.equal(unprobed[k], v) for k, v in under.model.state_dict().items())
+    assert math.isfinite(over.run_epoch()["train_loss"]) and over._features is None
 
 
 def test_feature_cache_on_with_augmentation_is_flagged(index, decoded) -> None:
@@ -315,7 +338,7 @@ def test_feature_cache_on_with_augmentation_is_flagged(index, decoded) -> None:
     auto = TrainingRun(hp, index, CPU, decoded=decoded)
     on = TrainingRun(replace(hp, feature_cache="on"), index, CPU, decoded=decoded)
     assert auto.feature_mode == "off" and auto.modes["augmented"] == 1
-    assert on.feature_mode == "inexact" and on.modes == {"decoded_cache": 1, "feature_cache": 1, "augmented": 0}
+    assert on.feature_mode == "inexact" and on.modes == {"decoded_cache": 1, "feature_cache": 1, "augmented": 0, "gpu": 0}
     before = {k: v.clone() for k, v in on.model.state_dict().items()}
     out = on.run_epoch()
     assert math.isfinite(out["train_loss"])
