@@ -25,9 +25,20 @@ from covid_tune.spec import TRAINER_AXES, Spec, SpecError, validate
 SPEC_FILE = "spec.json"
 SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Test"))
 CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
-               "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status",
+               "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", *results_mod.MODE_KEYS,
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
                "test_acc_ci_low", "test_acc_ci_high", "node", "node_ip", "node_id", "checkpoint"]
+
+
+def paths_line(flat: list[dict]) -> str:
+    """Which training paths the configurations took (last epoch trained), as one sentence."""
+    names = {"decoded_cache": "decoded-image cache", "feature_cache": "feature cache (frozen prefix run once)",
+             "augmented": "augmented training images", "gpu": "GPU"}
+    seen = [f for f in flat if f.get("decoded_cache") is not None]
+    if not seen:
+        return "Training paths: not recorded."
+    parts = [f"{name} {sum(int(f[k] or 0) for f in seen)}/{len(seen)}" for k, name in names.items()]
+    return "Training paths (configurations, last epoch trained): " + ", ".join(parts) + "."
 
 
 def flat_row(row: dict) -> dict:
@@ -111,7 +122,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
           "## F1-score", "", metric_table(flat, "f1", show_loss), "",
           f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
           "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
-          + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""), ""]
+          + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""),
+          "", paths_line(flat), ""]
     ci_rows = [[f["config_id"], _pct(f["test_acc"]), f"[{_pct(f['test_acc_ci_low'])}, {_pct(f['test_acc_ci_high'])}]",
                 (r.get("eval") or {}).get("test", {}).get("n", "-")] for f, r in zip(flat, rows)]
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",

@@ -27,6 +27,7 @@ from covid_tune.trainable import METRICS_FILE, STATE_FILE
 EVAL_FILE = "eval.json"
 TRIALS_FILE = "trials.json"  # written by the sweep: each trial's final status
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1")
+MODE_KEYS = ("decoded_cache", "feature_cache", "augmented", "gpu")  # which paths an epoch took (0/1)
 
 
 @dataclass
@@ -35,7 +36,7 @@ class TrialRecord:
 
     config_id: str
     trial_dir: Path
-    history: list[dict]  # one row per reported epoch (HISTORY_KEYS + time_total_s, hostname, node_ip, node_id)
+    history: list[dict]  # one row per reported epoch (HISTORY_KEYS, MODE_KEYS, time_total_s, hostname, node_ip, node_id)
     checkpoints: dict[int, Path] = field(default_factory=dict)  # epoch -> checkpoint folder
     broken: list[str] = field(default_factory=list)  # checkpoints that did not load
 
@@ -50,7 +51,8 @@ def _read_history(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut off by a crash
             continue
         if "epoch" in r:
-            rows[int(r["epoch"])] = {k: r.get(k) for k in HISTORY_KEYS + ("time_total_s", "hostname", "node_ip", "node_id")}
+            rows[int(r["epoch"])] = {k: r.get(k) for k in HISTORY_KEYS + MODE_KEYS
+                                     + ("time_total_s", "hostname", "node_ip", "node_id")}
     return [rows[e] for e in sorted(rows)]
 
 
@@ -164,7 +166,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
                "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed,
                "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "stopped_early": False,
                "status": status if rec else "not started", "checkpoint": None, "history": [],
-               "node": None, "node_ip": None, "node_id": None}
+               "node": None, "node_ip": None, "node_id": None, **dict.fromkeys(MODE_KEYS)}
         row.update({k: getattr(hp, k) for k in TRAINER_AXES})
         if rec is not None:
             for problem in rec.broken:
@@ -175,6 +177,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
             row["node"] = last.get("hostname")
             row["node_ip"] = last.get("node_ip")
             row["node_id"] = last.get("node_id")
+            row.update({k: last.get(k) for k in MODE_KEYS})
             row["stopped_early"] = status == "ok" and 0 < len(rec.history) < hp.epochs
             target = export_best(rec, hp, index.classes, metric, mode, out_dir)
             if target is not None:

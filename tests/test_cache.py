@@ -199,7 +199,9 @@ def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -
         rows = [json.loads(line) for line in (rec.trial_dir / "result.json").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2, 3]
         assert all(r["decoded_cache"] == 1 and r["augmented"] == 0 for r in rows)
-        assert all(r["feature_cache"] == int(hp.freeze == "fc_only") for r in rows)
+        # every level with a frozen prefix trains on its cached outputs (exact: no augmentation)
+        assert all(r["feature_cache"] == int(hp.freeze != "none") for r in rows)
+        assert [h["feature_cache"] for h in rec.history] == [r["feature_cache"] for r in rows]  # read back
         assert sorted(rec.checkpoints) == [1, 2, 3]
         for epoch, folder in rec.checkpoints.items():
             state = torch.load(folder / STATE_FILE, weights_only=True)
