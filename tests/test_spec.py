@@ -450,3 +450,12 @@ def test_feature_cache_accepts_bare_yaml_on_off(tiny_raw, value):
     # YAML reads a bare on/off as a bool; --set parses its value as YAML too
     raw = apply_overrides(tiny_raw, [f"trainer.feature_cache={value}"])
     assert validate(raw).trainer.feature_cache == value
+
+
+def test_feature_cache_budget_reaches_the_plan_and_rejects_negatives(tiny_raw):
+    from covid_tune.plan import expand
+
+    raw = apply_overrides(tiny_raw, ["trainer.feature_cache_gb=0.5"])
+    assert {hp.feature_cache_gb for hp in expand(validate(raw)).values()} == {0.5}
+    with pytest.raises(SpecError, match=r"trainer\.feature_cache_gb.*greater than or equal to 0"):
+        validate(apply_overrides(tiny_raw, ["trainer.feature_cache_gb=-1"]))
