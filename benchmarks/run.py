@@ -21,7 +21,8 @@ runs, ratios taken minutes apart would not mean much.
                       one trial per core; Ray start-up and cache build included); same_best_config:
                       whether both pick the same configuration (lowest validation loss of any epoch)
   gpu_mfu             on a GPU only: training images/s per backbone at 224 px (bf16 autocast,
-                      channels_last, data on the GPU) and FLOPs/image x images/s / peak bf16 FLOP/s
+                      channels_last, data on the GPU) and FLOPs/image x images/s / peak bf16 FLOP/s;
+                      beside it the course's way on the same GPU (PIL DataLoader workers, float32)
 
 Data: the real chest X-rays in ../shared/cxr-real when present (covid + pneumonia -> infected),
 else a generated synthetic set. ``--quick`` keeps every part small enough to finish in under five

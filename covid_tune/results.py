@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from covid_tune import engine
-from covid_tune.data import DatasetIndex
+from covid_tune.cache import DecodedSplits
+from covid_tune.data import DatasetIndex, encode_targets
+from covid_tune.loaders import TensorLoader
 from covid_tune.losses import build_loss
 from covid_tune.metrics import bootstrap_ci
 from covid_tune.spec import TRAINER_AXES, Spec
@@ -119,8 +121,27 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
     return target
 
 
-def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64) -> dict:
-    """Evaluate an exported model on train (no augmentation), validation and test; cached in eval.json."""
+def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, device: torch.device,
+                 decoded: DecodedSplits | None):
+    """The split's evaluation crops: from the decoded cache where it holds the split (the same pixels as
+    the PIL path, without decoding every file once more per configuration), else from the files."""
+    if decoded is not None and split in decoded.arrays:
+        try:
+            decoded.check(index, meta["image_size"], meta["grayscale"])
+        except ValueError:
+            decoded = None
+    if decoded is None or split not in decoded.arrays:
+        return engine.make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
+                                  grayscale=meta["grayscale"])
+    targets = encode_targets(index.labels(split), index.classes, meta["label_mode"], meta["implies"])
+    return TensorLoader(decoded[split], targets, meta["image_size"], batch_size, device=device)
+
+
+def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
+                    decoded: DecodedSplits | None = None) -> dict:
+    """Evaluate an exported model on train (no augmentation), validation and test; cached in eval.json.
+
+    ``decoded`` (the sweep's decoded cache) serves the splits it holds (train and validation)."""
     model_dir = Path(model_dir)
     cache = model_dir / EVAL_FILE
     model, meta = load_exported(model_dir)
@@ -133,8 +154,7 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
     loss_fn = build_loss(meta["loss"], meta["focal_alpha"], meta["focal_gamma"])
     out = {"epoch": meta["epoch"], "splits": {}}
     for split in ("train", "validation", "test"):
-        loader = engine.make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
-                                    grayscale=meta["grayscale"])
+        loader = _eval_loader(index, split, meta, batch_size, device, decoded)
         res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"], len(meta["classes"]))
         correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
         out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),

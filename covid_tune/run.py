@@ -149,14 +149,17 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        trials = tuning.run_sweep(spec, plan, index, decoded, resume=args.resume)
+        tuning.connect(spec.ray.address, tuning.local_object_store_bytes(decoded.nbytes if decoded is not None else 0))
+        shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
+        trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume)
     except (FileNotFoundError, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
     _log(f"trials finished in {time.time() - start:.0f} s; evaluating best checkpoints")
 
     def evaluator(dirs, idx):
-        return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus, spec.resources.gpu)
+        return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus, spec.resources.gpu,
+                                      decoded=shared)
 
     path = report_mod.build(out, spec, evaluator=evaluator, index=index)
     _log(f"report: {path} ({time.time() - start:.0f} s in all)")

@@ -57,6 +57,12 @@ def connect(address: str | None, object_store_bytes: int = MIN_OBJECT_STORE) -> 
                  log_to_driver=True)
 
 
+def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
+    """Put the decoded cache in the object store once (call after :func:`connect`): passing the
+    returned reference to :func:`run_sweep` and :func:`evaluate_remote` keeps one copy per node for both."""
+    return ray.put(decoded) if decoded is not None else None
+
+
 def on_cluster(spec: Spec) -> bool:
     """True when this sweep joined a running cluster (--address, RAY_ADDRESS, ray.address)."""
     return bool(spec.ray.address or os.environ.get("RAY_ADDRESS"))
@@ -138,8 +144,9 @@ def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
             Path(probes["ray.storage_path"][1]).unlink(missing_ok=True)
 
 
-def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: DecodedSplits | None):
-    # with_parameters puts each argument in Ray's object store once: one copy of the cache per node
+def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: "DecodedSplits | ray.ObjectRef | None"):
+    # with_parameters puts each argument in Ray's object store once (a reference is used as it is):
+    # one copy of the cache per node
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
                               decoded=decoded)
     return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
@@ -340,15 +347,17 @@ def _catch_up_checkpoint(trial) -> bool:
     return True
 
 
-def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: DecodedSplits | None = None,
+def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
+              decoded: "DecodedSplits | ray.ObjectRef | None" = None,
               resume: bool = False) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
 
-    ``decoded`` is the decoded-image cache (``cache.prepare_cache``); None trains from the image files.
+    ``decoded`` is the decoded-image cache (``cache.prepare_cache``) or its reference from :func:`share`;
+    None trains from the image files.
 
     Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
     """
-    connect(spec.ray.address, local_object_store_bytes(decoded.nbytes if decoded is not None else 0))
+    connect(spec.ray.address, local_object_store_bytes(decoded.nbytes if isinstance(decoded, DecodedSplits) else 0))
     check_resources(spec)
     check_shared_paths(spec, index)
     path = spec.experiment_path
@@ -395,19 +404,24 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded
     return trials
 
 
-def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], index: DatasetIndex) -> dict:
+def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], index: DatasetIndex,
+                      **kwargs) -> dict:
     """``evaluate`` on a copy of an exported model folder written to this worker's disk."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="covid_tune-eval-") as d:
         for name, blob in files.items():
             (Path(d) / name).write_bytes(blob)
-        return evaluate(d, index)
+        return evaluate(d, index, **kwargs)
 
 
 def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index: DatasetIndex,
-                    cpus: float, gpu: float, ship: bool | None = None) -> list[dict]:
-    """Run ``evaluate(model_dir, index)`` for each exported model as Ray tasks, where workers are.
+                    cpus: float, gpu: float, ship: bool | None = None,
+                    decoded: "DecodedSplits | ray.ObjectRef | None" = None) -> list[dict]:
+    """Run ``evaluate(model_dir, index, decoded=...)`` for each exported model as Ray tasks, where workers are.
+
+    ``decoded`` (the decoded cache; pass :func:`share`'s reference to reuse the sweep's copy) spares
+    each task decoding the splits it holds.
 
     The exported models live under the driver's output folder. On a cluster (``ship`` None: when
     this driver joined one) that folder need not be visible from the workers, so each model's
@@ -417,16 +431,17 @@ def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index
     if ship is None:
         ship = _joined_cluster or len([n for n in ray.nodes() if n.get("Alive")]) > 1
     index_ref = ray.put(index)
+    extra = {} if decoded is None else {"decoded": decoded if isinstance(decoded, ray.ObjectRef) else ray.put(decoded)}
     if not ship:
         task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(evaluate)
-        return ray.get([task.remote(str(d), index_ref) for d in model_dirs])
+        return ray.get([task.remote(str(d), index_ref, **extra) for d in model_dirs])
     from covid_tune.results import EVAL_FILE
 
     task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(_evaluate_shipped)
     refs = []
     for d in model_dirs:
         files = {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file() and not f.name.endswith(".tmp")}
-        refs.append(task.remote(evaluate, ray.put(files), index_ref))
+        refs.append(task.remote(evaluate, ray.put(files), index_ref, **extra))
     outs = ray.get(refs)
     for d, out in zip(model_dirs, outs):
         tmp = Path(d) / (EVAL_FILE + ".tmp")

@@ -419,3 +419,35 @@ def test_benchmark_table_and_targets_smoke(monkeypatch) -> None:
         assert f"[{key}]" in text, key
     assert "MISSED" not in text
     assert bench.flops_per_image("tiny_cnn", 32) > 0
+
+
+def test_test_evaluation_reads_the_decoded_cache_with_the_pil_paths_numbers(index, decoded, tmp_path,
+                                                                            monkeypatch) -> None:
+    """The best checkpoints' evaluation takes train and validation from the decoded cache (test, which
+    the cache does not hold, from the files) and gets exactly what decoding every file again gives."""
+    from dataclasses import asdict
+
+    from covid_tune import results
+    from covid_tune.models import save_exported
+
+    hp = replace(HP, freeze="block1", augment=False)
+    run = TrainingRun(hp, index, CPU, decoded=decoded)
+    run.run_epoch()
+    meta = {**asdict(hp), "classes": list(index.classes), "epoch": 1}
+    for name in ("plain", "cached"):
+        save_exported(run.model.state_dict(), meta, tmp_path / name)
+    plain = results.evaluate_export(tmp_path / "plain", index)
+    from_files = []
+    make_loader = results.engine.make_loader
+    monkeypatch.setattr(results.engine, "make_loader", lambda idx, split, *a, **k: (from_files.append(split),
+                                                                                   make_loader(idx, split, *a, **k))[1])
+    cached = results.evaluate_export(tmp_path / "cached", index, decoded=decoded)
+    assert from_files == ["test"]
+    assert set(decoded.arrays) == {"train", "validation"}
+    for split in ("train", "validation", "test"):
+        a, b = plain["splits"][split], cached["splits"][split]
+        assert a["correct"] == b["correct"] and a["n"] == b["n"] == len(index.paths(split))
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), split
+    save_exported(run.model.state_dict(), meta, tmp_path / "other")
+    other = build_decoded_cache(index, 24, True, splits=("train",))  # made for another image size: not used
+    assert results.evaluate_export(tmp_path / "other", index, decoded=other)["splits"] == plain["splits"]
