@@ -482,6 +482,29 @@ def peak_flops(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k.lower() in name.lower()), None)
 
 
+def gpu_train_steps(k: int, loader, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+                    amp_dtype: torch.dtype | None = None) -> int:
+    """Train ``k`` steps, passing over ``loader`` as often as needed; waits for the GPU; returns images seen."""
+    loss_fn = torch.nn.CrossEntropyLoss()
+    done, images, epoch = 0, 0, 0
+    while done < k:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        epoch += 1
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done, images = done + 1, images + len(x)
+            if done >= k:
+                break
+    torch.cuda.synchronize()
+    return images
+
+
 def gpu_images_per_s(backbone: str, s: Sizes, device: torch.device) -> float:
     """Training images/s of one backbone on the GPU path: uint8 split on the GPU, tensor augmentation,
     bf16 autocast, channels_last, all layers trainable."""
@@ -495,29 +518,10 @@ def gpu_images_per_s(backbone: str, s: Sizes, device: torch.device) -> float:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = engine.make_optimizer(model, "sgd", 1e-3, 0.9, 0.0)
-    loss_fn = torch.nn.CrossEntropyLoss()
     loader = TensorLoader(images, torch.randint(0, 2, (n,)), 224, s.gpu_batch, shuffle=True, augment=True,
                           device=device, channels_last=channels_last)
-
-    def steps(k: int) -> int:
-        done, epoch = 0, 0
-        while done < k:
-            loader.set_epoch(epoch)
-            epoch += 1
-            for x, y in loader:
-                with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                done += 1
-                if done >= k:
-                    break
-        torch.cuda.synchronize()
-        return done * s.gpu_batch
-
-    steps(5)  # warm-up: cuDNN autotuning, allocator
-    t, imgs = timed(lambda: steps(s.gpu_steps))
+    gpu_train_steps(5, loader, model, opt, device, amp_dtype)  # warm-up: cuDNN autotuning, allocator
+    t, imgs = timed(lambda: gpu_train_steps(s.gpu_steps, loader, model, opt, device, amp_dtype))
     return imgs / t
 
 
@@ -529,26 +533,10 @@ def course_gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, index
     torch.manual_seed(0)
     model = create_model(backbone, 2, head_hidden=240).to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
     loader = engine.make_loader(index, "train", 224, s.gpu_batch, "single", {}, train=True, augment=True,
                                 num_workers=workers, seed=0)
-
-    def steps(k: int) -> int:
-        done = 0
-        while done < k:
-            for x, y in loader:
-                loss = loss_fn(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                done += 1
-                if done >= k:
-                    break
-        torch.cuda.synchronize()
-        return done * s.gpu_batch
-
-    steps(3)  # warm-up: worker processes, cuDNN autotuning
-    t, imgs = timed(lambda: steps(s.gpu_steps))
+    gpu_train_steps(3, loader, model, opt, device)  # warm-up: worker processes, cuDNN autotuning
+    t, imgs = timed(lambda: gpu_train_steps(s.gpu_steps, loader, model, opt, device))
     return imgs / t
 
 
