@@ -160,6 +160,11 @@ def subset(index: DatasetIndex, sizes: dict[str, int]) -> DatasetIndex:
     return DatasetIndex(index.root, index.classes, splits, index.original_classes)
 
 
+def split_sizes(train: int | None, val: int | None) -> dict[str, int]:
+    """:func:`subset`'s sizes for the splits given a count (None: the whole split)."""
+    return {k: v for k, v in (("train", train), ("validation", val)) if v}
+
+
 def timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
@@ -300,8 +305,8 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
 
     from covid_tune.trainable import train_trial
 
-    if s.overhead_train or s.overhead_val:
-        index = subset(index, {k: v for k, v in (("train", s.overhead_train), ("validation", s.overhead_val)) if v})
+    if split_sizes(s.overhead_train, s.overhead_val):
+        index = subset(index, split_sizes(s.overhead_train, s.overhead_val))
     decoded = cache_mod.build_decoded_cache(index, s.overhead_size, True, work / "overhead-cache",
                                             splits=("train", "validation"))
     hp = HParams(backbone=s.overhead_backbone, freeze=s.overhead_freeze, loss="ce", image_size=s.overhead_size,
@@ -409,9 +414,9 @@ def bench_grid(root: Path, class_map: dict, s: Sizes, work: Path, cores: int, ra
     from covid_tune import tuning
     from covid_tune.spec import validate
 
-    if s.grid_train or s.grid_val:
-        sizes = {k: v for k, v in (("train", s.grid_train), ("validation", s.grid_val)) if v}
-        root, class_map = subset_tree(scan_dataset(root, class_map), sizes, work / "grid-data"), {}
+    if split_sizes(s.grid_train, s.grid_val):
+        root, class_map = subset_tree(scan_dataset(root, class_map), split_sizes(s.grid_train, s.grid_val),
+                                      work / "grid-data"), {}
 
     spec = validate(grid_raw(root, class_map, s, work / "grid"))
     plan = plan_mod.expand(spec)

@@ -71,8 +71,9 @@ class TensorLoader(_Batches):
         super().__init__(len(images), batch_size, shuffle, seed)
         self.device = torch.device(device)
         self.images = as_tensor(images).to(self.device)
-        # targets may already be a tensor on the GPU (the feature cache re-reads a loader's own split)
-        self.targets = (targets if isinstance(targets, torch.Tensor) else torch.as_tensor(np.asarray(targets))).to(self.device)
+        # as_tensor, not np.asarray: targets may already be a tensor on the GPU (the feature cache
+        # re-reads a loader's own split)
+        self.targets = torch.as_tensor(targets).to(self.device)
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(f"expected uint8 (N, C, S, S) images, got {tuple(self.images.shape)} {self.images.dtype}")
         if len(self.targets) != self.n:

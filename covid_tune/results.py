@@ -126,15 +126,10 @@ def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, d
     """The split's evaluation crops: from the decoded cache where it holds the split (the same pixels as
     the PIL path, without decoding every file once more per configuration), else from the files."""
     if decoded is not None and split in decoded.arrays:
-        try:
-            decoded.check(index, meta["image_size"], meta["grayscale"])
-        except ValueError:
-            decoded = None
-    if decoded is None or split not in decoded.arrays:
-        return engine.make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
-                                  grayscale=meta["grayscale"])
-    targets = encode_targets(index.labels(split), index.classes, meta["label_mode"], meta["implies"])
-    return TensorLoader(decoded[split], targets, meta["image_size"], batch_size, device=device)
+        targets = encode_targets(index.labels(split), index.classes, meta["label_mode"], meta["implies"])
+        return TensorLoader(decoded[split], targets, meta["image_size"], batch_size, device=device)
+    return engine.make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
+                              grayscale=meta["grayscale"])
 
 
 def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
@@ -152,6 +147,11 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
     device = engine.default_device()
     model.to(device)
     loss_fn = build_loss(meta["loss"], meta["focal_alpha"], meta["focal_gamma"])
+    if decoded is not None:
+        try:
+            decoded.check(index, meta["image_size"], meta["grayscale"])
+        except ValueError:  # made for other settings or another index: decode from the files
+            decoded = None
     out = {"epoch": meta["epoch"], "splits": {}}
     for split in ("train", "validation", "test"):
         loader = _eval_loader(index, split, meta, batch_size, device, decoded)

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        tuning.connect(spec.ray.address, tuning.local_object_store_bytes(decoded.nbytes if decoded is not None else 0))
+        tuning.connect(spec.ray.address, decoded.nbytes if decoded is not None else 0)
         shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
         trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume)
     except (FileNotFoundError, ValueError) as exc:

@@ -28,15 +28,12 @@ _joined_cluster = False  # set by connect(): this driver joined a running cluste
 MIN_OBJECT_STORE = 512 * 1024**2
 
 
-def local_object_store_bytes(cache_bytes: int) -> int:
-    """Object store for a local Ray: room for the decoded cache (one copy per node) plus a quarter for
-    what else travels through it, at least 512 MB; smaller would spill the cache to disk-backed memory."""
-    return max(MIN_OBJECT_STORE, int(cache_bytes * 1.25))
+def connect(address: str | None, cache_bytes: int = 0) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally.
 
-
-def connect(address: str | None, object_store_bytes: int = MIN_OBJECT_STORE) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally with
-    ``object_store_bytes`` of object store (a cluster's nodes size their own)."""
+    A local Ray's object store gets room for the decoded cache of ``cache_bytes`` (one copy per node)
+    plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
+    to disk-backed memory. A cluster's nodes size their own."""
     global _joined_cluster
     if ray.is_initialized():
         return
@@ -53,8 +50,8 @@ def connect(address: str | None, object_store_bytes: int = MIN_OBJECT_STORE) -> 
     else:
         # address="local": a new Ray instance even when `ray start` (or a test cluster) recorded one
         # in /tmp/ray/ray_current_cluster, which ray.init() would otherwise silently join.
-        ray.init(address="local", include_dashboard=False, object_store_memory=object_store_bytes,
-                 log_to_driver=True)
+        ray.init(address="local", include_dashboard=False,
+                 object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True)
 
 
 def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
@@ -357,7 +354,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
 
     Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
     """
-    connect(spec.ray.address, local_object_store_bytes(decoded.nbytes if isinstance(decoded, DecodedSplits) else 0))
+    connect(spec.ray.address, decoded.nbytes if isinstance(decoded, DecodedSplits) else 0)
     check_resources(spec)
     check_shared_paths(spec, index)
     path = spec.experiment_path
