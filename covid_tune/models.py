@@ -376,6 +376,16 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def trained_state(model: Classifier) -> dict[str, torch.Tensor]:
+    """The part of ``model.state_dict()`` that training can change: every parameter and buffer outside
+    the frozen prefixes (trainable weights, BatchNorm statistics of the unfrozen part).
+
+    The rest stays exactly as :func:`create_model` built it (``requires_grad=False``, frozen BatchNorm
+    kept in eval mode), so a checkpoint needs only this part plus the model's initial state.
+    """
+    return {k: v for k, v in model.state_dict().items() if not _under(k.removeprefix("net."), model.frozen)}
+
+
 # --- exported best checkpoints -------------------------------------------------------------
 
 def save_exported(state_dict: dict, meta: dict, out_dir: Path) -> None:

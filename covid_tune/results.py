@@ -117,7 +117,8 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
         "source_checkpoint": str(rec.checkpoints[epoch]),
     }
     (target / EVAL_FILE).unlink(missing_ok=True)
-    save_exported(state["model"], meta, target)
+    # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one
+    save_exported(engine.full_model_state(hp, len(classes), state), meta, target)
     return target
 
 
