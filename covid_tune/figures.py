@@ -1,7 +1,14 @@
-"""Report figures: loss and accuracy curves per configuration, test confusion matrices."""
+"""Report figures: loss and accuracy curves per configuration, test confusion matrices.
+
+Each PNG carries a digest of what it shows (its data and title, in the PNG's Description text):
+a figure whose digest matches is not drawn again. The sweep draws a configuration's figures as
+soon as its trial is evaluated, while other trials train, and the report then finds them current.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import matplotlib
@@ -10,9 +17,29 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+FIGURE_VERSION = 1  # part of every digest: bump it when the drawing changes, so old files are redrawn
+
+
+def _digest(*content) -> str:
+    return hashlib.sha256(json.dumps([FIGURE_VERSION, *content], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _current(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a PNG already showing exactly what ``digest`` describes."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.text.get("Description") == digest
+    except (OSError, ValueError):
+        return False
+
 
 def _curve(path: Path, history: list[dict], key: str, title: str) -> None:
     epochs = [h["epoch"] for h in history]
+    digest = _digest("curve", title, epochs, [[h[f"{s}_{key}"] for h in history] for s in ("train", "val")])
+    if _current(path, digest):
+        return
     fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=80)
     for split, style in (("train", "-o"), ("val", "-s")):
         ax.plot(epochs, [h[f"{split}_{key}"] for h in history], style, ms=3,
@@ -23,7 +50,7 @@ def _curve(path: Path, history: list[dict], key: str, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Description": digest})
     plt.close(fig)
 
 
@@ -40,6 +67,9 @@ def _matrix(ax, cm: np.ndarray, xlabels: list[str], ylabels: list[str], title: s
 
 def _confusion(path: Path, confusion: list, classes: list[str], label_mode: str, title: str) -> None:
     cm = np.asarray(confusion)
+    digest = _digest("confusion", title, cm.tolist(), classes, label_mode)
+    if _current(path, digest):
+        return
     if label_mode == "single":
         fig, ax = plt.subplots(figsize=(3.2 + 0.4 * len(classes), 3.0 + 0.3 * len(classes)), dpi=80)
         _matrix(ax, cm, classes, classes, title)
@@ -49,13 +79,15 @@ def _confusion(path: Path, confusion: list, classes: list[str], label_mode: str,
             _matrix(ax, m, [f"not {c}", c], [f"not {c}", c], c)
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Description": digest})
     plt.close(fig)
 
 
 def write_figures(fig_dir: Path, rows: list[dict], classes: list[str], label_mode: str) -> dict[str, dict[str, str]]:
     """Per configuration: ``<id>_loss.png``, ``<id>_acc.png``, ``<id>_confusion.png`` (test split) and,
-    for multi-label tasks, ``<id>_confusion_train.png`` and ``<id>_confusion_validation.png``."""
+    for multi-label tasks, ``<id>_confusion_train.png`` and ``<id>_confusion_validation.png``.
+
+    Each row needs ``config_id``, ``history``, ``eval`` and ``best_epoch``; current files are kept."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, str]] = {}
     for row in rows:

@@ -61,8 +61,21 @@ def _read_history(path: Path) -> list[dict]:
 def _checkpoint_epoch(folder: Path) -> int:
     """The epoch a checkpoint folder holds; raises if the folder is incomplete or unreadable."""
     metrics = json.loads((folder / METRICS_FILE).read_text())
-    torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    # memory-mapped: reads the archive's index and record headers, which a cut-off file lacks, not every tensor
+    torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     return int(metrics["epoch"])
+
+
+def read_trial(config_id: str, trial_dir: Path, result_file: Path | None = None) -> TrialRecord:
+    """One trial folder: its history (from ``result_file``, default the folder's result.json) and the
+    checkpoints that load."""
+    rec = TrialRecord(config_id, trial_dir, _read_history(result_file or trial_dir / "result.json"))
+    for folder in sorted(trial_dir.glob("checkpoint_*")):
+        try:
+            rec.checkpoints[_checkpoint_epoch(folder)] = folder
+        except Exception as exc:
+            rec.broken.append(f"{folder}: {type(exc).__name__}: {exc}")
+    return rec
 
 
 def collect(experiment: Path) -> dict[str, TrialRecord]:
@@ -76,12 +89,7 @@ def collect(experiment: Path) -> dict[str, TrialRecord]:
             continue
         if cid is None:
             continue
-        rec = TrialRecord(cid, trial_dir, _read_history(trial_dir / "result.json"))
-        for folder in sorted(trial_dir.glob("checkpoint_*")):
-            try:
-                rec.checkpoints[_checkpoint_epoch(folder)] = folder
-            except Exception as exc:
-                rec.broken.append(f"{folder}: {type(exc).__name__}: {exc}")
+        rec = read_trial(cid, trial_dir)
         if cid in records and len(records[cid].history) >= len(rec.history):
             continue
         records[cid] = rec

@@ -7,18 +7,24 @@ evaluation as Ray tasks -> OUTPUT/report/REPORT.md. Exit codes: 0 done, 1 a tria
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
 import time
-from pathlib import Path
 
-from covid_tune import plan as plan_mod
-from covid_tune import report as report_mod
-from covid_tune.cache import DecodedSplits, prepare_cache
-from covid_tune.data import DatasetError, DatasetIndex, check_implies, make_synthetic, scan_dataset
-from covid_tune.models import WeightsUnavailable, check_weights
-from covid_tune.spec import Spec, SpecError, load_spec
+_STARTED = time.perf_counter()  # before the imports below (torch, ...): the run's wall clock starts here
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from covid_tune import plan as plan_mod  # noqa: E402
+from covid_tune import report as report_mod  # noqa: E402
+from covid_tune.cache import DecodedSplits, prepare_cache  # noqa: E402
+from covid_tune.data import DatasetError, DatasetIndex, check_implies, make_synthetic, scan_dataset  # noqa: E402
+from covid_tune.models import WeightsUnavailable, check_weights  # noqa: E402
+from covid_tune.spec import Spec, SpecError, load_spec  # noqa: E402
+
+PHASES = ("startup", "cache", "ray_start", "trials", "evaluation", "report")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,11 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"covid_tune: {problem}", file=sys.stderr)
         return 2
+    phases: dict[str, float] = {"startup": time.perf_counter() - _STARTED}  # imports, spec, output checks
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - clock
+        clock = now
+
     try:
         index, decoded = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
+    lap("cache")  # data checked (generated if synthetic), decoded cache built or read back
     _log(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
          f"({', '.join(index.classes)}); output: {out}")
     report_mod.save_spec(out, spec)
@@ -147,23 +163,60 @@ def main(argv: list[str] | None = None) -> int:
     from covid_tune import results as results_mod
     from covid_tune import tuning  # Ray is imported only when a sweep really runs
 
-    start = time.time()
+    evaluations = None
     try:
-        tuning.connect(spec.ray.address, decoded.nbytes if decoded is not None else 0)
-        shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
-        trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"covid_tune: {exc}", file=sys.stderr)
-        return 2
-    _log(f"trials finished in {time.time() - start:.0f} s; evaluating best checkpoints")
+        try:
+            tuning.connect(spec.ray.address, decoded.nbytes if decoded is not None else 0)
+            shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
+            evaluations = tuning.start_evaluations(spec, plan, index, shared)
+            lap("ray_start")
+            trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, evaluations=evaluations)
+            lap("trials")
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"covid_tune: {exc}", file=sys.stderr)
+            return 2
+        _log(f"trials finished in {phases['trials']:.0f} s; evaluating best checkpoints")
+        if evaluations is not None:
+            evaluations.wait()  # what the trials' last minutes left to do
+            evaluator = evaluations.evaluator
+        else:
+            def evaluator(dirs, idx):
+                return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus,
+                                              spec.resources.gpu, decoded=shared)
+        lap("evaluation")
 
-    def evaluator(dirs, idx):
-        return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus, spec.resources.gpu,
-                                      decoded=shared)
+        def timed_evaluator(dirs, idx):
+            lap("report")
+            try:
+                return evaluator(dirs, idx)
+            finally:
+                lap("evaluation")
 
-    path = report_mod.build(out, spec, evaluator=evaluator, index=index)
-    _log(f"report: {path} ({time.time() - start:.0f} s in all)")
+        path = report_mod.build(out, spec, evaluator=timed_evaluator, index=index)
+        lap("report")
+    finally:
+        if evaluations is not None:
+            evaluations.close()
+    early = evaluations.early if evaluations is not None else 0
+    summary = record_phases(path.parent / "results.json", phases, early)
+    _log(f"report: {path}")
+    _log("phases: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
+         + f"; {summary['wall_s']:.0f} s in all, {summary['outside_trials']:.0%} outside trials"
+         + (f"; {early} test evaluation(s) started as their trial ended" if early else ""))
     return 1 if any(t["status"] == "error" for t in trials.values()) else 0
+
+
+def record_phases(results_json: Path, phases: dict[str, float], early: int) -> dict:
+    """Add the run's phase times to results.json (``timing``): seconds per phase, the wall clock,
+    the fraction of it spent outside the trials, and how many evaluations were done while trials ran."""
+    wall = time.perf_counter() - _STARTED
+    summary = {"phases_s": {k: round(phases.get(k, 0.0), 3) for k in PHASES}, "wall_s": round(wall, 3),
+               "outside_trials": round(1 - phases.get("trials", 0.0) / wall, 4) if wall > 0 else 0.0,
+               "evaluated_during_trials": early}
+    data = json.loads(results_json.read_text())
+    data["timing"] = summary
+    results_json.write_text(json.dumps(data, indent=1))
+    return summary
 
 
 if __name__ == "__main__":
