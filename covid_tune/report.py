@@ -171,6 +171,11 @@ def _slim_eval(ev: dict | None) -> dict | None:
     return {s: {k: v for k, v in m.items() if k != "correct"} for s, m in ev.items()}
 
 
+def load_rows(out: Path) -> list[dict]:
+    """The result rows of ``out/report/results.json`` (history, status, test metrics per configuration)."""
+    return json.loads((out / "report" / "results.json").read_text())["rows"]
+
+
 def save_spec(out: Path, spec: Spec) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE).write_text(spec.model_dump_json(indent=2))

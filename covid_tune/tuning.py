@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import uuid
@@ -28,15 +29,28 @@ _joined_cluster = False  # set by connect(): this driver joined a running cluste
 MIN_OBJECT_STORE = 512 * 1024**2
 
 
-def connect(address: str | None, cache_bytes: int = 0) -> None:
+def _quiet_ray() -> dict:
+    """ray.init options (and logger levels) that keep Ray's warnings but drop its info chatter, here and
+    in the workers (e.g. a "Checkpoint successfully created" line per epoch per trial)."""
+    # Tune's repeated "Experiment state snapshotting ..." advice (3 lines each) on a busy machine; the
+    # documented switch, and a user's own setting wins
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # one notice per start that a local Ray uses token authentication (shown with -v)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+
+
+def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally.
 
     A local Ray's object store gets room for the decoded cache of ``cache_bytes`` (one copy per node)
     plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
-    to disk-backed memory. A cluster's nodes size their own."""
+    to disk-backed memory. A cluster's nodes size their own. ``quiet``: Ray logs warnings and errors
+    only (worker output, spilling and trial errors still reach this console)."""
     global _joined_cluster
     if ray.is_initialized():
         return
+    extra = _quiet_ray() if quiet else {}
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith("ray://"):
         # Ray Client runs this driver here but Tune's storage, the exported models and the report on
@@ -45,13 +59,14 @@ def connect(address: str | None, cache_bytes: int = 0) -> None:
                          "sweep as a job instead (ray job submit --address http://HEAD:8265 -- python -m "
                          "covid_tune.run SPEC), or run it on the head node with --address auto")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **extra)
         _joined_cluster = True
     else:
         # address="local": a new Ray instance even when `ray start` (or a test cluster) recorded one
         # in /tmp/ray/ray_current_cluster, which ray.init() would otherwise silently join.
         ray.init(address="local", include_dashboard=False,
-                 object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True)
+                 object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True,
+                 **extra)
 
 
 def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
@@ -344,13 +359,102 @@ def _catch_up_checkpoint(trial) -> bool:
     return True
 
 
+def cluster_resources() -> dict[str, float]:
+    """CPUs and GPUs of the Ray this driver is connected to."""
+    have = ray.cluster_resources()
+    return {"CPU": have.get("CPU", 0.0), "GPU": have.get("GPU", 0.0)}
+
+
+class LiveView(tune.Callback):
+    """Feed Tune's trial events to a :class:`covid_tune.console.SweepConsole` (the compact console).
+
+    Not pickled with the Tuner (a console holds a stream): a restored sweep gets a new one."""
+
+    def __init__(self, console, metric: str) -> None:
+        self.console, self.metric = console, metric
+
+    @staticmethod
+    def _cid(trial) -> str:
+        return trial.config.get("config_id", str(trial))
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.started(self._cid(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if self.console is not None and "epoch" in result:
+            self.console.result(self._cid(trial), int(result["epoch"]), result.get(self.metric))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.completed(self._cid(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.failed(self._cid(trial), _error_text(trial))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.retrying(self._cid(trial), _error_text(trial))
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self.console is not None:
+            self.console.close()
+
+    def __getstate__(self) -> dict:
+        return {"console": None, "metric": self.metric}
+
+
+def _error_text(trial) -> str:
+    try:
+        return Path(trial.error_file).read_text() if trial.error_file else "unknown error"
+    except OSError:
+        return "unknown error (no error file)"
+
+
+class _ParamOf:
+    """``tune.sample_from`` of one hyperparameter: its value in the trial's plan entry (by config id)."""
+
+    def __init__(self, values: dict[str, dict], key: str) -> None:
+        self.values, self.key = values, key
+
+    def __call__(self, config: dict):
+        return self.values[config["config_id"]][self.key]
+
+
+def param_space(spec: Spec, plan: dict[str, HParams]) -> dict:
+    """Tune's search space: a grid over config ids, every hyperparameter resolved from the plan.
+
+    The trainable still trains ``plan[config_id]`` (the plan is the source of truth); the other keys
+    make params.json, progress.csv, TensorBoard's HParams and the ResultGrid show the real values."""
+    from covid_tune.plan import tune_params
+
+    values = tune_params(spec, plan)
+    keys = [k for k in next(iter(values.values())) if k != "config_id"]
+    return {"config_id": tune.grid_search(list(plan)), **{k: tune.sample_from(_ParamOf(values, k)) for k in keys}}
+
+
+def _trial_dirname(trial) -> str:
+    # short and readable (Tune's default appends every parameter, cut at 130 characters)
+    return f"{trial.trial_id}_{trial.config.get('config_id', 'trial')}"
+
+
+def _use_console(tuner, view, verbose: int) -> None:
+    """Give a (restored) Tuner this run's live view and Tune verbosity (its run config was pickled)."""
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.verbose = verbose
+    run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, LiveView)] \
+        + ([view] if view is not None else [])
+
+
 def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
               decoded: "DecodedSplits | ray.ObjectRef | None" = None,
-              resume: bool = False) -> dict[str, dict]:
+              resume: bool = False, console=None, ray_output: bool = True) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
 
     ``decoded`` is the decoded-image cache (``cache.prepare_cache``) or its reference from :func:`share`;
-    None trains from the image files.
+    None trains from the image files. ``console`` (a ``console.SweepConsole``) gets every trial event;
+    ``ray_output`` False silences Tune's own progress tables.
 
     Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
     """
@@ -359,6 +463,8 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     check_shared_paths(spec, index)
     path = spec.experiment_path
     trainable = _trainable(spec, plan, index, decoded)
+    view = LiveView(console, spec.scheduler.metric) if console is not None else None
+    verbose = 1 if ray_output else 0
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")
@@ -370,12 +476,13 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                      if sched.asha else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
-            param_space={"config_id": tune.grid_search(list(plan))},
+            param_space=param_space(spec, plan),
             # reuse_actors: a worker process that finished (or ASHA stopped) a trial starts the next one,
             # skipping a process start and torch's imports (seconds per trial); train_trial leaves no
             # thread or state behind
             tune_config=tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=scheduler,
-                                        max_concurrent_trials=spec.ray.max_concurrent, reuse_actors=True),
+                                        max_concurrent_trials=spec.ray.max_concurrent, reuse_actors=True,
+                                        trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=spec.name,
                 storage_path=spec.storage_root,
@@ -386,6 +493,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                 callbacks=[ResumeFromLastReport(), RecordTrialNode()],  # pickled with the Tuner: also on --resume
             ),
         )
+    _use_console(tuner, view, verbose)
     grid = tuner.fit()
     trials = {}
     for result in grid:
