@@ -465,6 +465,10 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     trainable = _trainable(spec, plan, index, decoded)
     view = LiveView(console, spec.scheduler.metric) if console is not None else None
     verbose = 1 if ray_output else 0
+    if not ray_output:
+        # Tune's newer console prints its experiment box and folders even at verbose=0; the older
+        # one (Ray's documented switch) prints nothing at verbose=0. A user's own setting wins.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")
