@@ -234,5 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(t["status"] == "error" for t in trials.values()) else 0
 
 
+def cli() -> None:
+    """The ``covid_tune`` console script."""
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())
