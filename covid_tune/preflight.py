@@ -32,7 +32,11 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
     try:
         index = scan_dataset(root, spec.data.class_map, spec.data.on_bad_file)
     except DatasetError as exc:
-        problems += exc.problems
+        for p in exc.problems:  # a "(set data.on_bad_file: skip ...)" hint belongs to the problem before it
+            if p.startswith("(") and problems:
+                problems[-1] += " " + p
+            else:
+                problems.append(p)
         return [f"data: {root}: {len(exc.problems)} problem(s)"], [], 0
     try:
         check_implies(index.classes, spec.data.implies)
