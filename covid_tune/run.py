@@ -77,7 +77,6 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
     """Check everything a trial needs before Ray starts: data (generated if synthetic) and weights;
     then build (or read back) the decoded-image cache, once per run."""
     from covid_tune import report as report_mod
-    from covid_tune.cache import prepare_cache
     from covid_tune.data import check_implies, make_synthetic, scan_dataset
     from covid_tune.models import check_weights
 
@@ -91,6 +90,20 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
     for backbone in spec.grid.backbone:
         check_weights(backbone, spec.trainer.weights)
     return index, prepare_cache(spec, index)
+
+
+def prepare_cache(spec: Spec, index: DatasetIndex) -> DecodedSplits | None:
+    """The sweep's decoded cache (built or read back from ``OUTPUT/cache``), or None with ``data.cache: false``.
+
+    Call in the driver before trials start; pass the result to the trainable (``tune.with_parameters``).
+    Trials only train and validate, so only ``train`` and ``validation`` are decoded.
+    """
+    from covid_tune.cache import build_decoded_cache
+
+    if not spec.data.cache:
+        return None
+    return build_decoded_cache(index, spec.data.image_size, spec.data.grayscale, spec.output_dir / "cache",
+                               splits=("train", "validation"))
 
 
 def _experiment_exists(spec: Spec) -> bool:

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -78,7 +79,9 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
 
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
     per node) selects the tensor pipeline; without it the trial decodes with PIL. Each epoch's
-    metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented``, ``gpu`` (0/1).
+    metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented``, ``gpu`` (0/1),
+    and ``node_id``, the Ray node training it (hostname and IP, which Tune adds, do not tell apart
+    several nodes on one machine).
 
     Epoch k + 1 trains while epoch k is reported (and, on a GPU, while its state, copied to the CPU
     as soon as it ended, is written); the checkpoint of epoch k holds exactly the state after epoch k.
@@ -86,6 +89,7 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     hp = plan[config["config_id"]]
     torch.set_num_threads(max(1, int(cpus)))
     run = TrainingRun(hp, index, default_device(use_gpu=gpu > 0), decoded=decoded)
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -98,7 +102,7 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     pending = _NextEpoch(run)
     try:
         while True:
-            metrics = {**pending.result(), **run.modes}
+            metrics = {**pending.result(), **run.modes, **node}
             last = run.epoch >= hp.epochs
             with tempfile.TemporaryDirectory() as d:
                 if background_save:
