@@ -17,8 +17,9 @@ from covid_tune import plan as plan_mod
 from covid_tune import report as report_mod
 from covid_tune.cache import DecodedSplits, prepare_cache
 from covid_tune.data import DatasetError, DatasetIndex, check_implies, make_synthetic, scan_dataset
-from covid_tune.models import WeightsUnavailable, check_weights
+from covid_tune.models import WeightsUnavailable
 from covid_tune.spec import Spec, SpecError, load_spec
+from covid_tune.weights import load_all, state_nbytes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,9 +45,13 @@ def _log(msg: str) -> None:
     print(f"[covid_tune] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
-    """Check everything a trial needs before Ray starts: data (generated if synthetic) and weights;
-    then build (or read back) the decoded-image cache, once per run."""
+def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, dict]]:
+    """Check everything a trial needs before Ray starts: data (generated if synthetic) and pretrained
+    weights (read from torchvision's cache or a file, downloaded if missing, checked against each
+    backbone: here, once, never on a worker); then build (or read back) the decoded-image cache.
+
+    Returns the index, the decoded cache and each backbone's pretrained state_dict (empty for
+    ``weights: none``)."""
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
         _log(f"synthetic data -> {report_mod.dataset_root(spec)}")
@@ -54,9 +59,8 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
                        {"train": s.train, "validation": s.validation, "test": s.test}, s.image_size, s.seed)
     index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
     check_implies(index.classes, spec.data.implies)
-    for backbone in spec.grid.backbone:
-        check_weights(backbone, spec.trainer.weights)
-    return index, prepare_cache(spec, index)
+    pretrained = load_all(spec.grid.backbone, spec.trainer.weights, spec.trainer.weights_download)
+    return index, prepare_cache(spec, index), pretrained
 
 
 def _experiment_exists(spec: Spec) -> bool:
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covid_tune: {problem}", file=sys.stderr)
         return 2
     try:
-        index, decoded = prepare(spec)
+        index, decoded, pretrained = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
@@ -149,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        tuning.connect(spec.ray.address, decoded.nbytes if decoded is not None else 0)
+        tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained))
         shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
-        trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume)
+        weights = tuning.share_weights(pretrained)  # the trials' (also resumed ones') only source of weights
+        pretrained.clear()
+        trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, pretrained=weights)
     except (FileNotFoundError, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
