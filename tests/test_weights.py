@@ -118,7 +118,10 @@ def cached(home: Path) -> list[str]:
 
 
 def test_first_use_downloads_into_torch_home_then_the_cache_needs_no_network(
-        served, server, torch_home, monkeypatch, capfd) -> None:
+        served, server, torch_home, tmp_path, monkeypatch, capfd) -> None:
+    from covid_tune.run import prepare
+    from covid_tune.spec import load_spec
+
     path, state = served
     point_weights_at(monkeypatch, server.url(path.name))
     got = load_weights("resnet18", "imagenet")
@@ -128,8 +131,9 @@ def test_first_use_downloads_into_torch_home_then_the_cache_needs_no_network(
     err = capfd.readouterr().err
     assert f"downloading ImageNet weights for resnet18: {server.url(path.name)}" in err
     assert server.requests == 1
-    server.stop()  # the second use reads the cache: no server, no request
-    assert same_state(load_weights("resnet18", "imagenet"), state)
+    server.stop()  # a second run's weights step reads the cache: no server, no request
+    _, _, pretrained = prepare(load_spec(_tiny_spec(tmp_path)))
+    assert list(pretrained) == ["resnet18"] and same_state(pretrained["resnet18"], state)
     monkeypatch.setenv(weights_mod.OFFLINE_ENV, "1")
     assert same_state(load_weights("resnet18", "imagenet", download="never"), state)
     assert server.requests == 1
@@ -293,10 +297,32 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def _torch_home_per_node(address: str) -> dict[str, str | None]:
+    """TORCH_HOME as each node's Ray worker processes (those that run trials) see it."""
+    import ray
+    from ray._private import ray_constants
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def torch_home() -> str | None:
+        return os.environ.get("TORCH_HOME")
+
+    keep, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False  # keep 127.0.0.1 as it is
+    ray.init(address=address, log_to_driver=False)
+    try:
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        return dict(zip(nodes, ray.get([torch_home.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n, soft=False)).remote() for n in nodes])))
+    finally:
+        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = keep
+
+
 @pytest.mark.slow
 def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store(served, tmp_path) -> None:
-    """Head and worker node each have an empty TORCH_HOME of their own and no way to the server; the
-    driver (another TORCH_HOME) downloads the file once, and both nodes' trials train from it."""
+    """Head and worker node each have an empty TORCH_HOME of their own and no way to the server (its URL
+    is known to the driver only); the driver (another TORCH_HOME) downloads the file once, and the
+    trials on both nodes train from it. (A second run reading the driver's cache: the first test.)"""
     from ray.cluster_utils import Cluster
 
     path, state = served
@@ -320,19 +346,14 @@ def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store
         (tmp_path / "driver.py").write_text(DRIVER)
         spec = _tiny_spec(tmp_path)
 
-        def sweep(url: str, *extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, str(tmp_path / "driver.py"), url, str(spec), "--address",
-                                   cluster.address, *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=300)
-
-        first = sweep(srv.url(path.name))
-        assert first.returncode == 0, first.stderr[-4000:]
+        seen = _torch_home_per_node(cluster.address)
+        assert seen == {cluster.head_node.node_id: str(homes["head"]),
+                        next(iter(cluster.worker_nodes)).node_id: str(homes["worker"])}
+        run = subprocess.run([sys.executable, str(tmp_path / "driver.py"), srv.url(path.name), str(spec), "--address",
+                              cluster.address], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert "downloading ImageNet weights" in run.stderr
         assert srv.requests == 1 and cached(homes["driver"]) == [path.name]
-        srv.stop()
-        second = sweep(srv.url(path.name), "--overwrite")  # the server is gone: the driver's cache suffices
-        assert second.returncode == 0, second.stderr[-4000:]
-        assert "downloading ImageNet weights" in first.stderr and "downloading" not in second.stderr
-        node_ids = {cluster.head_node.node_id, next(iter(cluster.worker_nodes)).node_id}
     finally:
         srv.stop()
         if cluster is not None:
@@ -340,9 +361,9 @@ def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert not homes["head"].exists() and not homes["worker"].exists()  # no node looked for a cache
+    assert not homes["head"].exists() and not homes["worker"].exists()  # nothing was fetched on a node
     csv = pd.read_csv(tmp_path / "out" / "report" / "results.csv")
-    assert (csv["status"] == "ok").all() and set(csv["node_id"]) == node_ids  # a trial on each node
+    assert (csv["status"] == "ok").all() and set(csv["node_id"]) == set(seen)  # a trial on each node
     for cid in csv["config_id"]:  # fc_only: the backbone is exactly the served file's
         model = torch.load(tmp_path / "out" / "best" / cid / "model.pt", weights_only=True)
         for key in ("conv1.weight", "bn1.running_mean", "layer4.1.conv2.weight"):
