@@ -32,7 +32,7 @@ MIN_OBJECT_STORE = 512 * 1024**2
 def connect(address: str | None, cache_bytes: int = 0) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally.
 
-    A local Ray's object store gets room for the decoded cache of ``cache_bytes`` (one copy per node)
+    A local Ray's object store gets room for ``cache_bytes`` (the decoded cache and pretrained weights, one copy each)
     plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
     to disk-backed memory. A cluster's nodes size their own."""
     global _joined_cluster
