@@ -181,13 +181,21 @@ def check_state_dict(state: object, backbone: str, name: str) -> None:
         raise WeightsUnavailable(f"trainer.weights: {name} holds a {kind}{keys}, not a state_dict of tensors "
                                  f"(save it with torch.save(model.state_dict()))")
     with torch.device("meta"):  # shapes without allocating the network
-        want = {k: tuple(v.shape) for k, v in get_backbone(backbone).build().state_dict().items()}
-    missing = [k for k in want if k not in state]
+        net = get_backbone(backbone).build()
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    # BatchNorm fills in num_batches_tracked when a file predates it (torchvision's own older files)
+    missing = [k for k in want if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in want]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {want[k]})" for k in want
              if k in state and tuple(state[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''} ({len(items)})"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    problem = "; ".join(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''} ({len(items)})"
+                        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                        if items)
+    if not problem:
+        try:  # what the trials will do, on the meta network (no copy): the final word
+            net.load_state_dict(state, assign=True)
+        except RuntimeError as exc:
+            problem = " ".join(str(exc).split())[:300]
+    if problem:
         raise WeightsUnavailable(f"trainer.weights: {name} is not a state_dict of the torchvision {backbone} network "
-                                 f"(another backbone's file?): {'; '.join(parts)}")
+                                 f"(another backbone's file?): {problem}")

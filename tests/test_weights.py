@@ -212,10 +212,18 @@ def test_a_wrong_state_dict_file_is_one_clear_message(served, tmp_path, kind) ->
     assert "\n" not in message
 
 
-def test_a_state_dict_file_is_read_and_checked(served) -> None:
+def test_a_state_dict_file_is_read_and_checked(served, tmp_path) -> None:
+    from covid_tune.models import create_model
+
     path, state = served
     assert same_state(load_weights("resnet18", str(path)), state)
     assert load_weights("resnet18", "none") is None
+    # saved before BatchNorm counted batches (as torchvision's older files are): still a resnet18
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    loaded = load_weights("resnet18", str(tmp_path / "old.pt"))
+    model = create_model("resnet18", 2, weights=loaded)
+    assert torch.equal(model.net.bn1.running_mean, state["bn1.running_mean"])
 
 
 # --------------------------------------------------------------------------------------------
