@@ -22,6 +22,7 @@ from covid_tune.results import TRIALS_FILE, download_experiment
 from covid_tune.resume import ResumeFromLastReport
 from covid_tune.spec import Spec
 from covid_tune.trainable import train_trial
+from covid_tune.weights import load_all, state_nbytes
 
 
 _joined_cluster = False  # set by connect(): this driver joined a running cluster
@@ -44,7 +45,7 @@ def _quiet_ray() -> dict:
 def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally.
 
-    A local Ray's object store gets room for the decoded cache of ``cache_bytes`` (one copy per node)
+    A local Ray's object store gets room for ``cache_bytes`` (the decoded cache and pretrained weights, one copy each)
     plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
     to disk-backed memory. A cluster's nodes size their own. ``quiet``: Ray logs warnings and errors
     only (worker output, spilling and trial errors still reach this console)."""
@@ -74,6 +75,13 @@ def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
     """Put the decoded cache in the object store once (call after :func:`connect`): passing the
     returned reference to :func:`run_sweep` and :func:`evaluate_remote` keeps one copy per node for both."""
     return ray.put(decoded) if decoded is not None else None
+
+
+def share_weights(states: dict[str, dict]) -> "dict[str, ray.ObjectRef]":
+    """Put each backbone's pretrained state_dict (:func:`covid_tune.weights.load_all`) in the object store
+    once (call after :func:`connect`). Trials fetch theirs from there, so no node needs the file or a
+    network; the driver may drop its copies afterwards."""
+    return {backbone: ray.put(state) for backbone, state in states.items()}
 
 
 def on_cluster(spec: Spec) -> bool:
@@ -157,11 +165,12 @@ def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
             Path(probes["ray.storage_path"][1]).unlink(missing_ok=True)
 
 
-def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: "DecodedSplits | ray.ObjectRef | None"):
+def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: "DecodedSplits | ray.ObjectRef | None",
+               pretrained: "dict[str, ray.ObjectRef] | None" = None):
     # with_parameters puts each argument in Ray's object store once (a reference is used as it is):
-    # one copy of the cache per node
+    # one copy of the cache per node; pretrained is a small dict of references, one per backbone
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
-                              decoded=decoded)
+                              decoded=decoded, pretrained=pretrained)
     return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
 
 
@@ -264,20 +273,29 @@ def _use_console(tuner, view, verbose: int) -> None:
 
 def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
               decoded: "DecodedSplits | ray.ObjectRef | None" = None,
-              resume: bool = False, console=None, ray_output: bool = True) -> dict[str, dict]:
+              resume: bool = False, console=None, ray_output: bool = True,
+              pretrained: "dict[str, ray.ObjectRef] | None" = None) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
 
     ``decoded`` is the decoded-image cache (``run.prepare_cache``) or its reference from :func:`share`;
     None trains from the image files. ``console`` (a ``console.SweepConsole``) gets every trial event;
     ``ray_output`` False silences Tune's own progress tables.
+    ``pretrained`` is :func:`share_weights` of the backbones' state_dicts; without it they are
+    resolved here, on the driver (never by a trial).
 
     Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
     """
-    connect(spec.ray.address, decoded.nbytes if isinstance(decoded, DecodedSplits) else 0)
+    states: dict[str, dict] = {}
+    if pretrained is None:
+        states = load_all([h.backbone for h in plan.values()], spec.trainer.weights, spec.trainer.weights_download)
+    connect(spec.ray.address, (decoded.nbytes if isinstance(decoded, DecodedSplits) else 0) + state_nbytes(states))
+    if pretrained is None:
+        pretrained = share_weights(states)
+        states.clear()  # the object store holds them now
     check_resources(spec)
     check_shared_paths(spec, index)
     path = spec.experiment_path
-    trainable = _trainable(spec, plan, index, decoded)
+    trainable = _trainable(spec, plan, index, decoded, pretrained)
     view = LiveView(console, spec.scheduler.metric) if console is not None else None
     verbose = 1 if ray_output else 0
     if not ray_output:

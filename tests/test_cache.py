@@ -183,7 +183,7 @@ def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -
     raw = {**tiny_raw, "trainer": {**tiny_raw["trainer"], "epochs": 3, "dropout": 0.3},
            "scheduler": {**tiny_raw["scheduler"], "asha": False, "keep_checkpoints": 3}}
     spec = validate(raw)
-    index, decoded = prepare(spec)
+    index, decoded, _ = prepare(spec)
     plan = plan_mod.expand(spec)
     import ray
 
