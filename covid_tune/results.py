@@ -106,8 +106,11 @@ def best_epoch(rec: TrialRecord, metric: str, mode: str) -> int | None:
 
 
 def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric: str, mode: str,
-                out_dir: Path) -> Path | None:
-    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch."""
+                out_dir: Path, pretrained: dict | None = None) -> Path | None:
+    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch.
+
+    ``pretrained`` (the backbone's state_dict) rebuilds a slim checkpoint's frozen layers; without it
+    they come from ``hp.weights`` as the driver resolves them (torchvision's cache or the file)."""
     epoch = best_epoch(rec, metric, mode)
     if epoch is None:
         return None
@@ -126,7 +129,7 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
     }
     (target / EVAL_FILE).unlink(missing_ok=True)
     # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one
-    save_exported(engine.full_model_state(hp, len(classes), state), meta, target)
+    save_exported(engine.full_model_state(hp, len(classes), state, pretrained), meta, target)
     return target
 
 
