@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"trials finished in {time.time() - start:.0f} s; evaluating best checkpoints")
 
     def evaluator(dirs, idx):
-        return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus, spec.resources.gpu,
-                                      decoded=shared)
+        return tuning.evaluate_remote(results_mod.evaluator_for(spec.report.model_dump()), dirs, idx,
+                                      spec.resources.cpus, spec.resources.gpu, decoded=shared)
 
     path = report_mod.build(out, spec, evaluator=evaluator, index=index)
     _log(f"report: {path} ({time.time() - start:.0f} s in all)")
