@@ -42,3 +42,25 @@ def fake_sweep(raw: dict, epochs: int | None = None) -> Path:
     (out / "trials.json").write_text(json.dumps({cid: {"status": "ok"} for cid in plan_mod.expand(spec)}))
     report_mod.build(out, spec, index=index)
     return out
+
+
+def make_corner_marker_data(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    """Two classes with the same lung-like centre (data.synthetic_image's 'normal' pattern); only class
+    ``marked`` carries a bright square in the top-left corner, outside the central box: a pure shortcut."""
+    import numpy as np
+    from PIL import Image
+
+    from covid_tune.data import SPLITS, synthetic_image
+
+    for s_i, split in enumerate(SPLITS):
+        for c_i, cls in enumerate(("marked", "plain")):
+            rng = np.random.default_rng([seed, s_i, c_i])
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(counts[split]):
+                img = synthetic_image(rng, size, 0)
+                if cls == "marked":
+                    m = max(2, size // 8)
+                    img[m // 2 + 1: m // 2 + 1 + m, m // 2 + 1: m // 2 + 1 + m] = 255
+                Image.fromarray(img, "L").save(folder / f"{cls}_{i:03d}.png")
+    return root
