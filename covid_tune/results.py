@@ -159,12 +159,11 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
             decoded = None
     out = {"epoch": meta["epoch"], "splits": {}, "explain_settings": explain}
     for split in ("train", "validation", "test"):
-        loader = _eval_loader(index, split, meta, batch_size, device, decoded)
+        loader = _eval_loader(index, split, meta, batch_size, device, decoded)  # test's is read again below
         res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"], len(meta["classes"]))
         correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
         out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),
                                 "acc_ci95": list(bootstrap_ci(correct)), "correct": correct.astype(int).tolist()}
-    loader = _eval_loader(index, "test", meta, batch_size, device, decoded)
     probs, out["shortcut"], out["cam"] = explain_split(model, meta, loader, index.labels("test"), index.paths("test"),
                                                        device, explain["shortcut_check"], explain["gradcam"])
     out["splits"]["test"].update(probs=probs, files=index.paths("test"))
