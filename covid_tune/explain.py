@@ -60,6 +60,13 @@ def decide(probs: np.ndarray, label_mode: str, threshold: float) -> np.ndarray:
     return probs.argmax(1) if label_mode == "single" else (probs >= threshold).astype(np.int64)
 
 
+def label_names(pred, classes: list[str]) -> str:
+    """A decision as class names: one index, or a 0/1 row (multi-label, ``+``-joined; ``none`` when empty)."""
+    if isinstance(pred, (list, tuple, np.ndarray)) and np.ndim(pred) == 1:
+        return "+".join(c for c, p in zip(classes, pred) if p) or "none"
+    return classes[int(pred)]
+
+
 def hits(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Per-sample 0/1: right class (single-label) or every label right (multi-label)."""
     return (y_true == y_pred) if y_true.ndim == 1 else (y_true == y_pred).all(1)

@@ -124,16 +124,11 @@ def cam_tiles(path: Path, crops: list[np.ndarray], maps: list[np.ndarray], title
     plt.close(fig)
 
 
-def label_names(pred, classes: list[str]) -> str:
-    """A prediction as class names: one index, or a 0/1 row (multi-label; ``none`` when empty)."""
-    if isinstance(pred, (list, tuple, np.ndarray)):
-        return "+".join(c for c, p in zip(classes, pred) if p) or "none"
-    return classes[int(pred)]
-
-
 def write_cam_figures(fig_dir: Path, rows: list[dict], classes: list[str]) -> dict[str, str]:
     """``<id>_gradcam.png`` per configuration with a Grad-CAM sample (test images whose files still exist)."""
     import json
+
+    from covid_tune.explain import label_names
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}

@@ -119,8 +119,8 @@ def predict_files(model_dir: Path, paths: list[Path], batch_size: int = 32, cam_
         if cam_dir is not None:
             _write_cams(cam_dir, model, meta, ok, images, pred, probs, start)
         for p, pr, row in zip(ok, pred, probs):
-            label = classes[int(pr)] if mode == "single" else "+".join(c for c, v in zip(classes, pr) if v) or "none"
-            rows.append({"path": str(p), "predicted": label, **{c: float(v) for c, v in zip(classes, row)}})
+            rows.append({"path": str(p), "predicted": explain.label_names(pr, classes),
+                         **{c: float(v) for c, v in zip(classes, row)}})
     return rows, problems
 
 
@@ -132,7 +132,7 @@ def _write_cams(cam_dir: Path, model, meta: dict, paths: list[Path], images, pre
     for i, (p, m, pr, pb) in enumerate(zip(paths, maps, pred, probs)):
         crop = figures.display_crop(str(p), meta["image_size"], meta["grayscale"])
         top = int(pb.argmax())
-        title = f"pred: {figures.label_names(pr, meta['classes'])}\n{meta['classes'][top]} {pb[top]:.3f}"
+        title = f"pred: {explain.label_names(pr, meta['classes'])}\n{meta['classes'][top]} {pb[top]:.3f}"
         figures.cam_tiles(cam_dir / f"{start + i:04d}_{p.stem}_gradcam.png", [crop], [m], [title],
                           f"{meta['config_id']}: Grad-CAM", ncols=1)
 

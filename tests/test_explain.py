@@ -68,6 +68,28 @@ def test_grad_cam_maps_have_the_input_size_and_are_not_constant(backbone: str, f
     assert share[0] == pytest.approx(maps[0][inside].sum() / maps[0].sum(), rel=1e-5)
 
 
+def test_report_spec_section_is_validated() -> None:
+    from covid_tune.spec import SpecError, validate
+
+    base = {"name": "x", "data": {"synthetic": {}}, "grid": {"backbone": ["tiny_cnn"]}}
+    spec = validate(base)
+    assert spec.report.shortcut_check.enabled and spec.report.shortcut_check.box_width == 0.6
+    assert spec.report.shortcut_check.box_height == 0.7 and spec.report.gradcam.per_class == 4
+    assert not validate({**base, "report": {"shortcut_check": False}}).report.shortcut_check.enabled
+    with pytest.raises(SpecError) as err:
+        validate({**base, "report": {"shortcut_check": {"box": 0.5, "box_width": 1.2}, "saliency": 1}})
+    msg = str(err.value)
+    assert "report.shortcut_check.box: unknown key (allowed: enabled, box_width, box_height, margin)" in msg
+    assert "report.shortcut_check.box_width: Input should be less than 1" in msg
+    assert "report.saliency: unknown key (allowed: shortcut_check, gradcam)" in msg
+
+
+def test_label_names() -> None:
+    assert explain.label_names(1, CLASSES) == "normal"
+    assert explain.label_names(np.array([1, 1]), CLASSES) == "infected+normal"
+    assert explain.label_names([0, 0], CLASSES) == "none"
+
+
 def test_cam_sample_is_seeded_and_per_class() -> None:
     labels = np.array([0] * 10 + [1] * 3)
     a, b = explain.cam_sample(labels, 2, 4, seed=1), explain.cam_sample(labels, 2, 4, seed=1)
