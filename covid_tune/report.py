@@ -138,8 +138,12 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     if problems:
         md += ["## Incomplete configurations", ""]
         md += [f"- `{r['config_id']}`: {r['status']}" for r in problems] + [""]
+<<<<<<< HEAD
     md += figures.markdown(figs, rows)
     md += figures.cam_markdown(cams, rows)
+=======
+    md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
+>>>>>>> main
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
 
@@ -211,6 +215,11 @@ def _slim_eval(ev: dict | None) -> dict | None:
     if not ev:
         return None
     return {s: {k: v for k, v in m.items() if k not in ("correct", "probs", "files")} for s, m in ev.items()}
+
+
+def load_rows(out: Path) -> list[dict]:
+    """The result rows of ``out/report/results.json`` (history, status, test metrics per configuration)."""
+    return json.loads((out / "report" / "results.json").read_text())["rows"]
 
 
 def save_spec(out: Path, spec: Spec) -> None:
