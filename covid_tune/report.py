@@ -138,12 +138,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     if problems:
         md += ["## Incomplete configurations", ""]
         md += [f"- `{r['config_id']}`: {r['status']}" for r in problems] + [""]
-<<<<<<< HEAD
-    md += figures.markdown(figs, rows)
-    md += figures.cam_markdown(cams, rows)
-=======
     md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
->>>>>>> main
+    md += figures.cam_markdown(cams, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
 
