@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluator = evaluations.evaluator
         else:
             def evaluator(dirs, idx):
-                return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus,
-                                              spec.resources.gpu, decoded=shared)
+                return tuning.evaluate_remote(results_mod.evaluator_for(spec.report.model_dump()), dirs, idx,
+                                              spec.resources.cpus, spec.resources.gpu, decoded=shared)
         lap("evaluation")
 
         def timed_evaluator(dirs, idx):

@@ -404,12 +404,13 @@ class _Evaluator:
     trials never read, so it is not in the cache) is decoded once here for every configuration."""
 
     def __init__(self, index: DatasetIndex, decoded: DecodedSplits | None, cpus: float,
-                 pretrained: "dict[str, ray.ObjectRef] | None" = None) -> None:
+                 pretrained: "dict[str, ray.ObjectRef] | None" = None, explain: dict | None = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))
         self.index, self.decoded, self._with_test = index, decoded, None
         self._pretrained = pretrained or {}  # backbone -> reference (the trials' own copy)
+        self._explain = explain  # the spec's report settings: shortcut check, Grad-CAM sample
 
     def _splits(self) -> DecodedSplits | None:
         if self.decoded is None or "test" in self.decoded.arrays:
@@ -426,7 +427,7 @@ class _Evaluator:
     def evaluate(self, model_dir: str) -> dict:
         from covid_tune.results import evaluate_export
 
-        return evaluate_export(model_dir, self.index, decoded=self._splits())
+        return evaluate_export(model_dir, self.index, decoded=self._splits(), explain=self._explain)
 
     def export_and_evaluate(self, rec, hp: HParams, classes: list[str], metric: str, mode: str,
                             out_dir: Path, figures_dir: Path, label_mode: str) -> tuple[str, dict] | None:
@@ -474,7 +475,7 @@ class Evaluations:
             opts = dict(num_cpus=0, num_gpus=0) if self.during_trials else dict(num_cpus=res.cpus, num_gpus=res.gpu)
             # the decoded cache goes as its reference: the actor maps the object store's copy
             self._handle = ray.remote(_Evaluator).options(**opts).remote(self.index, self._decoded, res.cpus,
-                                                                          self._pretrained)
+                                                                          self._pretrained, self.spec.report.model_dump())
         return self._handle
 
     def trial_finished(self, trial) -> None:
