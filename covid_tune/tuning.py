@@ -194,6 +194,15 @@ class RecordTrialNode(tune.Callback):
         return {"_nodes": {}}
 
 
+class RecordHyperparameters(tune.Callback):
+    """Add the trial's hyperparameters to each result as ``hp`` (progress.csv's ``hp/<name>`` columns):
+    Tune's CSV logger leaves the config out; params.json, TensorBoard's HParams and the ResultGrid
+    have it from the param_space."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        result.setdefault("hp", {k: v for k, v in trial.config.items() if isinstance(v, (str, int, float, bool))})
+
+
 class ResumeFromLastReport(tune.Callback):
     """Resume a restored or retried trial from the checkpoint of its last *reported* epoch.
 
@@ -494,7 +503,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                                                         checkpoint_score_attribute=sched.metric,
                                                         checkpoint_score_order=sched.mode),
                 failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-                callbacks=[ResumeFromLastReport(), RecordTrialNode()],  # pickled with the Tuner: also on --resume
+                callbacks=[ResumeFromLastReport(), RecordTrialNode(), RecordHyperparameters()],  # pickled with the Tuner: also on --resume
             ),
         )
     _use_console(tuner, view, verbose)

@@ -270,5 +270,5 @@ def test_compact_console_of_a_small_sweep(tmp_path: Path) -> None:
         assert set(p) == {"config_id", "backbone", "freeze", "loss", "seed", "lr"}
         assert p["config_id"] == f"tiny_cnn-{p['freeze']}-ce-lr{p['lr']:g}-s{p['seed']}"
     header = next(experiment.glob("*/progress.csv")).read_text().splitlines()[0].split(",")
-    assert {"config/backbone", "config/freeze", "config/lr"} <= set(header)
+    assert {"hp/config_id", "hp/backbone", "hp/freeze", "hp/loss", "hp/seed", "hp/lr"} <= set(header)
     assert list(experiment.glob("*/events.out.tfevents.*"))  # TensorBoard (HParams) next to them
