@@ -53,19 +53,26 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
 
 
 def _weights(spec: Spec, problems: list[str]) -> list[str]:
-    from covid_tune.models import WeightsUnavailable, check_weights
+    from covid_tune.models import WeightsUnavailable, check_weights, imagenet_weights_file
+    from covid_tune.weights import offline_reason
 
-    missing = []
+    if spec.trainer.weights == "none":
+        return ["weights: none (random initialisation)"]
+    offline = offline_reason(spec.trainer.weights_download)
+    found, download, missing = [], [], []
     for backbone in spec.grid.backbone:
         try:
             check_weights(backbone, spec.trainer.weights)
+            found.append(backbone)
         except WeightsUnavailable as exc:
-            problems.append(str(exc))
-            missing.append(backbone)
-    if spec.trainer.weights == "none":
-        return ["weights: none (random initialisation)"]
-    ok = [b for b in spec.grid.backbone if b not in missing]
-    return [f"weights: {spec.trainer.weights}: found for {', '.join(ok) or 'no backbone'}"
+            if spec.trainer.weights == "imagenet" and offline is None:
+                # the run downloads it (hash checked) into torchvision's cache before any trial
+                download.append(f"{backbone} -> {imagenet_weights_file(backbone)}")
+            else:
+                problems.append(str(exc) + (f" (downloads are off: {offline})" if offline else ""))
+                missing.append(backbone)
+    return [f"weights: {spec.trainer.weights}: found for {', '.join(found) or 'no backbone'}"
+            + (f"; downloaded on the first run for {', '.join(download)}" if download else "")
             + (f"; missing for {', '.join(missing)}" if missing else "")]
 
 

@@ -73,13 +73,16 @@ def _log(msg: str) -> None:
     print(f"[covid_tune] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
-    """Check everything a trial needs before Ray starts: data (generated if synthetic) and weights;
-    then build (or read back) the decoded-image cache, once per run."""
+def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, dict]]:
+    """Check everything a trial needs before Ray starts: data (generated if synthetic) and pretrained
+    weights (read from torchvision's cache or a file, downloaded if missing, checked against each
+    backbone: here, once, never on a worker); then build (or read back) the decoded-image cache.
+
+    Returns the index, the decoded cache and each backbone's pretrained state_dict (empty for
+    ``weights: none``)."""
     from covid_tune import report as report_mod
-    from covid_tune.cache import prepare_cache
     from covid_tune.data import check_implies, make_synthetic, scan_dataset
-    from covid_tune.models import check_weights
+    from covid_tune.weights import load_all
 
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
@@ -88,9 +91,22 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
                        {"train": s.train, "validation": s.validation, "test": s.test}, s.image_size, s.seed)
     index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
     check_implies(index.classes, spec.data.implies)
-    for backbone in spec.grid.backbone:
-        check_weights(backbone, spec.trainer.weights)
-    return index, prepare_cache(spec, index)
+    pretrained = load_all(spec.grid.backbone, spec.trainer.weights, spec.trainer.weights_download)
+    return index, prepare_cache(spec, index), pretrained
+
+
+def prepare_cache(spec: Spec, index: DatasetIndex) -> DecodedSplits | None:
+    """The sweep's decoded cache (built or read back from ``OUTPUT/cache``), or None with ``data.cache: false``.
+
+    Call in the driver before trials start; pass the result to the trainable (``tune.with_parameters``).
+    Trials only train and validate, so only ``train`` and ``validation`` are decoded.
+    """
+    from covid_tune.cache import build_decoded_cache
+
+    if not spec.data.cache:
+        return None
+    return build_decoded_cache(index, spec.data.image_size, spec.data.grayscale, spec.output_dir / "cache",
+                               splits=("train", "validation"))
 
 
 def _experiment_exists(spec: Spec) -> bool:
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covid_tune: {problem}", file=sys.stderr)
         return 2
     try:
-        index, decoded = prepare(spec)
+        index, decoded, pretrained = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
@@ -203,19 +219,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from covid_tune import results as results_mod
     from covid_tune import tuning  # Ray is imported only when a sweep really runs
+    from covid_tune.weights import state_nbytes
 
     start = time.time()
     console = _new_console(spec, len(plan))
     try:
-        tuning.connect(spec.ray.address, decoded.nbytes if decoded is not None else 0, quiet=not args.verbose)
+        tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained),
+                        quiet=not args.verbose)
         sched = spec.scheduler
         console.header(spec.name, out,
                        resources_text(spec.resources.cpus, spec.resources.gpu, tuning.cluster_resources(), len(plan),
                                       spec.ray.max_concurrent),
                        scheduler_text(sched.asha, sched.metric, sched.mode, console.rungs, spec.trainer.epochs))
         shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
+        weights = tuning.share_weights(pretrained)  # the trials' (also resumed ones') only source of weights
+        pretrained.clear()
         trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, console=console,
-                                  ray_output=args.verbose)
+                                  ray_output=args.verbose, pretrained=weights)
     except (FileNotFoundError, ValueError) as exc:
         console.close()
         print(f"covid_tune: {exc}", file=sys.stderr)

@@ -125,6 +125,9 @@ class TrainerSpec(_Section):
     head_hidden: int = Field(240, ge=0)
     dropout: float = Field(0.5, ge=0, lt=1)
     weights: str = Field("none", description="none | imagenet | path to a torchvision state_dict")
+    weights_download: Literal["auto", "never"] = Field(
+        "auto", description="auto = download missing ImageNet weights into $TORCH_HOME/hub/checkpoints (on the "
+                            "driver, once); never = use only files already there (so does COVID_TUNE_OFFLINE=1)")
     focal_alpha: Optional[float] = Field(0.25, gt=0, lt=1)
     focal_gamma: float = Field(2.0, ge=0)
     feature_cache: Literal["auto", "on", "off"] = Field(
