@@ -292,6 +292,44 @@ def test_without_weights_the_run_stops_before_training_exit_2_in_seconds(
     assert not (tmp_path / "out" / "ray").exists()  # nothing trained
 
 
+@pytest.mark.parametrize("shipped", [True, False])
+def test_a_resumed_sweep_builds_its_trials_from_this_run_s_references(
+        served, server, tmp_path, torch_home, monkeypatch, shipped) -> None:
+    """--resume hands Tune.restore a trainable made with this run's object-store references (Tune's
+    pickled one would hold the previous run's, gone with its Ray session); without references given,
+    run_sweep resolves the weights on the driver itself. No Ray is started: Tune's entry points are
+    replaced by recorders."""
+    from covid_tune import tuning
+    from covid_tune.plan import expand
+    from covid_tune.spec import load_spec
+
+    path, state = served
+    point_weights_at(monkeypatch, server.url(path.name))
+    spec = load_spec(_tiny_spec(tmp_path))
+    seen: dict = {}
+    refs = {"resnet18": object()}  # stands for ray.ObjectRef: only passed along
+    monkeypatch.setattr(tuning, "connect", lambda *a, **k: seen.setdefault("store_bytes", a[1]))
+    monkeypatch.setattr(tuning, "share_weights", lambda states: seen.setdefault("put", dict(states)) and refs)
+    monkeypatch.setattr(tuning, "check_resources", lambda spec: None)
+    monkeypatch.setattr(tuning, "check_shared_paths", lambda spec, index: None)
+    monkeypatch.setattr(tuning, "_trainable", lambda *a, **k: ("trainable", a[4] if len(a) > 4 else k["pretrained"]))
+
+    def restore(path, trainable, **kwargs):
+        seen["restored"] = trainable
+        raise KeyboardInterrupt  # far enough: what Tune got is recorded
+
+    monkeypatch.setattr(tuning.tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    monkeypatch.setattr(tuning.tune.Tuner, "restore", staticmethod(restore))
+    with pytest.raises(KeyboardInterrupt):
+        tuning.run_sweep(spec, expand(spec), None, resume=True, pretrained=refs if shipped else None)
+    assert seen["restored"] == ("trainable", refs)
+    if shipped:
+        assert "put" not in seen and server.requests == 0
+    else:  # resolved here (downloaded once into the driver's cache), then put in the store
+        assert same_state(seen["put"]["resnet18"], state) and server.requests == 1
+        assert seen["store_bytes"] == sum(t.nbytes for t in state.values())
+
+
 # --------------------------------------------------------------------------------------------
 # a two-node cluster whose nodes have no weights: they reach the trials through the object store
 
@@ -330,7 +368,9 @@ def _torch_home_per_node(address: str) -> dict[str, str | None]:
 def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store(served, tmp_path) -> None:
     """Head and worker node each have an empty TORCH_HOME of their own and no way to the server (its URL
     is known to the driver only); the driver (another TORCH_HOME) downloads the file once, and the
-    trials on both nodes train from it. (A second run reading the driver's cache: the first test.)"""
+    trials train from it on the worker node (the head has no CPU for trials, so every trial lands on the
+    worker: with CPUs on both, two 1-epoch trials often ran one after the other on a single node).
+    (A second run reading the driver's cache: the first test.)"""
     from ray.cluster_utils import Cluster
 
     path, state = served
@@ -343,7 +383,7 @@ def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store
     srv = Server(path.parent)
     try:
         os.environ["TORCH_HOME"] = str(homes["head"])  # what each node's Ray processes inherit
-        cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+        cluster = Cluster(initialize_head=True, head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False})
         os.environ["TORCH_HOME"] = str(homes["worker"])
         cluster.add_node(**node_args)
         cluster.wait_for_nodes()
@@ -355,8 +395,8 @@ def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store
         spec = _tiny_spec(tmp_path)
 
         seen = _torch_home_per_node(cluster.address)
-        assert seen == {cluster.head_node.node_id: str(homes["head"]),
-                        next(iter(cluster.worker_nodes)).node_id: str(homes["worker"])}
+        worker = next(iter(cluster.worker_nodes)).node_id
+        assert seen == {cluster.head_node.node_id: str(homes["head"]), worker: str(homes["worker"])}
         run = subprocess.run([sys.executable, str(tmp_path / "driver.py"), srv.url(path.name), str(spec), "--address",
                               cluster.address], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-4000:]
@@ -371,7 +411,7 @@ def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not homes["head"].exists() and not homes["worker"].exists()  # nothing was fetched on a node
     csv = pd.read_csv(tmp_path / "out" / "report" / "results.csv")
-    assert (csv["status"] == "ok").all() and set(csv["node_id"]) == set(seen)  # a trial on each node
+    assert len(csv) == 2 and (csv["status"] == "ok").all() and set(csv["node_id"]) == {worker}
     for cid in csv["config_id"]:  # fc_only: the backbone is exactly the served file's
         model = torch.load(tmp_path / "out" / "best" / cid / "model.pt", weights_only=True)
         for key in ("conv1.weight", "bn1.running_mean", "layer4.1.conv2.weight"):
