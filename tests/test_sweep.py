@@ -116,6 +116,31 @@ def test_history_and_figures(demo_run: Path) -> None:
             assert Image.open(png).size[0] > 100
 
 
+def test_phase_times_and_evaluations_started_as_trials_ended(demo_run: Path, tmp_path: Path) -> None:
+    from covid_tune.data import scan_dataset
+    from covid_tune.results import evaluate_export
+
+    data = json.loads((demo_run / "report" / "results.json").read_text())
+    timing = data["timing"]
+    phases = timing["phases_s"]
+    assert list(phases) == ["startup", "cache", "ray_start", "trials", "evaluation", "report"]
+    assert all(v >= 0 for v in phases.values()) and phases["trials"] > 0
+    assert sum(phases.values()) <= timing["wall_s"] + 0.1
+    assert timing["outside_trials"] == pytest.approx(1 - phases["trials"] / timing["wall_s"], abs=1e-3)
+    assert timing["evaluated_during_trials"] == len(data["rows"])  # each one started as its trial ended
+    # the evaluator actor (test split decoded once, in memory) agrees with evaluating from the files
+    index = scan_dataset(demo_run / "synthetic-data")
+    for row in data["rows"][:2]:
+        copy = tmp_path / row["config_id"]
+        copy.mkdir()
+        for name in ("model.pt", "model.json"):
+            (copy / name).write_bytes((Path(row["checkpoint"]).parent / name).read_bytes())
+        fresh = evaluate_export(copy, index)["splits"]
+        for split in ("train", "validation", "test"):
+            assert fresh[split]["confusion"] == row["eval"][split]["confusion"]
+            assert fresh[split]["loss"] == pytest.approx(row["eval"][split]["loss"], rel=1e-5)
+
+
 def test_report_rebuilds_from_output_folder(demo_run: Path) -> None:
     before = pd.read_csv(demo_run / "report" / "results.csv")
     (demo_run / "report" / "REPORT.md").unlink()
