@@ -72,22 +72,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(hp: HParams, num_classes: int) -> nn.Module:
-    """A trial's model as it starts training, on the CPU: :func:`create_model` with ``hp``'s weights,
+def build_model(hp: HParams, num_classes: int, pretrained: dict | None = None) -> nn.Module:
+    """A trial's model as it starts training, on the CPU: :func:`create_model` with ``hp``'s weights
+    (``pretrained``, the backbone's state_dict resolved by the caller, instead of reading ``hp.weights``),
     right after seeding with ``hp.seed``. The same call gives the same initial state every time, which
     is where a slim checkpoint's frozen layers come from (:mod:`covid_tune.checkpoints`)."""
     seed_everything(hp.seed)
-    return create_model(hp.backbone, num_classes, freeze=hp.freeze, weights=hp.weights,
+    weights = pretrained if pretrained is not None and hp.weights != "none" else hp.weights
+    return create_model(hp.backbone, num_classes, freeze=hp.freeze, weights=weights,
                         head_hidden=hp.head_hidden, dropout=hp.dropout)
 
 
-def full_model_state(hp: HParams, num_classes: int, state: dict) -> dict[str, torch.Tensor]:
+def full_model_state(hp: HParams, num_classes: int, state: dict,
+                     pretrained: dict | None = None) -> dict[str, torch.Tensor]:
     """The whole model's state_dict of a checkpoint (slim or full), on the CPU; leaves the RNGs as they were."""
     if not is_slim(state):
         return state["model"]
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
-        model = build_model(hp, num_classes)
+        model = build_model(hp, num_classes, pretrained)
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
@@ -289,16 +292,17 @@ class TrainingRun:
 
     ``decoded`` (the decoded cache of this index, :func:`covid_tune.cache.build_decoded_cache`)
     switches the input pipeline from PIL ``DataLoader`` s to device-resident :class:`TensorLoader` s.
+    ``pretrained`` (the backbone's state_dict, resolved by the caller) replaces reading ``hp.weights``.
     """
 
     def __init__(self, hp: HParams, index: data_mod.DatasetIndex, device: torch.device | None = None,
-                 decoded: DecodedSplits | None = None) -> None:
+                 decoded: DecodedSplits | None = None, pretrained: dict | None = None) -> None:
         seed_everything(hp.seed)
         self.hp = hp
         self.classes = list(index.classes)
         self.device = device or default_device()
         self.amp_dtype, self.channels_last = resolve_precision(hp.precision, self.device)
-        self.model = build_model(hp, len(self.classes)).to(self.device)
+        self.model = build_model(hp, len(self.classes), pretrained).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)

@@ -109,14 +109,90 @@ def write_figures(fig_dir: Path, rows: list[dict], classes: list[str], label_mod
     return written
 
 
-def markdown(figs: dict[str, dict[str, str]], rows: list[dict]) -> list[str]:
-    """REPORT.md's figure section: curves and confusion matrix of each configuration."""
+def markdown(figs: dict[str, dict[str, str]], rows: list[dict], axes: tuple[str, ...] = ()) -> list[str]:
+    """REPORT.md's figure section: curves and confusion matrix of each configuration.
+
+    Each heading names backbone, layers, loss, the trainer settings ``axes`` (those that vary) and seed."""
     lines = ["## Curves and confusion matrices", ""]
     for row in rows:
         files = figs.get(row["config_id"], {})
         if not files:
             continue
-        lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}, seed {row['seed']}", ""]
+        settings = "".join(f", {a} {row[a]:g}" if isinstance(row[a], float) else f", {a} {row[a]}" for a in axes)
+        lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}{settings}, seed {row['seed']}", ""]
         order = ("loss", "acc", "confusion_train", "confusion_validation", "confusion")
         lines += [" ".join(f"![{k}]({files[k]})" for k in order if k in files), ""]
+    return lines
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------
+
+def display_crop(path: str, image_size: int, grayscale: bool) -> np.ndarray:
+    """The evaluation crop of an image file, unnormalized, as (H, W, 3) floats in [0, 1]."""
+    from torchvision import transforms as T
+
+    from covid_tune.data import load_image
+
+    crop = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)])(load_image(path, grayscale))
+    return np.asarray(crop, dtype=np.float32) / 255.0
+
+
+def cam_tiles(path: Path, crops: list[np.ndarray], maps: list[np.ndarray], titles: list[str], title: str = "",
+              ncols: int = 4) -> None:
+    """One figure: each crop with its Grad-CAM map overlaid (jet, half transparent) and its title."""
+    n = len(crops)
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.5 * nrows + 0.3), dpi=80, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, crop, m, t in zip(axes.flat, crops, maps, titles):
+        h, w = crop.shape[:2]
+        ax.imshow(crop, extent=(0, w, h, 0))
+        ax.imshow(np.asarray(m, dtype=np.float32), cmap="jet", alpha=0.45, vmin=0, vmax=np.max(m) or 1,
+                  extent=(0, w, h, 0), interpolation="bilinear")
+        ax.set_title(t, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_cam_figures(fig_dir: Path, rows: list[dict], classes: list[str]) -> dict[str, str]:
+    """``<id>_gradcam.png`` per configuration with a Grad-CAM sample (test images whose files still exist)."""
+    import json
+
+    from covid_tune.explain import label_names
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    for row in rows:
+        cam = row.get("cam")
+        if not cam or not row.get("checkpoint"):
+            continue
+        meta = json.loads((Path(row["checkpoint"]).parent / "model.json").read_text())
+        try:
+            crops = [display_crop(p, meta["image_size"], meta["grayscale"]) for p in cam["paths"]]
+        except OSError:  # the data moved since the sweep: no figure rather than no report
+            continue
+        titles = [f"true: {classes[t]}\npred: {label_names(p, classes)}" for t, p in zip(cam["labels"], cam["pred"])]
+        cid = row["config_id"]
+        cam_tiles(fig_dir / f"{cid}_gradcam.png", crops, cam["maps"], titles,
+                  f"{cid}: Grad-CAM of the predicted class (test, epoch {row['best_epoch']})")
+        written[cid] = f"figures/{cid}_gradcam.png"
+    return written
+
+
+def cam_markdown(cams: dict[str, str], rows: list[dict]) -> list[str]:
+    """REPORT.md's Grad-CAM section: one figure per configuration."""
+    if not cams:
+        return []
+    lines = ["## Grad-CAM: where each best checkpoint looks", "",
+             "A fixed, seeded sample of test images per class (true and predicted label on each tile), overlaid with "
+             "the Grad-CAM map of the predicted class (red = most weight). Maps on the lungs are what a radiologist "
+             "would hope for; maps on text, corners or borders suggest a shortcut (see the shortcut check).", ""]
+    for row in rows:
+        if row["config_id"] in cams:
+            lines += [f"### {row['sr']}. {row['config_id']}", "", f"![gradcam]({cams[row['config_id']]})", ""]
     return lines

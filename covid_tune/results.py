@@ -22,7 +22,8 @@ from covid_tune.data import DatasetIndex, encode_targets
 from covid_tune.loaders import TensorLoader
 from covid_tune.losses import build_loss
 from covid_tune.metrics import bootstrap_ci
-from covid_tune.spec import TRAINER_AXES, Spec
+from covid_tune.explain import explain_split
+from covid_tune.spec import TRAINER_AXES, ReportSpec, Spec
 from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
 from covid_tune.trainable import METRICS_FILE, STATE_FILE
 
@@ -106,8 +107,11 @@ def best_epoch(rec: TrialRecord, metric: str, mode: str) -> int | None:
 
 
 def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric: str, mode: str,
-                out_dir: Path) -> Path | None:
-    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch."""
+                out_dir: Path, pretrained: dict | None = None) -> Path | None:
+    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch.
+
+    ``pretrained`` (the backbone's state_dict) rebuilds a slim checkpoint's frozen layers; without it
+    they come from ``hp.weights`` as the driver resolves them (torchvision's cache or the file)."""
     epoch = best_epoch(rec, metric, mode)
     if epoch is None:
         return None
@@ -126,7 +130,7 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
     }
     (target / EVAL_FILE).unlink(missing_ok=True)
     # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one
-    save_exported(engine.full_model_state(hp, len(classes), state), meta, target)
+    save_exported(engine.full_model_state(hp, len(classes), state, pretrained), meta, target)
     return target
 
 
@@ -142,16 +146,20 @@ def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, d
 
 
 def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
-                    decoded: DecodedSplits | None = None) -> dict:
+                    decoded: DecodedSplits | None = None, explain: dict | None = None) -> dict:
     """Evaluate an exported model on train (no augmentation), validation and test; cached in eval.json.
 
-    ``decoded`` (the sweep's decoded cache) serves the splits it holds (train and validation)."""
+    ``decoded`` (the sweep's decoded cache) serves the splits it holds (train and validation).
+    On test it also stores each image's class probabilities (``probs``, ``files``), the shortcut check
+    and the Grad-CAM sample (:mod:`covid_tune.explain`), as ``explain`` (``ReportSpec.model_dump()``,
+    default: the spec's defaults) asks."""
     model_dir = Path(model_dir)
     cache = model_dir / EVAL_FILE
     model, meta = load_exported(model_dir)
+    explain = explain or ReportSpec().model_dump()
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("epoch") == meta["epoch"]:
+        if cached.get("epoch") == meta["epoch"] and cached.get("explain_settings") == explain:
             return cached
     device = engine.default_device()
     model.to(device)
@@ -161,13 +169,16 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
             decoded.check(index, meta["image_size"], meta["grayscale"])
         except ValueError:  # made for other settings or another index: decode from the files
             decoded = None
-    out = {"epoch": meta["epoch"], "splits": {}}
+    out = {"epoch": meta["epoch"], "splits": {}, "explain_settings": explain}
     for split in ("train", "validation", "test"):
-        loader = _eval_loader(index, split, meta, batch_size, device, decoded)
+        loader = _eval_loader(index, split, meta, batch_size, device, decoded)  # test's is read again below
         res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"], len(meta["classes"]))
         correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
         out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),
                                 "acc_ci95": list(bootstrap_ci(correct)), "correct": correct.astype(int).tolist()}
+    probs, out["shortcut"], out["cam"] = explain_split(model, meta, loader, index.labels("test"), index.paths("test"),
+                                                       device, explain["shortcut_check"], explain["gradcam"])
+    out["splits"]["test"].update(probs=probs, files=index.paths("test"))
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(out))
     tmp.replace(cache)
@@ -177,8 +188,16 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
 Evaluator = Callable[[list[Path], DatasetIndex], list[dict]]
 
 
-def evaluate_locally(model_dirs: list[Path], index: DatasetIndex) -> list[dict]:
-    return [evaluate_export(d, index) for d in model_dirs]
+def evaluate_locally(model_dirs: list[Path], index: DatasetIndex, explain: dict | None = None) -> list[dict]:
+    return [evaluate_export(d, index, explain=explain) for d in model_dirs]
+
+
+def evaluator_for(explain: dict) -> Callable[..., dict]:
+    """:func:`evaluate_export` with the spec's ``report`` settings bound (a plain function, for Ray tasks)."""
+    def evaluate(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
+                 decoded: DecodedSplits | None = None) -> dict:
+        return evaluate_export(model_dir, index, batch_size, decoded, explain)
+    return evaluate
 
 
 def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIndex, metric: str, mode: str,
@@ -218,6 +237,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
     if to_eval:
         for (row, _), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):
             row["eval"] = ev["splits"]
+            row["shortcut"], row["cam"] = ev.get("shortcut"), ev.get("cam")
             if sources is not None:
                 row["test_by_source"] = accuracy_by_group(ev["splits"]["test"]["correct"], sources)
     return rows

@@ -141,6 +141,24 @@ def test_phase_times_and_evaluations_started_as_trials_ended(demo_run: Path, tmp
             assert fresh[split]["loss"] == pytest.approx(row["eval"][split]["loss"], rel=1e-5)
 
 
+def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path: Path) -> None:
+    """The test evaluation ran as Ray tasks; predict (no Ray) gives the same labels and probabilities."""
+    out_csv = tmp_path / "pred.csv"
+    proc = run_cli("covid_tune.predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = proc.stderr.split("# model ", 1)[1].split()[0]
+    metas = {d.name: json.loads((d / "model.json").read_text()) for d in (demo_run / "best").iterdir()}
+    assert metas[chosen]["metrics"]["val_loss"] == min(m["metrics"]["val_loss"] for m in metas.values())
+    test = json.loads((demo_run / "best" / chosen / "eval.json").read_text())["splits"]["test"]
+    pred = pd.read_csv(out_csv).set_index("path").loc[test["files"]]
+    classes = metas[chosen]["classes"]
+    np.testing.assert_allclose(pred[classes].to_numpy(), np.array(test["probs"]), atol=1e-5)
+    assert list(pred["predicted"]) == [classes[i] for i in np.argmax(test["probs"], 1)]
+    md = (demo_run / "report" / "REPORT.md").read_text()
+    assert "## Shortcut check: is the model reading the lungs?" in md and "## Grad-CAM: where each best" in md
+    assert len(list((demo_run / "report" / "figures").glob("*_gradcam.png"))) == len(metas)
+
+
 def test_report_rebuilds_from_output_folder(demo_run: Path) -> None:
     before = pd.read_csv(demo_run / "report" / "results.csv")
     (demo_run / "report" / "REPORT.md").unlink()
