@@ -43,3 +43,10 @@ def pick_epoch(history: list[dict], metric: str, mode: str, rule: str = "best",
     sign = 1 if mode == "max" else -1
     best = [(sign * s, -r["epoch"]) for r, s in zip(rows, scores) if allowed is None or r["epoch"] in allowed]
     return -max(best)[1] if best else None
+
+
+def score_at(history: list[dict], metric: str, rule: str, epoch: int) -> float | None:
+    """The (smoothed) ``metric`` value of ``epoch``: what :func:`pick_epoch` compared."""
+    rows = sorted((r for r in history if r.get(metric) is not None), key=lambda r: r["epoch"])
+    scores = smooth([float(r[metric]) for r in rows], rule)
+    return next((s for r, s in zip(rows, scores) if r["epoch"] == epoch), None)
