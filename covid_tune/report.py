@@ -117,6 +117,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
         {"name": spec.name, "classes": classes, "counts": counts, "metric": spec.scheduler.metric,
          "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
          "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
+         "seed_agreement": stats.seed_agreement(rows),
          "rows": slim}, indent=1))
     figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
 
@@ -180,9 +181,14 @@ def _comparison_line(rows: list[dict], comparisons: dict[str, dict], best: str |
     seeds = max((c["seeds"] for c in comparisons.values()), default=1)
     how = (f"seed by seed over {seeds} seeds, discordant images summed" if seeds > 1 else "one seed each")
     names = ", ".join(f"`{g}`" for g in same) if same else "none"
-    return (f"vs best: exact McNemar test of each configuration against the best, `{best}` (best mean "
+    line = (f"vs best: exact McNemar test of each configuration against the best, `{best}` (best mean "
             f"`{metric}` on validation, as chosen), on the same test images ({how}). Statistically "
             f"indistinguishable from the best at p >= {stats.ALPHA:g}: {names}.")
+    spread = stats.seed_agreement(rows)
+    if spread:
+        line += (" Seeds of one configuration against each other (smallest McNemar p over its seed pairs): "
+                 + ", ".join(f"`{g}` {_fmt_p(v['min_p'])}" for g, v in spread.items()) + ".")
+    return line
 
 
 def _stopped_section(stopped: list[dict]) -> list[str]:

@@ -89,6 +89,21 @@ def compare_to_best(rows: list[dict], metric: str, mode: str) -> tuple[str | Non
     return best, out
 
 
+def seed_agreement(rows: list[dict]) -> dict[str, dict]:
+    """For each group with several seeds: its seeds against each other on the test images (exact
+    McNemar per pair of seeds), as the smallest p and the pair it came from. A small p says the seeds
+    alone change which images a configuration gets right: the spread a single-seed sweep cannot see."""
+    out: dict[str, dict] = {}
+    for group in dict.fromkeys(r["group"] for r in rows):
+        seeds = {r["seed"]: _test_correct(r) for r in rows if r["group"] == group and _test_correct(r) is not None}
+        pairs = [(s, t) for i, s in enumerate(sorted(seeds)) for t in sorted(seeds)[i + 1:]]
+        if pairs:
+            tests = {(s, t): mcnemar_exact(seeds[s], seeds[t])["p"] for s, t in pairs}
+            (s, t), p = min(tests.items(), key=lambda kv: kv[1])
+            out[group] = {"min_p": p, "seeds": [s, t], "pairs": len(pairs)}
+    return out
+
+
 def indistinguishable(comparisons: dict[str, dict], best: str | None, alpha: float = ALPHA) -> list[str]:
     """The groups other than the best whose McNemar p-value against it is at least ``alpha``."""
     return [g for g, c in comparisons.items() if g != best and c["p"] >= alpha]

@@ -120,3 +120,9 @@ def test_seeds_are_paired_seed_by_seed() -> None:
     assert c["p"] == pytest.approx(exact_mcnemar_by_hand(3, 6))
     assert c["per_seed"] == {"0": pytest.approx(exact_mcnemar_by_hand(3, 0)), "1": pytest.approx(exact_mcnemar_by_hand(0, 6))}
     assert comp["b"]["p"] == 1.0 and stats.indistinguishable(comp, best) == ["g"]
+    # seeds against each other: b's seeds differ on 5 images (seed 1 right each time)
+    agree = stats.seed_agreement(rows)
+    assert agree["b"] == {"min_p": pytest.approx(exact_mcnemar_by_hand(0, 5)), "seeds": [0, 1], "pairs": 1}
+    g_a = sum(x and not y for x, y in zip(g0, g1))
+    g_b = sum(y and not x for x, y in zip(g0, g1))
+    assert agree["g"]["min_p"] == pytest.approx(exact_mcnemar_by_hand(g_a, g_b))
