@@ -61,6 +61,16 @@ def test_course_defaults_in_part_specs() -> None:
     assert len(expand(validate({**load_sweep("part2.yaml"), "grid": {**load_sweep("part2.yaml")["grid"], "seed": [0, 1, 2]}}))) == 12
 
 
+
+def test_cxr_real_spec_is_the_measured_study() -> None:
+    # README "Real data" measured these choices (benchmarks/selection.py); a change must be re-measured
+    spec = validate(load_sweep("cxr-real.yaml"))
+    assert (spec.trainer.optimizer, spec.trainer.lr, spec.trainer.epochs, spec.trainer.head_hidden) == ("adam", 1e-3, 12, 0)
+    assert spec.scheduler.select == "ema" and spec.scheduler.grace_period >= 6
+    plan = expand(spec)
+    assert len(plan) == 4 and {p.seed for p in plan.values()} == {0, 1}
+
+
 @pytest.fixture(scope="module")
 def part2_run(tmp_path_factory) -> Path:
     """Part 2 shrunk: synthetic covid/normal/pneumonia, tiny CNN, BCE and focal, two seeds."""
@@ -123,7 +133,7 @@ def test_real_data_per_source_accuracy(tmp_path: Path) -> None:
     raw = shrink(load_sweep("cxr-real.yaml"), tmp_path, trainer={"epochs": 1, "batch_size": 32, "head_hidden": 16,
                                                                   "weights": "none"})
     raw["grid"].update(backbone=["tiny_cnn"], freeze=["fc_only", "none"], seed=[0])
-    raw["scheduler"].update(brackets=1, max_t=None)  # one epoch: no room for the full sweep's hedges
+    raw["scheduler"].update(grace_period=1, brackets=1, max_t=None)  # one epoch: no room for the full sweep's hedges
     path = tmp_path / "real.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = run_cli("covid_tune.run", str(path))
