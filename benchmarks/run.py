@@ -411,6 +411,7 @@ def bench_grid(root: Path, class_map: dict, s: Sizes, work: Path, cores: int, ra
     """The course's way vs covid_tune on the same grid."""
     from covid_tune import plan as plan_mod
     from covid_tune import results as results_mod
+    from covid_tune import run as run_mod
     from covid_tune import tuning
     from covid_tune.spec import validate
 
@@ -441,7 +442,7 @@ def bench_grid(root: Path, class_map: dict, s: Sizes, work: Path, cores: int, ra
 
     log(f"grid: covid_tune (ASHA, caches, {cores} trials at once)")
     start = time.perf_counter()
-    decoded = cache_mod.prepare_cache(spec, index)  # what run.py's prepare() does
+    decoded = run_mod.prepare_cache(spec, index)  # what run.py's prepare() does
     cache_s = time.perf_counter() - start
     with quiet(work / "ray.log"):
         trials = tuning.run_sweep(spec, plan, index, decoded)

@@ -27,15 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from torchvision.transforms import functional as TF
 
 from covid_tune.data import SPLITS, DatasetIndex, decode_image
-
-if TYPE_CHECKING:
-    from covid_tune.spec import Spec
 
 CACHE_VERSION = 1
 _CHUNK = 1 << 20
@@ -187,23 +184,6 @@ def build_decoded_cache(index: DatasetIndex, image_size: int, grayscale: bool = 
         arrays[split], keys[split], files[split] = build_split(index.paths(split), image_size, grayscale,
                                                                cache_dir, split, workers)
     return DecodedSplits(arrays, image_size, grayscale, keys, {k: v for k, v in files.items() if v})
-
-
-def cache_dir_of(spec: "Spec") -> Path:
-    """Where a sweep keeps its decoded cache: ``OUTPUT/cache``."""
-    return spec.output_dir / "cache"
-
-
-def prepare_cache(spec: "Spec", index: DatasetIndex) -> DecodedSplits | None:
-    """The sweep's decoded cache (built or read back from ``OUTPUT/cache``), or None with ``data.cache: false``.
-
-    Call in the driver before trials start; pass the result to the trainable (``tune.with_parameters``).
-    Trials only train and validate, so only ``train`` and ``validation`` are decoded.
-    """
-    if not spec.data.cache:
-        return None
-    return build_decoded_cache(index, spec.data.image_size, spec.data.grayscale, cache_dir_of(spec),
-                               splits=("train", "validation"))
 
 
 def node_memory_bytes(n_images: int, image_size: int, grayscale: bool = True) -> int:

@@ -264,16 +264,18 @@ class TrainingRun:
 
     ``decoded`` (the decoded cache of this index, :func:`covid_tune.cache.build_decoded_cache`)
     switches the input pipeline from PIL ``DataLoader`` s to device-resident :class:`TensorLoader` s.
+    ``pretrained`` (the backbone's state_dict, resolved by the caller) replaces reading ``hp.weights``.
     """
 
     def __init__(self, hp: HParams, index: data_mod.DatasetIndex, device: torch.device | None = None,
-                 decoded: DecodedSplits | None = None) -> None:
+                 decoded: DecodedSplits | None = None, pretrained: dict | None = None) -> None:
         seed_everything(hp.seed)
         self.hp = hp
         self.classes = list(index.classes)
         self.device = device or default_device()
         self.amp_dtype, self.channels_last = resolve_precision(hp.precision, self.device)
-        self.model = create_model(hp.backbone, len(self.classes), freeze=hp.freeze, weights=hp.weights,
+        weights = pretrained if pretrained is not None and hp.weights != "none" else hp.weights
+        self.model = create_model(hp.backbone, len(self.classes), freeze=hp.freeze, weights=weights,
                                   head_hidden=hp.head_hidden, dropout=hp.dropout).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -77,14 +77,17 @@ def write_figures(fig_dir: Path, rows: list[dict], classes: list[str], label_mod
     return written
 
 
-def markdown(figs: dict[str, dict[str, str]], rows: list[dict]) -> list[str]:
-    """REPORT.md's figure section: curves and confusion matrix of each configuration."""
+def markdown(figs: dict[str, dict[str, str]], rows: list[dict], axes: tuple[str, ...] = ()) -> list[str]:
+    """REPORT.md's figure section: curves and confusion matrix of each configuration.
+
+    Each heading names backbone, layers, loss, the trainer settings ``axes`` (those that vary) and seed."""
     lines = ["## Curves and confusion matrices", ""]
     for row in rows:
         files = figs.get(row["config_id"], {})
         if not files:
             continue
-        lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}, seed {row['seed']}", ""]
+        settings = "".join(f", {a} {row[a]:g}" if isinstance(row[a], float) else f", {a} {row[a]}" for a in axes)
+        lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}{settings}, seed {row['seed']}", ""]
         order = ("loss", "acc", "confusion_train", "confusion_validation", "confusion")
         lines += [" ".join(f"![{k}]({files[k]})" for k in order if k in files), ""]
     return lines

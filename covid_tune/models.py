@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsUnavailable(RuntimeError):
-    """Pretrained weights were asked for but cannot be found on this machine."""
+    """Pretrained weights were asked for but cannot be had (missing, offline, download failed, wrong file)."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def imagenet_weights_file(backbone: str) -> Path:
 
 
 def check_weights(backbone: str, weights: str) -> None:
-    """Fail early, with the file to place and where, if pretrained weights are not on disk."""
+    """Whether pretrained weights are on disk here, without downloading (a quick pre-flight check)."""
     if weights == "none":
         return
     if weights == "imagenet":
@@ -249,9 +249,8 @@ def check_weights(backbone: str, weights: str) -> None:
         if not path.is_file():
             url = get_backbone(backbone).imagenet_weights().url
             raise WeightsUnavailable(
-                f"ImageNet weights for {backbone} are not on this machine (nothing is downloaded at run "
-                f"time). Place the file {path.name} (from {url}) at {path} "
-                f"(set TORCH_HOME to use another cache folder), give a state_dict file as "
+                f"ImageNet weights for {backbone} are not on this machine. Place the file {path.name} (from {url}) "
+                f"at {path} (set TORCH_HOME to use another cache folder), give a state_dict file as "
                 f"trainer.weights, or use trainer.weights=none.")
         return
     if not Path(weights).is_file():
@@ -259,20 +258,26 @@ def check_weights(backbone: str, weights: str) -> None:
                                  f"(expected a state_dict of the torchvision {backbone} model)")
 
 
-def _load_pretrained(net: nn.Module, backbone: str, weights: str) -> None:
-    check_weights(backbone, weights)
-    if weights == "none":
+def _load_pretrained(net: nn.Module, backbone: str, weights: "str | Mapping[str, torch.Tensor]") -> None:
+    if isinstance(weights, Mapping):  # resolved and checked by the caller (the sweep's driver)
+        state = weights
+    elif weights == "none":
         return
-    if weights == "imagenet":
-        state = get_backbone(backbone).imagenet_weights().get_state_dict(progress=False, check_hash=False)
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+    else:  # resolved here, as torchvision would: the cache, else a download (covid_tune.weights)
+        from covid_tune.weights import load_weights
+
+        state = load_weights(backbone, weights)
     net.load_state_dict(state)
 
 
-def create_model(name: str, num_classes: int, freeze: str = "none", weights: str = "none",
+def create_model(name: str, num_classes: int, freeze: str = "none",
+                 weights: "str | Mapping[str, torch.Tensor]" = "none",
                  head_hidden: int = 240, dropout: float = 0.5) -> Classifier:
-    """Build a registered backbone, load its weights, replace its head and apply a freeze level."""
+    """Build a registered backbone, load its weights, replace its head and apply a freeze level.
+
+    ``weights``: ``none``, ``imagenet``, a state_dict file, or the backbone's state_dict itself (what
+    a sweep's trials get from the driver, so they never read a file or the network).
+    """
     spec = get_backbone(name)
     if freeze not in spec.freeze_levels:
         raise KeyError(f"backbone {name!r} has no freeze level {freeze!r}; "

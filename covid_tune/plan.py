@@ -62,3 +62,22 @@ def plan_table(plan: dict[str, HParams]) -> str:
                     + [_fmt(d[a]) for a in extra] + [h.epochs])
     headers = ["Sr #", "config_id", "Backbone", "Layers", "Loss", "Seed"] + extra + ["Max epochs"]
     return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def tune_params(spec: Spec, plan: dict[str, HParams]) -> dict[str, dict]:
+    """Each trial's hyperparameters as Tune should show them: config id, backbone, freeze level, loss,
+    seed and every trainer axis the grid sets (one flat dict of plain values per config id)."""
+    extra = [a for a in TRAINER_AXES if getattr(spec.grid, a) is not None]
+    return {cid: {"config_id": cid, "backbone": h.backbone, "freeze": h.freeze, "loss": h.loss, "seed": h.seed,
+                  **{a: getattr(h, a) for a in extra}}
+            for cid, h in plan.items()}
+
+
+def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
+    """The epochs at which ASHA compares trials (Ray's ASHAScheduler, one bracket), ascending.
+
+    A rung at a fractional epoch acts at the first whole epoch past it."""
+    import math
+
+    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return sorted({math.ceil(grace_period * reduction_factor ** k - 1e-9) for k in range(n)})

@@ -152,7 +152,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     if problems:
         md += ["## Incomplete configurations", ""]
         md += [f"- `{r['config_id']}`: {r['status']}" for r in problems] + [""]
-    md += figures.markdown(figs, rows)
+    md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
 
@@ -240,6 +240,11 @@ def _slim_eval(ev: dict | None) -> dict | None:
     if not ev:
         return None
     return {s: {k: v for k, v in m.items() if k != "correct" or s == "test"} for s, m in ev.items()}
+
+
+def load_rows(out: Path) -> list[dict]:
+    """The result rows of ``out/report/results.json`` (history, status, test metrics per configuration)."""
+    return json.loads((out / "report" / "results.json").read_text())["rows"]
 
 
 def save_spec(out: Path, spec: Spec) -> None:

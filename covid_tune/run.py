@@ -3,6 +3,9 @@
 spec -> plan -> (data and weights checked) -> Ray Tune trials -> best checkpoints -> test
 evaluation as Ray tasks -> OUTPUT/report/REPORT.md. Exit codes: 0 done, 1 a trial failed,
 2 bad spec, data or weights (nothing started).
+
+Only the standard library is imported at the top: ``--help`` and ``--version`` answer without
+loading torch or Ray.
 """
 
 from __future__ import annotations
@@ -12,24 +15,47 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from covid_tune import plan as plan_mod
-from covid_tune import report as report_mod
-from covid_tune.cache import DecodedSplits, prepare_cache
-from covid_tune.data import DatasetError, DatasetIndex, check_implies, make_synthetic, scan_dataset
-from covid_tune.models import WeightsUnavailable, check_weights
-from covid_tune.spec import Spec, SpecError, load_spec
+if TYPE_CHECKING:
+    from covid_tune.cache import DecodedSplits
+    from covid_tune.data import DatasetIndex
+    from covid_tune.spec import Spec
+
+EPILOG = """\
+examples:
+  python -m covid_tune.run sweeps/demo.yaml                  the demo (synthetic data, 8 trials)
+  python -m covid_tune.run sweeps/part1.yaml --set data.root=/data/part1 --dry-run
+                                                             pre-flight: grid, data, weights, disk
+  python -m covid_tune.run sweeps/demo.yaml --set trainer.epochs=2 --set grid.seed=[0,1] --overwrite
+  python -m covid_tune.run sweeps/demo.yaml --resume         finish an interrupted sweep
+  python -m covid_tune.report runs/demo                      rebuild the report without training
+
+exit codes:
+  0  done (or --dry-run found no problem)
+  1  at least one trial failed (the report covers the others)
+  2  bad spec, data, weights, resources or output folder: nothing was trained
+"""
+
+
+def _version() -> str:
+    from covid_tune import __version__
+
+    return f"covid_tune {__version__}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m covid_tune.run",
         description="Run a sweep of chest X-ray classifiers on Ray Tune (local Ray, or a cluster with "
-                    "--address / RAY_ADDRESS) and write OUTPUT/report/REPORT.md.")
+                    "--address / RAY_ADDRESS) and write OUTPUT/report/REPORT.md.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", type=Path, help="YAML sweep spec, e.g. sweeps/demo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key (repeatable), e.g. --set trainer.epochs=2 --set grid.seed=[0,1]")
-    p.add_argument("--dry-run", action="store_true", help="print the trial grid and exit without training")
+    p.add_argument("--dry-run", action="store_true",
+                   help="pre-flight without training: the trial grid, data tree, weights, resources, ASHA "
+                        "rungs and a disk estimate; every problem listed, exit 2 if any")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start Ray locally)")
     p.add_argument("--output", help="output folder (default: the spec's output, else runs/<name>)")
     group = p.add_mutually_exclusive_group()
@@ -37,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="restore an interrupted sweep in the output folder and finish it")
     group.add_argument("--overwrite", action="store_true",
                        help="delete an earlier sweep in the output folder and start again")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Ray's and Tune's full output (progress tables, info logs) besides the compact view")
+    p.add_argument("--version", action="version", version=_version())
     return p.parse_args(argv)
 
 
@@ -44,9 +73,17 @@ def _log(msg: str) -> None:
     print(f"[covid_tune] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
-    """Check everything a trial needs before Ray starts: data (generated if synthetic) and weights;
-    then build (or read back) the decoded-image cache, once per run."""
+def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, dict]]:
+    """Check everything a trial needs before Ray starts: data (generated if synthetic) and pretrained
+    weights (read from torchvision's cache or a file, downloaded if missing, checked against each
+    backbone: here, once, never on a worker); then build (or read back) the decoded-image cache.
+
+    Returns the index, the decoded cache and each backbone's pretrained state_dict (empty for
+    ``weights: none``)."""
+    from covid_tune import report as report_mod
+    from covid_tune.data import check_implies, make_synthetic, scan_dataset
+    from covid_tune.weights import load_all
+
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
         _log(f"synthetic data -> {report_mod.dataset_root(spec)}")
@@ -54,9 +91,22 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None]:
                        {"train": s.train, "validation": s.validation, "test": s.test}, s.image_size, s.seed)
     index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
     check_implies(index.classes, spec.data.implies)
-    for backbone in spec.grid.backbone:
-        check_weights(backbone, spec.trainer.weights)
-    return index, prepare_cache(spec, index)
+    pretrained = load_all(spec.grid.backbone, spec.trainer.weights, spec.trainer.weights_download)
+    return index, prepare_cache(spec, index), pretrained
+
+
+def prepare_cache(spec: Spec, index: DatasetIndex) -> DecodedSplits | None:
+    """The sweep's decoded cache (built or read back from ``OUTPUT/cache``), or None with ``data.cache: false``.
+
+    Call in the driver before trials start; pass the result to the trainable (``tune.with_parameters``).
+    Trials only train and validate, so only ``train`` and ``validation`` are decoded.
+    """
+    from covid_tune.cache import build_decoded_cache
+
+    if not spec.data.cache:
+        return None
+    return build_decoded_cache(index, spec.data.image_size, spec.data.grayscale, spec.output_dir / "cache",
+                               splits=("train", "validation"))
 
 
 def _experiment_exists(spec: Spec) -> bool:
@@ -86,6 +136,10 @@ def _check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str 
     (Tune restores its own copy of the grid); without --resume or --overwrite an existing sweep
     is never touched.
     """
+    from covid_tune import plan as plan_mod
+    from covid_tune import report as report_mod
+    from covid_tune.spec import SpecError
+
     out = spec.output_dir
     exists = _experiment_exists(spec)
     if resume:
@@ -112,8 +166,20 @@ def _check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str 
     return None
 
 
+def _new_console(spec: "Spec", n_trials: int):
+    from covid_tune.console import SweepConsole
+    from covid_tune.plan import asha_rungs
+
+    sched = spec.scheduler
+    rungs = asha_rungs(spec.trainer.epochs, sched.grace_period, sched.reduction_factor) if sched.asha else []
+    return SweepConsole(total=n_trials, max_epochs=spec.trainer.epochs, metric=sched.metric, mode=sched.mode,
+                        rungs=rungs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from covid_tune.spec import SpecError, load_spec  # after --help: these import torch
+
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else []) \
         + ([f"ray.address={args.address}"] if args.address else [])
     try:
@@ -121,11 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
+    from covid_tune import plan as plan_mod
+    from covid_tune import report as report_mod
+    from covid_tune.console import scheduler_text, resources_text, summary_lines
+    from covid_tune.data import DatasetError
+    from covid_tune.models import WeightsUnavailable
+
     plan = plan_mod.expand(spec)
     if args.dry_run:
-        print(plan_mod.plan_table(plan))
-        print(f"\n{len(plan)} trial(s); output: {spec.output_dir}")
-        return 0
+        from covid_tune.preflight import preflight
+
+        return preflight(spec, plan, resume=args.resume, overwrite=args.overwrite,
+                         exists=_experiment_exists(spec))
 
     out = spec.output_dir
     try:
@@ -136,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covid_tune: {problem}", file=sys.stderr)
         return 2
     try:
-        index, decoded = prepare(spec)
+        index, decoded, pretrained = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
@@ -146,15 +219,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from covid_tune import results as results_mod
     from covid_tune import tuning  # Ray is imported only when a sweep really runs
+    from covid_tune.weights import state_nbytes
 
     start = time.time()
+    console = _new_console(spec, len(plan))
     try:
-        tuning.connect(spec.ray.address, decoded.nbytes if decoded is not None else 0)
+        tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained),
+                        quiet=not args.verbose)
+        sched = spec.scheduler
+        console.header(spec.name, out,
+                       resources_text(spec.resources.cpus, spec.resources.gpu, tuning.cluster_resources(), len(plan),
+                                      spec.ray.max_concurrent),
+                       scheduler_text(sched.asha, sched.metric, sched.mode, console.rungs, spec.trainer.epochs))
         shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
-        trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume)
+        weights = tuning.share_weights(pretrained)  # the trials' (also resumed ones') only source of weights
+        pretrained.clear()
+        trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, console=console,
+                                  ray_output=args.verbose, pretrained=weights)
     except (FileNotFoundError, ValueError) as exc:
+        console.close()
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
+    console.close()
     _log(f"trials finished in {time.time() - start:.0f} s; evaluating best checkpoints")
 
     def evaluator(dirs, idx):
@@ -162,8 +248,15 @@ def main(argv: list[str] | None = None) -> int:
                                       decoded=shared)
 
     path = report_mod.build(out, spec, evaluator=evaluator, index=index)
-    _log(f"report: {path} ({time.time() - start:.0f} s in all)")
+    rows = report_mod.load_rows(out)
+    for line in summary_lines(rows, spec.scheduler.metric, spec.scheduler.mode, path, out, time.time() - start):
+        console.line(line)
     return 1 if any(t["status"] == "error" for t in trials.values()) else 0
+
+
+def cli() -> None:
+    """The ``covid_tune`` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ class TrainerSpec(_Section):
     head_hidden: int = Field(240, ge=0)
     dropout: float = Field(0.5, ge=0, lt=1)
     weights: str = Field("none", description="none | imagenet | path to a torchvision state_dict")
+    weights_download: Literal["auto", "never"] = Field(
+        "auto", description="auto = download missing ImageNet weights into $TORCH_HOME/hub/checkpoints (on the "
+                            "driver, once); never = use only files already there (so does COVID_TUNE_OFFLINE=1)")
     focal_alpha: Optional[float] = Field(0.25, gt=0, lt=1)
     focal_gamma: float = Field(2.0, ge=0)
     feature_cache: Literal["auto", "on", "off"] = Field(
@@ -306,10 +309,12 @@ def _allowed_keys(loc: tuple) -> list[str] | None:
     return list(model.model_fields)
 
 
-def _format_errors(err: ValidationError) -> str:
+def _error_lines(err: ValidationError, skip: set[tuple] = frozenset()) -> list[str]:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("list[", "dict["))))
+        if any(loc[: len(s)] == s for s in skip):
+            continue
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc)
@@ -318,8 +323,82 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"{key}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg}")
-    return "invalid spec:\n" + "\n".join(f"  {line}" for line in dict.fromkeys(lines))
+            # the spec's combination checks name their keys themselves, "; "-joined
+            lines += msg.split("; ") if not loc else [f"{key}: {msg}"]
+    return lines
+
+
+def _drop_bad_keys(raw: dict, err: ValidationError) -> list[tuple]:
+    """Remove from ``raw`` each key (inside a section, or an unknown top-level key) that failed
+    validation; returns the key paths removed."""
+    dropped = []
+    for e in err.errors():
+        if e["type"] == "missing":
+            continue
+        path = []
+        for part in e["loc"]:
+            if not isinstance(part, str) or part.startswith(("list[", "dict[")):
+                break
+            path.append(part)
+        if len(path) < 2 and not (len(path) == 1 and e["type"] == "extra_forbidden"):
+            continue  # a whole section's own check, or the top level: nothing smaller to leave out
+        node = raw
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            del node[path[-1]]
+            dropped.append(tuple(path))
+    return dropped
+
+
+def _all_problems(raw: dict, err: ValidationError) -> list[str]:
+    """Every problem of a spec at once: pydantic checks combinations (model validators) only once each
+    key of the model is valid, so the bad keys are left out and the rest validated again, until it
+    passes or nothing more can be left out. Problems of the keys left out are not reported twice."""
+    lines = _error_lines(err)
+    trimmed = copy.deepcopy(raw)
+    skip: set[tuple] = set()
+    for _ in range(5):
+        dropped = _drop_bad_keys(trimmed, err)
+        if not dropped:
+            break
+        skip.update(dropped)
+        try:
+            Spec.model_validate(trimmed)
+            break
+        except ValidationError as again:
+            err = again
+            lines += [ln for ln in _error_lines(err, skip) if "required key is missing" not in ln]
+    else:
+        return list(dict.fromkeys(lines))
+    return list(dict.fromkeys(lines + _combination_problems(trimmed)))
+
+
+def _combination_problems(raw: dict) -> list[str]:
+    """Spec-wide combination checks on whatever of each section validates (a section that does not,
+    e.g. one failing its own combination check, taken as given): best effort, never raises."""
+    sections: dict[str, Any] = {}
+    try:
+        for name, field in Spec.model_fields.items():
+            model, value = field.annotation, raw.get(name)
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                if value is not None:
+                    sections[name] = value
+                continue
+            if not isinstance(value, dict):
+                if field.is_required():
+                    return []
+                continue
+            try:
+                sections[name] = model.model_validate(value)
+            except ValidationError:
+                sections[name] = model.model_construct(**value)
+        Spec.__pydantic_decorators__.model_validators["_combinations"].func(Spec.model_construct(**sections))
+    except ValueError as exc:
+        return str(exc).split("; ")
+    except Exception:  # noqa: BLE001 - values too broken to combine; their own errors are reported
+        return []
+    return []
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -353,7 +432,7 @@ def validate(raw: Any) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as err:
-        raise SpecError(_format_errors(err)) from None
+        raise SpecError("invalid spec:\n" + "\n".join(f"  {line}" for line in _all_problems(raw, err))) from None
     # absolute paths, so Ray workers with another working directory read the same folders
     update: dict[str, Any] = {"output": str(spec.output_dir)}
     if spec.ray.storage_path and "://" not in spec.ray.storage_path:

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -72,20 +73,40 @@ class _NextEpoch:
         return self._out["metrics"]
 
 
+def pretrained_state(hp: HParams, pretrained: "dict[str, ray.ObjectRef] | None") -> dict | None:
+    """The trial's pretrained state_dict, fetched from the driver's object-store copy (None for none).
+
+    Never read from this worker's disk or the network: a fresh node needs no TORCH_HOME.
+    """
+    if hp.weights == "none":
+        return None
+    if not pretrained or hp.backbone not in pretrained:
+        raise RuntimeError(f"trial {hp.group}: trainer.weights={hp.weights} but the driver shipped no state_dict for "
+                           f"{hp.backbone} (tuning.run_sweep resolves them; pass pretrained=share_weights(...))")
+    return ray.get(pretrained[hp.backbone])
+
+
 def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpus: float, gpu: float,
-                decoded: DecodedSplits | None = None) -> None:
+                decoded: DecodedSplits | None = None,
+                pretrained: "dict[str, ray.ObjectRef] | None" = None) -> None:
     """Train ``plan[config['config_id']]``, resuming from Tune's last checkpoint when there is one.
 
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
     per node) selects the tensor pipeline; without it the trial decodes with PIL. Each epoch's
-    metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented``, ``gpu`` (0/1).
+    metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented``, ``gpu`` (0/1),
+    and ``node_id``, the Ray node training it (hostname and IP, which Tune adds, do not tell apart
+    several nodes on one machine).
+    ``pretrained`` maps each backbone to its state_dict's reference (:func:`covid_tune.tuning.share_weights`);
+    a resumed trial builds its model from it too before loading its checkpoint.
 
     Epoch k + 1 trains while epoch k is reported (and, on a GPU, while its state, copied to the CPU
     as soon as it ended, is written); the checkpoint of epoch k holds exactly the state after epoch k.
     """
     hp = plan[config["config_id"]]
     torch.set_num_threads(max(1, int(cpus)))
-    run = TrainingRun(hp, index, default_device(use_gpu=gpu > 0), decoded=decoded)
+    run = TrainingRun(hp, index, default_device(use_gpu=gpu > 0), decoded=decoded,
+                      pretrained=pretrained_state(hp, pretrained))
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -98,7 +119,7 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     pending = _NextEpoch(run)
     try:
         while True:
-            metrics = {**pending.result(), **run.modes}
+            metrics = {**pending.result(), **run.modes, **node}
             last = run.epoch >= hp.epochs
             with tempfile.TemporaryDirectory() as d:
                 if background_save:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import uuid
@@ -18,8 +19,10 @@ from covid_tune.cache import DecodedSplits
 from covid_tune.data import DatasetIndex
 from covid_tune.engine import HParams
 from covid_tune.results import TRIALS_FILE, download_experiment
+from covid_tune.resume import ResumeFromLastReport
 from covid_tune.spec import Spec
 from covid_tune.trainable import train_trial
+from covid_tune.weights import load_all, state_nbytes
 
 
 _joined_cluster = False  # set by connect(): this driver joined a running cluster
@@ -28,15 +31,28 @@ _joined_cluster = False  # set by connect(): this driver joined a running cluste
 MIN_OBJECT_STORE = 512 * 1024**2
 
 
-def connect(address: str | None, cache_bytes: int = 0) -> None:
+def _quiet_ray() -> dict:
+    """ray.init options (and logger levels) that keep Ray's warnings but drop its info chatter, here and
+    in the workers (e.g. a "Checkpoint successfully created" line per epoch per trial)."""
+    # Tune's repeated "Experiment state snapshotting ..." advice (3 lines each) on a busy machine; the
+    # documented switch, and a user's own setting wins
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # one notice per start that a local Ray uses token authentication (shown with -v)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+
+
+def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally.
 
-    A local Ray's object store gets room for the decoded cache of ``cache_bytes`` (one copy per node)
+    A local Ray's object store gets room for ``cache_bytes`` (the decoded cache and pretrained weights, one copy each)
     plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
-    to disk-backed memory. A cluster's nodes size their own."""
+    to disk-backed memory. A cluster's nodes size their own. ``quiet``: Ray logs warnings and errors
+    only (worker output, spilling and trial errors still reach this console)."""
     global _joined_cluster
     if ray.is_initialized():
         return
+    extra = _quiet_ray() if quiet else {}
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith("ray://"):
         # Ray Client runs this driver here but Tune's storage, the exported models and the report on
@@ -45,19 +61,27 @@ def connect(address: str | None, cache_bytes: int = 0) -> None:
                          "sweep as a job instead (ray job submit --address http://HEAD:8265 -- python -m "
                          "covid_tune.run SPEC), or run it on the head node with --address auto")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **extra)
         _joined_cluster = True
     else:
         # address="local": a new Ray instance even when `ray start` (or a test cluster) recorded one
         # in /tmp/ray/ray_current_cluster, which ray.init() would otherwise silently join.
         ray.init(address="local", include_dashboard=False,
-                 object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True)
+                 object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True,
+                 **extra)
 
 
 def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
     """Put the decoded cache in the object store once (call after :func:`connect`): passing the
     returned reference to :func:`run_sweep` and :func:`evaluate_remote` keeps one copy per node for both."""
     return ray.put(decoded) if decoded is not None else None
+
+
+def share_weights(states: dict[str, dict]) -> "dict[str, ray.ObjectRef]":
+    """Put each backbone's pretrained state_dict (:func:`covid_tune.weights.load_all`) in the object store
+    once (call after :func:`connect`). Trials fetch theirs from there, so no node needs the file or a
+    network; the driver may drop its copies afterwards."""
+    return {backbone: ray.put(state) for backbone, state in states.items()}
 
 
 def on_cluster(spec: Spec) -> bool:
@@ -141,207 +165,110 @@ def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
             Path(probes["ray.storage_path"][1]).unlink(missing_ok=True)
 
 
-def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: "DecodedSplits | ray.ObjectRef | None"):
+def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: "DecodedSplits | ray.ObjectRef | None",
+               pretrained: "dict[str, ray.ObjectRef] | None" = None):
     # with_parameters puts each argument in Ray's object store once (a reference is used as it is):
-    # one copy of the cache per node
+    # one copy of the cache per node; pretrained is a small dict of references, one per backbone
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
-                              decoded=decoded)
+                              decoded=decoded, pretrained=pretrained)
     return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
 
 
-class RecordTrialNode(tune.Callback):
-    """Add ``node_id`` (the Ray node running the trial) to every result that lacks it.
-
-    Hostname and IP, which Tune adds itself, do not tell apart several Ray nodes on one machine or
-    behind one address; the node id does. Looked up once per trial process in Ray's actor table,
-    on the driver, before Tune's loggers write the result (results.csv takes it from there).
-    """
-
-    def __init__(self) -> None:
-        self._nodes: dict[str, str | None] = {}
+class RecordHyperparameters(tune.Callback):
+    """Add the trial's hyperparameters to each result as ``hp`` (progress.csv's ``hp/<name>`` columns):
+    Tune's CSV logger leaves the config out; params.json, TensorBoard's HParams and the ResultGrid
+    have it from the param_space."""
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        if result.get("node_id"):
-            return
-        try:
-            actor = trial.temporary_state.ray_actor
-            key = actor._actor_id.hex()
-            if key not in self._nodes:
-                from ray._private.state import actors
-
-                self._nodes[key] = (actors(key).get("Address") or {}).get("NodeID")
-            if self._nodes[key]:
-                result["node_id"] = self._nodes[key]
-        except Exception:  # noqa: BLE001 - a missing node id must not stop a sweep
-            pass
-
-    def __getstate__(self) -> dict:
-        return {"_nodes": {}}
+        result.setdefault("hp", {k: v for k, v in trial.config.items() if isinstance(v, (str, int, float, bool))})
 
 
-class ResumeFromLastReport(tune.Callback):
-    """Resume a restored or retried trial from the checkpoint of its last *reported* epoch.
+def cluster_resources() -> dict[str, float]:
+    """CPUs and GPUs of the Ray this driver is connected to."""
+    have = ray.cluster_resources()
+    return {"CPU": have.get("CPU", 0.0), "GPU": have.get("GPU", 0.0)}
 
-    What Tune restores from lags what it has reported. Its experiment snapshot (which checkpoint
-    each trial resumes from) is saved every few seconds and synced to storage together with the
-    trials' result.json, in the background, so the copy of result.json can already hold rows the
-    snapshot does not know; and a function trainable's checkpoint is registered one round trip after
-    its result is logged. A driver killed then, or a trial process dying then, would make Tune train
-    the reported epochs again from an older checkpoint. Every reported epoch's checkpoint is complete
-    on storage (a trial persists it before it reports), so this registers the one named by the last
-    row of result.json (or by the last result seen) as the trial's latest: on the first step of a
-    restored run, and whenever a failed trial is requeued. Anything unexpected leaves Tune's own
-    choice in place (those epochs are then trained twice and the report keeps the later rows).
-    """
 
-    def __init__(self) -> None:
-        self._checked = False
+class LiveView(tune.Callback):
+    """Feed Tune's trial events to a :class:`covid_tune.console.SweepConsole` (the compact console).
 
-    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
-        if self._checked:
-            return
-        self._checked = True
-        for trial in trials:
-            self._catch_up(trial)
+    Not pickled with the Tuner (a console holds a stream): a restored sweep gets a new one."""
 
-    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
-        self._catch_up(trial)
+    def __init__(self, console, metric: str) -> None:
+        self.console, self.metric = console, metric
 
     @staticmethod
-    def _catch_up(trial) -> None:
-        try:
-            _save_logged_rows(trial)
-            _catch_up_checkpoint(trial)
-        except Exception as exc:  # noqa: BLE001 - never stop a sweep over this repair
-            print(f"covid_tune: could not check trial {trial}'s last checkpoint: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+    def _cid(trial) -> str:
+        return trial.config.get("config_id", str(trial))
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.started(self._cid(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if self.console is not None and "epoch" in result:
+            self.console.result(self._cid(trial), int(result["epoch"]), result.get(self.metric))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.completed(self._cid(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.failed(self._cid(trial), _error_text(trial))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.console is not None:
+            self.console.retrying(self._cid(trial), _error_text(trial))
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self.console is not None:
+            self.console.close()
 
     def __getstate__(self) -> dict:
-        return {"_checked": False}
+        return {"console": None, "metric": self.metric}
 
 
-def _reported_rows(trial) -> list[dict]:
-    """``trial``'s reported results that name a checkpoint, oldest first.
-
-    From result.json on storage (what the last sync saved), from the driver's own staging copy of
-    it (a driver restored in the same Ray session, e.g. a job submitted again to the same cluster,
-    finds the rows its killed predecessor logged but never synced; Tune syncs them up later) and
-    from the last result Tune holds (the newest while the driver lives, when a trial is retried).
-    """
-    import pyarrow.fs
-
-    texts = []
-    fs = trial.storage.storage_filesystem
-    path = f"{trial.storage.trial_fs_path}/result.json"
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            texts.append(f.read().decode())
-    staged = Path(trial.storage.trial_driver_staging_path, "result.json")
-    if staged.is_file():
-        texts.append(staged.read_text())
-    rows = [dict(trial.last_result or {})]
-    for text in texts:
-        for line in text.splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a row cut off when the driver died
-                continue
-    by_iteration = {r["training_iteration"]: r for r in rows
-                    if r.get("checkpoint_dir_name") and "epoch" in r and "training_iteration" in r}
-    return [by_iteration[i] for i in sorted(by_iteration)]
-
-
-def _save_logged_rows(trial) -> bool:
-    """Copy the driver's result.json of ``trial`` to storage when it holds more rows than storage.
-
-    When a trial (re)starts, Tune's JSON logger replaces the driver's copy of result.json with the
-    one on storage, which is only as new as the last experiment sync: a trial retried after its
-    worker or node died would lose the rows reported since. Saving the driver's copy first (it only
-    ever grows, and storage only ever holds an older copy of it) keeps them.
-    """
-    staged = Path(trial.storage.trial_driver_staging_path, "result.json")
-    if not staged.is_file():
-        return False
-    data = staged.read_bytes()
-    fs = trial.storage.storage_filesystem
-    path = f"{trial.storage.trial_fs_path}/result.json"
-    info = fs.get_file_info(path)
-    if info.size is not None and info.size >= len(data):
-        return False
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-    return True
-
-
-def _complete_checkpoint(fs, folder: str, epoch: int) -> bool:
-    """Whether ``folder`` holds a whole checkpoint of ``epoch`` (state written, metrics agreeing)."""
-    import pyarrow.fs
-
-    from covid_tune.trainable import METRICS_FILE, STATE_FILE
-
-    if fs.get_file_info(f"{folder}/{STATE_FILE}").type != pyarrow.fs.FileType.File:
-        return False
+def _error_text(trial) -> str:
     try:
-        with fs.open_input_stream(f"{folder}/{METRICS_FILE}") as f:
-            return int(json.loads(f.read()).get("epoch", -1)) == int(epoch)
-    except (OSError, ValueError):
-        return False
+        return Path(trial.error_file).read_text() if trial.error_file else "unknown error"
+    except OSError:
+        return "unknown error (no error file)"
 
 
-def _catch_up_checkpoint(trial) -> bool:
-    """Make ``trial`` resume from the checkpoint of its last reported epoch (see ResumeFromLastReport).
+class _ParamOf:
+    """``tune.sample_from`` of one hyperparameter: its value in the trial's plan entry (by config id)."""
 
-    Also drops from Tune's bookkeeping the checkpoints a killed driver deleted after its last
-    snapshot (Tune would otherwise fail on them later). Returns whether the resume point moved.
-    """
-    import pyarrow.fs
-    from ray.train._internal.session import _TrainingResult
+    def __init__(self, values: dict[str, dict], key: str) -> None:
+        self.values, self.key = values, key
 
-    if trial.status not in ("PENDING", "PAUSED"):
-        return False
-    rows = _reported_rows(trial)
-    if not rows:
-        return False
-    fs = trial.storage.storage_filesystem
-    manager = trial.run_metadata.checkpoint_manager
-    exists = {}
-    for result in [*manager._checkpoint_results, manager._latest_checkpoint_result]:
-        if result is not None and result.checkpoint.path not in exists:
-            found = fs.get_file_info(result.checkpoint.path).type
-            exists[result.checkpoint.path] = found != pyarrow.fs.FileType.NotFound
-    current = manager._latest_checkpoint_result
-    was = Path(current.checkpoint.path).name if current is not None else "the start"
-    chosen = next((r for r in reversed(rows) if _complete_checkpoint(
-        fs, f"{trial.storage.trial_fs_path}/{r['checkpoint_dir_name']}", r["epoch"])), None)
-    gone = [p for p, ok in exists.items() if not ok]
-    if gone:
-        manager._checkpoint_results = [r for r in manager._checkpoint_results if exists[r.checkpoint.path]]
-        if current is not None and not exists[current.checkpoint.path]:
-            manager._latest_checkpoint_result = max(manager._checkpoint_results, default=None,
-                                                    key=lambda r: r.metrics.get("training_iteration", 0))
-        trial.invalidate_json_state()
-        trial.run_metadata.invalidate_cache()
-    current = manager._latest_checkpoint_result
-    at = current.metrics.get("training_iteration", 0) if current is not None else 0
-    if chosen is None or at >= chosen["training_iteration"] or (
-            current is not None and Path(current.checkpoint.path).name == chosen["checkpoint_dir_name"]):
-        again = [r["epoch"] for r in rows if r["training_iteration"] > at]
-        if again:
-            where = Path(current.checkpoint.path).name if current is not None else "the start"
-            print(f"covid_tune: {trial}: resuming from {where}; the checkpoints of reported epoch(s) {again} "
-                  "are gone, they are trained again", file=sys.stderr)
-        return False
-    name = chosen["checkpoint_dir_name"]
-    folder = f"{trial.storage.trial_fs_path}/{name}"
-    # the trainable numbers its next checkpoint one past the trial's index, which on_checkpoint
-    # sets to this checkpoint's (it adds 1, as after any checkpoint)
-    trial.storage.current_checkpoint_index = int(name.rsplit("_", 1)[1]) - 1
-    trial.on_checkpoint(_TrainingResult(checkpoint=tune.Checkpoint(folder, filesystem=fs), metrics=chosen))
-    lost = [r["epoch"] for r in rows if r["training_iteration"] > chosen["training_iteration"]]
-    print(f"covid_tune: {trial}: resuming from {name} (epoch {chosen['epoch']}"
-          + (f"; the checkpoints of reported epoch(s) {lost} are gone, they are trained again" if lost
-             else ", its last reported one") + f"), not {was} as Tune's state had it", file=sys.stderr)
-    return True
+    def __call__(self, config: dict):
+        return self.values[config["config_id"]][self.key]
+
+
+def param_space(spec: Spec, plan: dict[str, HParams]) -> dict:
+    """Tune's search space: a grid over config ids, every hyperparameter resolved from the plan.
+
+    The trainable still trains ``plan[config_id]`` (the plan is the source of truth); the other keys
+    make params.json, progress.csv, TensorBoard's HParams and the ResultGrid show the real values."""
+    from covid_tune.plan import tune_params
+
+    values = tune_params(spec, plan)
+    keys = [k for k in next(iter(values.values())) if k != "config_id"]
+    return {"config_id": tune.grid_search(list(plan)), **{k: tune.sample_from(_ParamOf(values, k)) for k in keys}}
+
+
+def _trial_dirname(trial) -> str:
+    # short and readable (Tune's default appends every parameter, cut at 130 characters)
+    return f"{trial.trial_id}_{trial.config.get('config_id', 'trial')}"
+
+
+def _use_console(tuner, view, verbose: int) -> None:
+    """Give a (restored) Tuner this run's live view and Tune verbosity (its run config was pickled)."""
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.verbose = verbose
+    run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, LiveView)] \
+        + ([view] if view is not None else [])
 
 
 def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
@@ -355,19 +282,35 @@ def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
 
 def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
               decoded: "DecodedSplits | ray.ObjectRef | None" = None,
-              resume: bool = False) -> dict[str, dict]:
+              resume: bool = False, console=None, ray_output: bool = True,
+              pretrained: "dict[str, ray.ObjectRef] | None" = None) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
 
-    ``decoded`` is the decoded-image cache (``cache.prepare_cache``) or its reference from :func:`share`;
-    None trains from the image files.
+    ``decoded`` is the decoded-image cache (``run.prepare_cache``) or its reference from :func:`share`;
+    None trains from the image files. ``console`` (a ``console.SweepConsole``) gets every trial event;
+    ``ray_output`` False silences Tune's own progress tables.
+    ``pretrained`` is :func:`share_weights` of the backbones' state_dicts; without it they are
+    resolved here, on the driver (never by a trial).
 
     Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
     """
-    connect(spec.ray.address, decoded.nbytes if isinstance(decoded, DecodedSplits) else 0)
+    states: dict[str, dict] = {}
+    if pretrained is None:
+        states = load_all([h.backbone for h in plan.values()], spec.trainer.weights, spec.trainer.weights_download)
+    connect(spec.ray.address, (decoded.nbytes if isinstance(decoded, DecodedSplits) else 0) + state_nbytes(states))
+    if pretrained is None:
+        pretrained = share_weights(states)
+        states.clear()  # the object store holds them now
     check_resources(spec)
     check_shared_paths(spec, index)
     path = spec.experiment_path
-    trainable = _trainable(spec, plan, index, decoded)
+    trainable = _trainable(spec, plan, index, decoded, pretrained)
+    view = LiveView(console, spec.scheduler.metric) if console is not None else None
+    verbose = 1 if ray_output else 0
+    if not ray_output:
+        # Tune's newer console prints its experiment box and folders even at verbose=0; the older
+        # one (Ray's documented switch) prints nothing at verbose=0. A user's own setting wins.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")
@@ -377,12 +320,13 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         scheduler = make_scheduler(spec)
         tuner = tune.Tuner(
             trainable,
-            param_space={"config_id": tune.grid_search(list(plan))},
+            param_space=param_space(spec, plan),
             # reuse_actors: a worker process that finished (or ASHA stopped) a trial starts the next one,
             # skipping a process start and torch's imports (seconds per trial); train_trial leaves no
             # thread or state behind
             tune_config=tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=scheduler,
-                                        max_concurrent_trials=spec.ray.max_concurrent, reuse_actors=True),
+                                        max_concurrent_trials=spec.ray.max_concurrent, reuse_actors=True,
+                                        trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=spec.name,
                 storage_path=spec.storage_root,
@@ -390,9 +334,10 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                                                         checkpoint_score_attribute=sched.metric,
                                                         checkpoint_score_order=sched.mode),
                 failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-                callbacks=[ResumeFromLastReport(), RecordTrialNode()],  # pickled with the Tuner: also on --resume
+                callbacks=[ResumeFromLastReport(), RecordHyperparameters()],  # pickled with the Tuner: also on --resume
             ),
         )
+    _use_console(tuner, view, verbose)
     grid = tuner.fit()
     trials = {}
     for result in grid:

@@ -48,6 +48,25 @@ def tiny_raw(tmp_path: Path) -> dict:
     }, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def index(request, tmp_path_factory):
+    """A scanned synthetic tree sized by the test module's ``SYNTHETIC`` dict (counts, image_size)."""
+    from covid_tune.data import make_synthetic, scan_dataset
+
+    sizes = request.module.SYNTHETIC
+    root = make_synthetic(tmp_path_factory.mktemp(request.module.__name__) / "d", counts=sizes["counts"],
+                          image_size=sizes["image_size"])
+    return scan_dataset(root)
+
+
+@pytest.fixture(scope="module")
+def decoded(request, index):
+    """``index``'s train and validation splits decoded at the module's ``SYNTHETIC["decoded_size"]``."""
+    from covid_tune.cache import build_decoded_cache
+
+    return build_decoded_cache(index, request.module.SYNTHETIC["decoded_size"], True, splits=("train", "validation"))
+
+
 def load_sweep(name: str) -> dict:
     return yaml.safe_load((REPO / "sweeps" / name).read_text())
 

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from covid_tune import cache
+from covid_tune import run as run_mod
 from covid_tune.data import eval_transform, load_image, scan_dataset
 from covid_tune.loaders import TensorLoader
 from covid_tune.spec import validate
@@ -135,12 +136,12 @@ def test_prepare_cache_follows_the_spec(tiny_raw: dict, tree: Path) -> None:
     spec = validate(raw)
     assert spec.data.cache is True and spec.trainer.feature_cache == "auto"
     index = scan_dataset(tree)
-    decoded = cache.prepare_cache(spec, index)
+    decoded = run_mod.prepare_cache(spec, index)
     assert set(decoded.arrays) == {"train", "validation"}  # trials never read the test split
     assert all(Path(f).parent == spec.output_dir / "cache" for f in decoded.files.values())
     assert decoded.nbytes == cache.node_memory_bytes(len(index.paths("train")) + len(index.paths("validation")), 24)
     off = validate({**raw, "data": {**raw["data"], "cache": False}})
-    assert cache.prepare_cache(off, index) is None
+    assert run_mod.prepare_cache(off, index) is None
 
 
 def test_pickles_as_plain_arrays_out_of_band(tree: Path, tmp_path: Path) -> None:
@@ -182,7 +183,7 @@ def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -
     raw = {**tiny_raw, "trainer": {**tiny_raw["trainer"], "epochs": 3, "dropout": 0.3},
            "scheduler": {**tiny_raw["scheduler"], "asha": False, "keep_checkpoints": 3}}
     spec = validate(raw)
-    index, decoded = prepare(spec)
+    index, decoded, _ = prepare(spec)
     plan = plan_mod.expand(spec)
     import ray
 

@@ -80,7 +80,9 @@ def test_missing_imagenet_weights_exits_2_with_the_file_to_place(tmp_path: Path,
     spec.write_text(yaml.safe_dump(raw))
     env_home = tmp_path / "torch-home"
     proc = subprocess.run([sys.executable, "-m", "covid_tune.run", str(spec)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**__import__("os").environ, "TORCH_HOME": str(env_home)})
+                          text=True, timeout=120, env={**__import__("os").environ, "TORCH_HOME": str(env_home),
+                                                       "COVID_TUNE_OFFLINE": "1"})  # online it would download
     assert proc.returncode == 2
+    assert "downloads are off (COVID_TUNE_OFFLINE=1)" in proc.stderr
     assert "resnet18-f37072fd.pth" in proc.stderr
     assert str(env_home / "hub" / "checkpoints") in proc.stderr

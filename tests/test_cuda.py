@@ -12,9 +12,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from covid_tune import augment as A
-from covid_tune.cache import build_decoded_cache
-from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
 from covid_tune.engine import HParams, TrainingRun
 from covid_tune.loaders import TensorLoader
 from covid_tune.trainable import snapshot
@@ -27,16 +24,8 @@ HP = HParams(backbone="tiny_cnn", freeze="block1", loss="ce", image_size=32, bat
              augment=True, lr=0.05, dropout=0.3)
 
 
-@pytest.fixture(scope="module")
-def index(tmp_path_factory) -> DatasetIndex:
-    root = make_synthetic(tmp_path_factory.mktemp("cuda") / "d", counts={"train": 24, "validation": 8, "test": 2},
-                          image_size=40)
-    return scan_dataset(root)
-
-
-@pytest.fixture(scope="module")
-def decoded(index: DatasetIndex):
-    return build_decoded_cache(index, 32, True, splits=("train", "validation"))
+# conftest's module-scoped ``index`` and ``decoded`` fixtures: a synthetic tree of these sizes, decoded at 32 px
+SYNTHETIC = {"counts": {"train": 24, "validation": 8, "test": 2}, "image_size": 40, "decoded_size": 32}
 
 
 def test_gpu_augmentation_matches_the_cpu_for_the_same_seed() -> None:

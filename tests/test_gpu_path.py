@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from covid_tune import augment as A
 from covid_tune.cache import build_decoded_cache
-from covid_tune.data import DatasetIndex, eval_transform, load_image, make_synthetic, scan_dataset
+from covid_tune.data import eval_transform, load_image
 from covid_tune.engine import (HParams, TrainingRun, feature_cache_mode, resolve_precision, train_one_epoch)
 from covid_tune.loaders import FeatureLoader, TensorLoader, epoch_generator
 from covid_tune.losses import build_loss
@@ -27,16 +27,8 @@ LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 HIGH = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 
 
-@pytest.fixture(scope="module")
-def index(tmp_path_factory) -> DatasetIndex:
-    root = make_synthetic(tmp_path_factory.mktemp("gpu") / "d", counts={"train": 20, "validation": 8, "test": 2},
-                          image_size=36)
-    return scan_dataset(root)
-
-
-@pytest.fixture(scope="module")
-def decoded(index: DatasetIndex):
-    return build_decoded_cache(index, 32, True, splits=("train", "validation"))
+# conftest's module-scoped ``index`` and ``decoded`` fixtures: a synthetic tree of these sizes, decoded at 32 px
+SYNTHETIC = {"counts": {"train": 20, "validation": 8, "test": 2}, "image_size": 36, "decoded_size": 32}
 
 
 def uint8_images(n: int = 6, size: int = 37, channels: int = 1, seed: int = 0) -> torch.Tensor:

@@ -234,7 +234,8 @@ def test_missing_imagenet_weights_name_file_and_path(empty_torch_home: Path, nam
     assert not (empty_torch_home / "hub" / "checkpoints" / filename).exists()  # nothing was downloaded
 
 
-def test_create_model_with_missing_imagenet_weights_raises(empty_torch_home: Path) -> None:
+def test_create_model_with_missing_imagenet_weights_raises(empty_torch_home: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COVID_TUNE_OFFLINE", "1")  # else it downloads, as torchvision does (tests/test_weights.py)
     with pytest.raises(WeightsUnavailable, match="resnet18-f37072fd.pth"):
         create_model("resnet18", 2, weights="imagenet")
 
@@ -282,10 +283,16 @@ def test_weights_from_local_state_dict(tmp_path: Path, resnet18_state: dict) -> 
     assert not torch.equal(fresh.net.conv1.weight, resnet18_state["conv1.weight"])
 
 
-def test_imagenet_weights_from_torch_home_cache(empty_torch_home: Path, resnet18_state: dict) -> None:
+def test_imagenet_weights_from_torch_home_cache(empty_torch_home: Path, resnet18_state: dict, monkeypatch) -> None:
+    import hashlib
+
     cache = empty_torch_home / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    torch.save(resnet18_state, cache / "resnet18-f37072fd.pth")
+    torch.save(resnet18_state, cache / "w.pth")
+    name = f"resnet18-{hashlib.sha256((cache / 'w.pth').read_bytes()).hexdigest()[:8]}.pth"  # as torchvision names it
+    (cache / "w.pth").rename(cache / name)
+    monkeypatch.setattr(tvm.ResNet18_Weights.IMAGENET1K_V1.value, "url", f"http://127.0.0.1:9/{name}")
+    monkeypatch.setenv("COVID_TUNE_OFFLINE", "1")  # read from the cache: no network
     check_weights("resnet18", "imagenet")
     model = create_model("resnet18", 2, freeze="fc_only", weights="imagenet", head_hidden=HIDDEN)
     assert torch.equal(model.net.conv1.weight, resnet18_state["conv1.weight"])

@@ -279,6 +279,14 @@ def test_imagenet_weights_for_resnet18_pass_validation(tiny_raw: dict) -> None:
     assert validate(tiny_raw).trainer.weights == "imagenet"
 
 
+def test_weights_download_defaults_to_auto_and_takes_never_only(tiny_raw: dict) -> None:
+    assert validate(tiny_raw).trainer.weights_download == "auto"
+    tiny_raw["trainer"]["weights_download"] = "never"
+    assert validate(tiny_raw).trainer.weights_download == "never"
+    tiny_raw["trainer"]["weights_download"] = "offline"
+    spec_error(tiny_raw, "trainer.weights_download", "'auto'", "'never'")
+
+
 @pytest.mark.parametrize("gpu", [1.5, 2.25])
 def test_fractional_gpu_above_one(tiny_raw: dict, gpu: float) -> None:
     tiny_raw["resources"]["gpu"] = gpu

@@ -1,0 +1,61 @@
+"""The private Ray Tune names covid_tune.resume relies on, checked against the installed Ray.
+
+These fail by name on a Ray version that moves or renames them (pyproject pins the tested range);
+tests/test_cluster.py exercises the repair itself (driver SIGKILL, --resume).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+
+def test_checkpoint_manager_keeps_the_lists_the_repair_edits() -> None:
+    from ray.train import CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    assert manager._checkpoint_results == []
+    assert manager._latest_checkpoint_result is None
+
+
+def test_training_result_takes_a_checkpoint_and_metrics(tmp_path) -> None:
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+
+    result = _TrainingResult(checkpoint=tune.Checkpoint(str(tmp_path)), metrics={"epoch": 1})
+    assert result.checkpoint.path == str(tmp_path) and result.metrics == {"epoch": 1}
+
+
+@pytest.mark.parametrize("name", ["current_checkpoint_index", "trial_fs_path", "trial_driver_staging_path",
+                                  "storage_filesystem"])
+def test_storage_context_has(name: str) -> None:
+    from ray.train._internal.storage import StorageContext
+
+    assert name in inspect.getsource(StorageContext), f"StorageContext.{name} is gone"
+
+
+@pytest.mark.parametrize("name", ["on_checkpoint", "invalidate_json_state", "storage", "run_metadata",
+                                  "last_result", "status"])
+def test_trial_has(name: str) -> None:
+    from ray.tune.experiment import Trial
+
+    assert name in inspect.getsource(Trial), f"Trial.{name} is gone"
+
+
+def test_trial_metadata_has_a_checkpoint_manager_and_a_cache_to_invalidate() -> None:
+    from ray.tune.experiment.trial import _TrainingRunMetadata
+
+    meta = _TrainingRunMetadata()
+    assert hasattr(meta, "checkpoint_manager") and callable(meta.invalidate_cache)
+
+
+def test_callback_hooks_the_repair_overrides() -> None:
+    from ray import tune
+
+    from covid_tune.resume import ResumeFromLastReport
+
+    for hook in ("on_step_begin", "on_trial_recover"):
+        assert hook in vars(tune.Callback), f"tune.Callback.{hook} is gone"
+        assert hook in vars(ResumeFromLastReport)
