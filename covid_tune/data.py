@@ -185,13 +185,14 @@ def train_transform(image_size: int, augment: bool = True) -> T.Compose:
     ])
 
 
-def eval_transform(image_size: int) -> T.Compose:
+def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> T.Compose:
     """Resize to 256/224 of the crop size, then center-crop (the course's Resize(256)+CenterCrop(224))."""
     return T.Compose([
         T.Resize(round(image_size * 256 / 224)),
         T.CenterCrop(image_size),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(mean, std),
     ])
 
 

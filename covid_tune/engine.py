@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from covid_tune import data as data_mod
 from covid_tune.cache import DecodedSplits
+from covid_tune.checkpoints import frozen_digest, is_slim, load_model_state, model_state
 from covid_tune.loaders import SHUFFLE_STREAM, FeatureLoader, TensorLoader, epoch_generator
 from covid_tune.losses import build_loss
 from covid_tune.metrics import multi_label_metrics, single_label_metrics
@@ -69,6 +70,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def build_model(hp: HParams, num_classes: int, pretrained: dict | None = None) -> nn.Module:
+    """A trial's model as it starts training, on the CPU: :func:`create_model` with ``hp``'s weights
+    (``pretrained``, the backbone's state_dict resolved by the caller, instead of reading ``hp.weights``),
+    right after seeding with ``hp.seed``. The same call gives the same initial state every time, which
+    is where a slim checkpoint's frozen layers come from (:mod:`covid_tune.checkpoints`)."""
+    seed_everything(hp.seed)
+    weights = pretrained if pretrained is not None and hp.weights != "none" else hp.weights
+    return create_model(hp.backbone, num_classes, freeze=hp.freeze, weights=weights,
+                        head_hidden=hp.head_hidden, dropout=hp.dropout)
+
+
+def full_model_state(hp: HParams, num_classes: int, state: dict,
+                     pretrained: dict | None = None) -> dict[str, torch.Tensor]:
+    """The whole model's state_dict of a checkpoint (slim or full), on the CPU; leaves the RNGs as they were."""
+    if not is_slim(state):
+        return state["model"]
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        model = build_model(hp, num_classes, pretrained)
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+    load_model_state(model, state)
+    return model.state_dict()
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -274,9 +302,7 @@ class TrainingRun:
         self.classes = list(index.classes)
         self.device = device or default_device()
         self.amp_dtype, self.channels_last = resolve_precision(hp.precision, self.device)
-        weights = pretrained if pretrained is not None and hp.weights != "none" else hp.weights
-        self.model = create_model(hp.backbone, len(self.classes), freeze=hp.freeze, weights=weights,
-                                  head_hidden=hp.head_hidden, dropout=hp.dropout).to(self.device)
+        self.model = build_model(hp, len(self.classes), pretrained).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)
@@ -305,6 +331,7 @@ class TrainingRun:
         self._index = index
         self._features: tuple[FeatureLoader, FeatureLoader] | None = None
         self._stop = threading.Event()
+        self._digest: list[float] | None = None  # of the frozen part, which never changes: computed once
         self.epoch = 0
 
     def request_stop(self) -> None:
@@ -369,14 +396,19 @@ class TrainingRun:
         return {"epoch": self.epoch, **train.summary("train"), **val.summary("val")}
 
     def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-                 "torch_rng": torch.get_rng_state()}
+        """What a checkpoint needs to go on exactly from here: the model's trained part (the frozen part
+        is rebuilt by :func:`build_model`), the optimizer state, the epoch, the RNG states."""
+        if self._digest is None:
+            self._digest = frozen_digest(self.model)
+        state = {**model_state(self.model, self._digest), "optimizer": self.optimizer.state_dict(),
+                 "epoch": self.epoch, "torch_rng": torch.get_rng_state()}
         if self.device.type == "cuda":  # dropout on a GPU draws from the device's generator
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        """Resume from :meth:`state_dict` (or a full-model checkpoint of an earlier version)."""
+        load_model_state(self.model, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         # RNG states must be CPU byte tensors, whatever map_location the checkpoint was loaded with

@@ -1,7 +1,14 @@
-"""Report figures: loss and accuracy curves per configuration, test confusion matrices."""
+"""Report figures: loss and accuracy curves per configuration, test confusion matrices.
+
+Each PNG carries a digest of what it shows (its data and title, in the PNG's Description text):
+a figure whose digest matches is not drawn again. The sweep draws a configuration's figures as
+soon as its trial is evaluated, while other trials train, and the report then finds them current.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import matplotlib
@@ -10,9 +17,29 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+FIGURE_VERSION = 1  # part of every digest: bump it when the drawing changes, so old files are redrawn
+
+
+def _digest(*content) -> str:
+    return hashlib.sha256(json.dumps([FIGURE_VERSION, *content], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _current(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a PNG already showing exactly what ``digest`` describes."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.text.get("Description") == digest
+    except (OSError, ValueError):
+        return False
+
 
 def _curve(path: Path, history: list[dict], key: str, title: str) -> None:
     epochs = [h["epoch"] for h in history]
+    digest = _digest("curve", title, epochs, [[h[f"{s}_{key}"] for h in history] for s in ("train", "val")])
+    if _current(path, digest):
+        return
     fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=80)
     for split, style in (("train", "-o"), ("val", "-s")):
         ax.plot(epochs, [h[f"{split}_{key}"] for h in history], style, ms=3,
@@ -23,7 +50,7 @@ def _curve(path: Path, history: list[dict], key: str, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Description": digest})
     plt.close(fig)
 
 
@@ -40,6 +67,9 @@ def _matrix(ax, cm: np.ndarray, xlabels: list[str], ylabels: list[str], title: s
 
 def _confusion(path: Path, confusion: list, classes: list[str], label_mode: str, title: str) -> None:
     cm = np.asarray(confusion)
+    digest = _digest("confusion", title, cm.tolist(), classes, label_mode)
+    if _current(path, digest):
+        return
     if label_mode == "single":
         fig, ax = plt.subplots(figsize=(3.2 + 0.4 * len(classes), 3.0 + 0.3 * len(classes)), dpi=80)
         _matrix(ax, cm, classes, classes, title)
@@ -49,13 +79,15 @@ def _confusion(path: Path, confusion: list, classes: list[str], label_mode: str,
             _matrix(ax, m, [f"not {c}", c], [f"not {c}", c], c)
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Description": digest})
     plt.close(fig)
 
 
 def write_figures(fig_dir: Path, rows: list[dict], classes: list[str], label_mode: str) -> dict[str, dict[str, str]]:
     """Per configuration: ``<id>_loss.png``, ``<id>_acc.png``, ``<id>_confusion.png`` (test split) and,
-    for multi-label tasks, ``<id>_confusion_train.png`` and ``<id>_confusion_validation.png``."""
+    for multi-label tasks, ``<id>_confusion_train.png`` and ``<id>_confusion_validation.png``.
+
+    Each row needs ``config_id``, ``history``, ``eval`` and ``best_epoch``; current files are kept."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, str]] = {}
     for row in rows:
@@ -90,4 +122,77 @@ def markdown(figs: dict[str, dict[str, str]], rows: list[dict], axes: tuple[str,
         lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}{settings}, seed {row['seed']}", ""]
         order = ("loss", "acc", "confusion_train", "confusion_validation", "confusion")
         lines += [" ".join(f"![{k}]({files[k]})" for k in order if k in files), ""]
+    return lines
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------
+
+def display_crop(path: str, image_size: int, grayscale: bool) -> np.ndarray:
+    """The evaluation crop of an image file, unnormalized, as (H, W, 3) floats in [0, 1]."""
+    from torchvision import transforms as T
+
+    from covid_tune.data import load_image
+
+    crop = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)])(load_image(path, grayscale))
+    return np.asarray(crop, dtype=np.float32) / 255.0
+
+
+def cam_tiles(path: Path, crops: list[np.ndarray], maps: list[np.ndarray], titles: list[str], title: str = "",
+              ncols: int = 4) -> None:
+    """One figure: each crop with its Grad-CAM map overlaid (jet, half transparent) and its title."""
+    n = len(crops)
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.5 * nrows + 0.3), dpi=80, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, crop, m, t in zip(axes.flat, crops, maps, titles):
+        h, w = crop.shape[:2]
+        ax.imshow(crop, extent=(0, w, h, 0))
+        ax.imshow(np.asarray(m, dtype=np.float32), cmap="jet", alpha=0.45, vmin=0, vmax=np.max(m) or 1,
+                  extent=(0, w, h, 0), interpolation="bilinear")
+        ax.set_title(t, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_cam_figures(fig_dir: Path, rows: list[dict], classes: list[str]) -> dict[str, str]:
+    """``<id>_gradcam.png`` per configuration with a Grad-CAM sample (test images whose files still exist)."""
+    import json
+
+    from covid_tune.explain import label_names
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    for row in rows:
+        cam = row.get("cam")
+        if not cam or not row.get("checkpoint"):
+            continue
+        meta = json.loads((Path(row["checkpoint"]).parent / "model.json").read_text())
+        try:
+            crops = [display_crop(p, meta["image_size"], meta["grayscale"]) for p in cam["paths"]]
+        except OSError:  # the data moved since the sweep: no figure rather than no report
+            continue
+        titles = [f"true: {classes[t]}\npred: {label_names(p, classes)}" for t, p in zip(cam["labels"], cam["pred"])]
+        cid = row["config_id"]
+        cam_tiles(fig_dir / f"{cid}_gradcam.png", crops, cam["maps"], titles,
+                  f"{cid}: Grad-CAM of the predicted class (test, epoch {row['best_epoch']})")
+        written[cid] = f"figures/{cid}_gradcam.png"
+    return written
+
+
+def cam_markdown(cams: dict[str, str], rows: list[dict]) -> list[str]:
+    """REPORT.md's Grad-CAM section: one figure per configuration."""
+    if not cams:
+        return []
+    lines = ["## Grad-CAM: where each best checkpoint looks", "",
+             "A fixed, seeded sample of test images per class (true and predicted label on each tile), overlaid with "
+             "the Grad-CAM map of the predicted class (red = most weight). Maps on the lungs are what a radiologist "
+             "would hope for; maps on text, corners or borders suggest a shortcut (see the shortcut check).", ""]
+    for row in rows:
+        if row["config_id"] in cams:
+            lines += [f"### {row['sr']}. {row['config_id']}", "", f"![gradcam]({cams[row['config_id']]})", ""]
     return lines

@@ -45,6 +45,8 @@ class Backbone:
     # the network as an ordered list of (dotted name, module) whose composition is its forward;
     # lets a frozen prefix run under no_grad or be computed once (see split_frozen_prefix)
     stages: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None
+    # the layer whose activations Grad-CAM weighs (the last convolutional stage, at its finest grid)
+    cam_layer: str = ""
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -131,6 +133,7 @@ register(Backbone(
     head_attr="classifier.6",
     imagenet_weights=_vgg16_weights,
     stages=_vgg_stages,
+    cam_layer="features.29",  # the last conv block's ReLU, before the final max-pool (14x14 at 224 px)
     freeze_levels={
         "fc_only": FreezeLevel("Only FC layers unfrozen", ("features",)),
         "conv1-3": FreezeLevel("Conv blocks 1-3 frozen", _range("features", 0, 17)),
@@ -146,6 +149,7 @@ register(Backbone(
     head_attr="fc",
     imagenet_weights=_resnet18_weights,
     stages=_resnet_stages,
+    cam_layer="layer4",
     freeze_levels={
         "fc_only": FreezeLevel("Only FC unfrozen", _RESNET_STEM + ("layer1", "layer2", "layer3", "layer4")),
         "layer1-3": FreezeLevel("Stem + layer1-3 frozen", _RESNET_STEM + ("layer1", "layer2", "layer3")),
@@ -182,6 +186,7 @@ register(Backbone(
     build=TinyCNN,
     head_attr="fc",
     stages=_tiny_stages,
+    cam_layer="features.2.2",  # the last block's ReLU, before its max-pool
     freeze_levels={
         "fc_only": FreezeLevel("Only FC unfrozen", ("features",)),
         "block1": FreezeLevel("Block 1 frozen", ("features.0",)),
@@ -379,6 +384,16 @@ class SplitForward(nn.Module):
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trained_state(model: Classifier) -> dict[str, torch.Tensor]:
+    """The part of ``model.state_dict()`` that training can change: every parameter and buffer outside
+    the frozen prefixes (trainable weights, BatchNorm statistics of the unfrozen part).
+
+    The rest stays exactly as :func:`create_model` built it (``requires_grad=False``, frozen BatchNorm
+    kept in eval mode), so a checkpoint needs only this part plus the model's initial state.
+    """
+    return {k: v for k, v in model.state_dict().items() if not _under(k.removeprefix("net."), model.frozen)}
 
 
 # --- exported best checkpoints -------------------------------------------------------------

@@ -112,7 +112,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
     flat = [flat_row(r) for r in rows]
     pd.DataFrame(flat, columns=CSV_COLUMNS).to_csv(report_dir / "results.csv", index=False)
-    slim = [{k: v for k, v in r.items() if k != "eval"} | {"eval": _slim_eval(r.get("eval"))} for r in rows]
+    slim = [{k: v for k, v in r.items() if k not in ("eval", "cam")} | {"eval": _slim_eval(r.get("eval"))}
+            | {"cam": {k: v for k, v in (r.get("cam") or {}).items() if k != "maps"} or None} for r in rows]
     (report_dir / "results.json").write_text(json.dumps(
         {"name": spec.name, "classes": classes, "counts": counts, "metric": spec.scheduler.metric,
          "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
@@ -120,6 +121,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
          "seed_agreement": stats.seed_agreement(rows),
          "rows": slim}, indent=1))
     figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
+    cams = figures.write_cam_figures(report_dir / "figures", rows, classes)
 
     show_loss = len({r["loss"] for r in flat}) > 1 or spec.data.label_mode == "multi"
     f1_name = "macro F1" if spec.data.label_mode == "single" else "support-weighted F1"
@@ -148,11 +150,13 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += _stopped_section(stopped)
     md += _per_class_table(rows, classes)
     md += _source_table(rows)
+    md += _shortcut_section(rows, spec.data.label_mode)
     problems = [r for r in flat if r["status"] not in ("ok",)]
     if problems:
         md += ["## Incomplete configurations", ""]
         md += [f"- `{r['config_id']}`: {r['status']}" for r in problems] + [""]
     md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
+    md += figures.cam_markdown(cams, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
 
@@ -235,11 +239,50 @@ def _source_table(rows: list[dict]) -> list[str]:
                      disable_numparse=True), ""]
 
 
+def _shortcut_section(rows: list[dict], label_mode: str) -> list[str]:
+    """The shortcut check: test accuracy as is, lungs hidden, lungs only; Grad-CAM mass in the box; flags."""
+    checked = [r for r in rows if r.get("shortcut")]
+    if not checked:
+        return []
+    first = checked[0]["shortcut"]
+    box = f"{100 * first['box_width']:.0f}% wide x {100 * first['box_height']:.0f}% high"
+    table, flagged = [], []
+    for r in checked:
+        c = r["shortcut"]
+        mass = c.get("cam_mass_inside")
+        table.append([r["config_id"], _pct(c["acc_plain"]), _pct(c["acc_hidden"]), _pct(c["acc_hidden_ci_low"]),
+                      _pct(c["acc_lungs_only"]), _pct(c["majority_rate"]), "-" if mass is None else _pct(mass),
+                      "**yes**" if c["flagged"] else "no"])
+        if c["flagged"]:
+            flagged.append(r["config_id"])
+    acc = "accuracy" if label_mode == "single" else "exact-match accuracy"
+    md = ["## Shortcut check: is the model reading the lungs?", "",
+          f"Test {acc} in % of each best checkpoint on the evaluation crops as they are, with the lung field "
+          f"(a central box, {box}) filled with each image's mean (lungs hidden), and with only that box kept (border "
+          "filled). Majority = always answering the most frequent test class. Grad-CAM in box = mean share of the "
+          f"Grad-CAM map's mass inside the box over the Grad-CAM sample below (a flat map gives "
+          f"{100 * first['box_width'] * first['box_height']:.0f}%). A model is flagged when the lower end of the 95% "
+          f"Clopper-Pearson interval of its accuracy with the lungs hidden is more than {100 * first['margin']:.0f} "
+          "points above the majority rate: it then classifies images whose lungs it cannot see, from something "
+          "else (text, markers, borders, patient position; DeGrave et al., Nat. Mach. Intell. 2021).", "",
+          tabulate(table, headers=["config_id", "As is", "Lungs hidden", "hidden: 95% CI low", "Lungs only",
+                                   "Majority", "Grad-CAM in box", "Flagged"], tablefmt="github", disable_numparse=True),
+          ""]
+    if flagged:
+        md += [f"**Shortcut warning**: {len(flagged)} of {len(checked)} model(s) stay far above the majority-class "
+               f"rate with the lungs hidden ({', '.join(f'`{c}`' for c in flagged)}): they read something other "
+               "than the lungs. Their test accuracy does not show that they detect disease.", ""]
+    else:
+        md += ["No model stays far above the majority-class rate with the lungs hidden.", ""]
+    return md
+
+
 def _slim_eval(ev: dict | None) -> dict | None:
     """The evaluation without per-image outcomes, except the test split's (paired tests need them)."""
     if not ev:
         return None
-    return {s: {k: v for k, v in m.items() if k != "correct" or s == "test"} for s, m in ev.items()}
+    return {s: {k: v for k, v in m.items() if k not in ("probs", "files") and (k != "correct" or s == "test")}
+            for s, m in ev.items()}
 
 
 def load_rows(out: Path) -> list[dict]:
@@ -264,8 +307,12 @@ def dataset_root(spec: Spec) -> Path:
     return Path(spec.data.root) if spec.data.root else spec.output_dir / "synthetic-data"
 
 
-def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator = results_mod.evaluate_locally, index=None) -> Path:
-    """Collect trials, export and evaluate best checkpoints, write the report. Returns REPORT.md."""
+def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None, index=None) -> Path:
+    """Collect trials, export and evaluate best checkpoints (default: here, with the spec's ``report``
+    settings), write the report. Returns REPORT.md."""
+    if evaluator is None:
+        def evaluator(dirs, idx):
+            return results_mod.evaluate_locally(dirs, idx, spec.report.model_dump())
     plan = plan_mod.expand(spec)
     if index is None:
         index = scan_dataset(dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)

@@ -22,7 +22,8 @@ from covid_tune.data import DatasetIndex, encode_targets
 from covid_tune.loaders import TensorLoader
 from covid_tune.losses import build_loss
 from covid_tune.metrics import bootstrap_ci
-from covid_tune.spec import TRAINER_AXES, Spec
+from covid_tune.explain import explain_split
+from covid_tune.spec import TRAINER_AXES, ReportSpec, Spec
 from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
 from covid_tune.trainable import METRICS_FILE, STATE_FILE
 
@@ -61,8 +62,21 @@ def _read_history(path: Path) -> list[dict]:
 def _checkpoint_epoch(folder: Path) -> int:
     """The epoch a checkpoint folder holds; raises if the folder is incomplete or unreadable."""
     metrics = json.loads((folder / METRICS_FILE).read_text())
-    torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    # memory-mapped: reads the archive's index and record headers, which a cut-off file lacks, not every tensor
+    torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     return int(metrics["epoch"])
+
+
+def read_trial(config_id: str, trial_dir: Path, result_file: Path | None = None) -> TrialRecord:
+    """One trial folder: its history (from ``result_file``, default the folder's result.json) and the
+    checkpoints that load."""
+    rec = TrialRecord(config_id, trial_dir, _read_history(result_file or trial_dir / "result.json"))
+    for folder in sorted(trial_dir.glob("checkpoint_*")):
+        try:
+            rec.checkpoints[_checkpoint_epoch(folder)] = folder
+        except Exception as exc:
+            rec.broken.append(f"{folder}: {type(exc).__name__}: {exc}")
+    return rec
 
 
 def collect(experiment: Path) -> dict[str, TrialRecord]:
@@ -76,12 +90,7 @@ def collect(experiment: Path) -> dict[str, TrialRecord]:
             continue
         if cid is None:
             continue
-        rec = TrialRecord(cid, trial_dir, _read_history(trial_dir / "result.json"))
-        for folder in sorted(trial_dir.glob("checkpoint_*")):
-            try:
-                rec.checkpoints[_checkpoint_epoch(folder)] = folder
-            except Exception as exc:
-                rec.broken.append(f"{folder}: {type(exc).__name__}: {exc}")
+        rec = read_trial(cid, trial_dir)
         if cid in records and len(records[cid].history) >= len(rec.history):
             continue
         records[cid] = rec
@@ -95,8 +104,11 @@ def best_epoch(rec: TrialRecord, metric: str, mode: str, rule: str = "best") -> 
 
 
 def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric: str, mode: str,
-                out_dir: Path, rule: str = "best") -> Path | None:
-    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch."""
+                out_dir: Path, pretrained: dict | None = None, rule: str = "best") -> Path | None:
+    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch (by ``rule``).
+
+    ``pretrained`` (the backbone's state_dict) rebuilds a slim checkpoint's frozen layers; without it
+    they come from ``hp.weights`` as the driver resolves them (torchvision's cache or the file)."""
     epoch = best_epoch(rec, metric, mode, rule)
     if epoch is None:
         return None
@@ -114,7 +126,8 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
         "source_checkpoint": str(rec.checkpoints[epoch]),
     }
     (target / EVAL_FILE).unlink(missing_ok=True)
-    save_exported(state["model"], meta, target)
+    # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one
+    save_exported(engine.full_model_state(hp, len(classes), state, pretrained), meta, target)
     return target
 
 
@@ -130,16 +143,20 @@ def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, d
 
 
 def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
-                    decoded: DecodedSplits | None = None) -> dict:
+                    decoded: DecodedSplits | None = None, explain: dict | None = None) -> dict:
     """Evaluate an exported model on train (no augmentation), validation and test; cached in eval.json.
 
-    ``decoded`` (the sweep's decoded cache) serves the splits it holds (train and validation)."""
+    ``decoded`` (the sweep's decoded cache) serves the splits it holds (train and validation).
+    On test it also stores each image's class probabilities (``probs``, ``files``), the shortcut check
+    and the Grad-CAM sample (:mod:`covid_tune.explain`), as ``explain`` (``ReportSpec.model_dump()``,
+    default: the spec's defaults) asks."""
     model_dir = Path(model_dir)
     cache = model_dir / EVAL_FILE
     model, meta = load_exported(model_dir)
+    explain = explain or ReportSpec().model_dump()
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("epoch") == meta["epoch"]:
+        if cached.get("epoch") == meta["epoch"] and cached.get("explain_settings") == explain:
             return cached
     device = engine.default_device()
     model.to(device)
@@ -149,13 +166,16 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
             decoded.check(index, meta["image_size"], meta["grayscale"])
         except ValueError:  # made for other settings or another index: decode from the files
             decoded = None
-    out = {"epoch": meta["epoch"], "splits": {}}
+    out = {"epoch": meta["epoch"], "splits": {}, "explain_settings": explain}
     for split in ("train", "validation", "test"):
-        loader = _eval_loader(index, split, meta, batch_size, device, decoded)
+        loader = _eval_loader(index, split, meta, batch_size, device, decoded)  # test's is read again below
         res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"], len(meta["classes"]))
         correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
         out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),
                                 "acc_ci95": list(bootstrap_ci(correct)), "correct": correct.astype(int).tolist()}
+    probs, out["shortcut"], out["cam"] = explain_split(model, meta, loader, index.labels("test"), index.paths("test"),
+                                                       device, explain["shortcut_check"], explain["gradcam"])
+    out["splits"]["test"].update(probs=probs, files=index.paths("test"))
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(out))
     tmp.replace(cache)
@@ -165,8 +185,16 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
 Evaluator = Callable[[list[Path], DatasetIndex], list[dict]]
 
 
-def evaluate_locally(model_dirs: list[Path], index: DatasetIndex) -> list[dict]:
-    return [evaluate_export(d, index) for d in model_dirs]
+def evaluate_locally(model_dirs: list[Path], index: DatasetIndex, explain: dict | None = None) -> list[dict]:
+    return [evaluate_export(d, index, explain=explain) for d in model_dirs]
+
+
+def evaluator_for(explain: dict) -> Callable[..., dict]:
+    """:func:`evaluate_export` with the spec's ``report`` settings bound (a plain function, for Ray tasks)."""
+    def evaluate(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
+                 decoded: DecodedSplits | None = None) -> dict:
+        return evaluate_export(model_dir, index, batch_size, decoded, explain)
+    return evaluate
 
 
 def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIndex, metric: str, mode: str,
@@ -198,7 +226,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
             row["node_id"] = last.get("node_id")
             row.update({k: last.get(k) for k in MODE_KEYS})
             row["stopped_early"] = status == "ok" and 0 < len(rec.history) < hp.epochs
-            target = export_best(rec, hp, index.classes, metric, mode, out_dir, rule)
+            target = export_best(rec, hp, index.classes, metric, mode, out_dir, rule=rule)
             if target is not None:
                 row["best_epoch"] = json.loads((target / "model.json").read_text())["epoch"]
                 row["select_score"] = selection.score_at(rec.history, metric, rule, row["best_epoch"])
@@ -209,6 +237,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
     if to_eval:
         for (row, _), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):
             row["eval"] = ev["splits"]
+            row["shortcut"], row["cam"] = ev.get("shortcut"), ev.get("cam")
             if sources is not None:
                 row["test_by_source"] = accuracy_by_group(ev["splits"]["test"]["correct"], sources)
     return rows

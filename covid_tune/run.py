@@ -10,12 +10,16 @@ loading torch or Ray.
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
 import time
+
+_STARTED = time.perf_counter()  # the run's wall clock starts here, before any heavy import
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:
     from covid_tune.cache import DecodedSplits
@@ -36,6 +40,9 @@ exit codes:
   1  at least one trial failed (the report covers the others)
   2  bad spec, data, weights, resources or output folder: nothing was trained
 """
+
+
+PHASES = ("startup", "cache", "ray_start", "trials", "evaluation", "report")
 
 
 def _version() -> str:
@@ -208,11 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"covid_tune: {problem}", file=sys.stderr)
         return 2
+    phases: dict[str, float] = {"startup": time.perf_counter() - _STARTED}  # imports, spec, output checks
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - clock
+        clock = now
+
     try:
         index, decoded, pretrained = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
+    lap("cache")  # data checked (generated if synthetic), weights resolved, decoded cache built or read back
     _log(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
          f"({', '.join(index.classes)}); output: {out}")
     report_mod.save_spec(out, spec)
@@ -223,35 +240,73 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     console = _new_console(spec, len(plan))
+    evaluations = None
     try:
-        tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained),
-                        quiet=not args.verbose)
-        sched = spec.scheduler
-        console.header(spec.name, out,
-                       resources_text(spec.resources.cpus, spec.resources.gpu, tuning.cluster_resources(), len(plan),
-                                      spec.ray.max_concurrent),
-                       scheduler_text(sched.asha, sched.metric, sched.mode, console.rungs, spec.trainer.epochs))
-        shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
-        weights = tuning.share_weights(pretrained)  # the trials' (also resumed ones') only source of weights
-        pretrained.clear()
-        trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, console=console,
-                                  ray_output=args.verbose, pretrained=weights)
-    except (FileNotFoundError, ValueError) as exc:
+        try:
+            tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained),
+                           quiet=not args.verbose)
+            sched = spec.scheduler
+            console.header(spec.name, out,
+                           resources_text(spec.resources.cpus, spec.resources.gpu, tuning.cluster_resources(),
+                                          len(plan), spec.ray.max_concurrent),
+                           scheduler_text(sched.asha, sched.metric, sched.mode, console.rungs, spec.trainer.epochs))
+            shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
+            weights = tuning.share_weights(pretrained)  # the trials' (also resumed ones') only source of weights
+            pretrained.clear()
+            evaluations = tuning.start_evaluations(spec, plan, index, shared, weights)
+            lap("ray_start")
+            trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, console=console,
+                                      ray_output=args.verbose, pretrained=weights, evaluations=evaluations)
+            lap("trials")
+        except (FileNotFoundError, ValueError) as exc:
+            console.close()
+            print(f"covid_tune: {exc}", file=sys.stderr)
+            return 2
         console.close()
-        print(f"covid_tune: {exc}", file=sys.stderr)
-        return 2
-    console.close()
-    _log(f"trials finished in {time.time() - start:.0f} s; evaluating best checkpoints")
+        _log(f"trials finished in {phases['trials']:.0f} s; evaluating best checkpoints")
+        if evaluations is not None:
+            evaluations.wait()  # what the trials' last minutes left to do
+            evaluator = evaluations.evaluator
+        else:
+            def evaluator(dirs, idx):
+                return tuning.evaluate_remote(results_mod.evaluator_for(spec.report.model_dump()), dirs, idx,
+                                              spec.resources.cpus, spec.resources.gpu, decoded=shared)
+        lap("evaluation")
 
-    def evaluator(dirs, idx):
-        return tuning.evaluate_remote(results_mod.evaluate_export, dirs, idx, spec.resources.cpus, spec.resources.gpu,
-                                      decoded=shared)
+        def timed_evaluator(dirs, idx):
+            lap("report")
+            try:
+                return evaluator(dirs, idx)
+            finally:
+                lap("evaluation")
 
-    path = report_mod.build(out, spec, evaluator=evaluator, index=index)
+        path = report_mod.build(out, spec, evaluator=timed_evaluator, index=index)
+        lap("report")
+    finally:
+        if evaluations is not None:
+            evaluations.close()
+    early = evaluations.early if evaluations is not None else 0
+    timing = record_phases(path.parent / "results.json", phases, early)
     rows = report_mod.load_rows(out)
     for line in summary_lines(rows, spec.scheduler.metric, spec.scheduler.mode, path, out, time.time() - start):
         console.line(line)
+    console.line("phases: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
+                 + f"; {timing['outside_trials']:.0%} of {timing['wall_s']:.0f} s outside the trials"
+                 + (f"; {early} test evaluation(s) started as their trial ended" if early else ""))
     return 1 if any(t["status"] == "error" for t in trials.values()) else 0
+
+
+def record_phases(results_json: Path, phases: dict[str, float], early: int) -> dict:
+    """Add the run's phase times to results.json (``timing``): seconds per phase, the wall clock,
+    the fraction of it spent outside the trials, and how many evaluations were done while trials ran."""
+    wall = time.perf_counter() - _STARTED
+    summary = {"phases_s": {k: round(phases.get(k, 0.0), 3) for k in PHASES}, "wall_s": round(wall, 3),
+               "outside_trials": round(1 - phases.get("trials", 0.0) / wall, 4) if wall > 0 else 0.0,
+               "evaluated_during_trials": early}
+    data = json.loads(results_json.read_text())
+    data["timing"] = summary
+    results_json.write_text(json.dumps(data, indent=1))
+    return summary
 
 
 def cli() -> None:

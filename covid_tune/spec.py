@@ -194,6 +194,35 @@ class RaySpec(_Section):
     max_concurrent: Optional[int] = Field(None, ge=1)
 
 
+class ShortcutSpec(_Section):
+    """Test accuracy with the lung field (a central box) hidden, and with only it kept."""
+
+    enabled: bool = True
+    box_width: float = Field(0.6, gt=0, lt=1, description="the central box's share of the crop's width")
+    box_height: float = Field(0.7, gt=0, lt=1, description="the central box's share of the crop's height")
+    margin: float = Field(0.1, ge=0, lt=1, description="flag a model when the lower end of the 95% interval of "
+                                                       "its accuracy with lungs hidden exceeds the "
+                                                       "majority-class rate by more than this")
+
+
+class GradCamSpec(_Section):
+    per_class: int = Field(4, ge=0, le=32, description="test images per class shown with their Grad-CAM map "
+                                                       "(0 = no Grad-CAM)")
+    seed: int = 0
+
+
+def _on_off(value: Any) -> Any:
+    # `shortcut_check: false` (or YAML's bare off) turns the whole check off
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class ReportSpec(_Section):
+    shortcut_check: ShortcutSpec = ShortcutSpec()
+    gradcam: GradCamSpec = GradCamSpec()
+
+    _switch = field_validator("shortcut_check", mode="before")(_on_off)
+
+
 class Spec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output: Optional[str] = None
@@ -203,6 +232,7 @@ class Spec(_Section):
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: ResourcesSpec = ResourcesSpec()
     ray: RaySpec = RaySpec()
+    report: ReportSpec = ReportSpec()
 
     @model_validator(mode="after")
     def _combinations(self) -> "Spec":

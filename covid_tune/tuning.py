@@ -283,7 +283,8 @@ def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
 def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
               decoded: "DecodedSplits | ray.ObjectRef | None" = None,
               resume: bool = False, console=None, ray_output: bool = True,
-              pretrained: "dict[str, ray.ObjectRef] | None" = None) -> dict[str, dict]:
+              pretrained: "dict[str, ray.ObjectRef] | None" = None,
+              evaluations: "Evaluations | None" = None) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
 
     ``decoded`` is the decoded-image cache (``run.prepare_cache``) or its reference from :func:`share`;
@@ -291,6 +292,8 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     ``ray_output`` False silences Tune's own progress tables.
     ``pretrained`` is :func:`share_weights` of the backbones' state_dicts; without it they are
     resolved here, on the driver (never by a trial).
+    ``evaluations`` (:func:`start_evaluations`) starts each trial's test evaluation as it ends
+    (a new sweep only: a restored one keeps the callbacks it was started with).
 
     Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
     """
@@ -334,7 +337,10 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                                                         checkpoint_score_attribute=sched.metric,
                                                         checkpoint_score_order=sched.mode),
                 failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
-                callbacks=[ResumeFromLastReport(), RecordHyperparameters()],  # pickled with the Tuner: also on --resume
+                # pickled with the Tuner: also on --resume (EvaluateFinishedTrials then does nothing)
+                callbacks=[ResumeFromLastReport(), RecordHyperparameters()]
+                + ([EvaluateFinishedTrials(evaluations)] if evaluations is not None and evaluations.during_trials
+                   else []),
             ),
         )
     _use_console(tuner, view, verbose)
@@ -397,3 +403,155 @@ def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index
         tmp.write_text(json.dumps(out))
         tmp.replace(Path(d) / EVAL_FILE)
     return outs
+
+
+class _Evaluator:
+    """A Ray actor that exports and evaluates best checkpoints, one per node: torch is imported once,
+    the sweep's decoded cache comes zero-copy from the node's object store, and the test split (which
+    trials never read, so it is not in the cache) is decoded once here for every configuration."""
+
+    def __init__(self, index: DatasetIndex, decoded: DecodedSplits | None, cpus: float,
+                 pretrained: "dict[str, ray.ObjectRef] | None" = None, explain: dict | None = None) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))
+        self.index, self.decoded, self._with_test = index, decoded, None
+        self._pretrained = pretrained or {}  # backbone -> reference (the trials' own copy)
+        self._explain = explain  # the spec's report settings: shortcut check, Grad-CAM sample
+
+    def _splits(self) -> DecodedSplits | None:
+        if self.decoded is None or "test" in self.decoded.arrays:
+            return self.decoded
+        if self._with_test is None:
+            from covid_tune.cache import build_split
+
+            d = self.decoded
+            test, key, _ = build_split(self.index.paths("test"), d.image_size, d.grayscale, split="test")
+            self._with_test = DecodedSplits({**d.arrays, "test": test}, d.image_size, d.grayscale,
+                                            {**d.keys, "test": key})
+        return self._with_test
+
+    def evaluate(self, model_dir: str) -> dict:
+        from covid_tune.results import evaluate_export
+
+        return evaluate_export(model_dir, self.index, decoded=self._splits(), explain=self._explain)
+
+    def export_and_evaluate(self, rec, hp: HParams, classes: list[str], metric: str, mode: str,
+                            out_dir: Path, figures_dir: Path, label_mode: str) -> tuple[str, dict] | None:
+        """Export the trial's best epoch, evaluate it, and draw its report figures (which the report
+        then finds current)."""
+        from covid_tune import figures
+        from covid_tune.results import export_best  # the one best-epoch selection, as the report makes it
+
+        ref = self._pretrained.get(hp.backbone)
+        target = export_best(rec, hp, classes, metric, mode, out_dir, ray.get(ref) if ref is not None else None)
+        if target is None:
+            return None
+        ev = self.evaluate(str(target))
+        row = {"config_id": rec.config_id, "history": rec.history, "eval": ev["splits"], "best_epoch": ev["epoch"]}
+        figures.write_figures(figures_dir, [row], classes, label_mode)
+        return str(target), ev
+
+
+class Evaluations:
+    """The test evaluation of a sweep's best checkpoints, all in one :class:`_Evaluator` actor.
+
+    With ``during_trials``, :meth:`trial_finished` (called by :class:`EvaluateFinishedTrials` as each
+    trial ends) exports that trial's best epoch and evaluates it while the other trials train; the
+    actor then asks Ray for no CPU, so it never holds back a trial (it uses what training leaves idle).
+    Without it (GPU sweeps: an actor holding a GPU share could starve a retried trial), the actor,
+    with a trial's resources, evaluates everything after the trials. :meth:`evaluator` serves the
+    report's evaluation from what is done and evaluates the rest in the same actor.
+    Made by :func:`start_evaluations` for a single-node Ray with local storage.
+    """
+
+    def __init__(self, spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
+                 decoded: "DecodedSplits | ray.ObjectRef | None", during_trials: bool,
+                 pretrained: "dict[str, ray.ObjectRef] | None" = None) -> None:
+        self.spec, self.plan, self.index, self.during_trials = spec, plan, index, during_trials
+        self._pretrained = pretrained
+        self._decoded = decoded if decoded is None or isinstance(decoded, ray.ObjectRef) else ray.put(decoded)
+        self._handle = None
+        self._pending: dict[str, "ray.ObjectRef"] = {}
+        self._done: dict[str, dict] = {}  # model folder -> evaluation
+        self.early = 0  # evaluations started as their trial ended (while others still trained)
+
+    def _actor(self):
+        if self._handle is None:
+            res = self.spec.resources
+            opts = dict(num_cpus=0, num_gpus=0) if self.during_trials else dict(num_cpus=res.cpus, num_gpus=res.gpu)
+            # the decoded cache goes as its reference: the actor maps the object store's copy
+            self._handle = ray.remote(_Evaluator).options(**opts).remote(self.index, self._decoded, res.cpus,
+                                                                          self._pretrained, self.spec.report.model_dump())
+        return self._handle
+
+    def trial_finished(self, trial) -> None:
+        """Export and evaluate a finished trial's best checkpoint (never raises: the report retries)."""
+        from covid_tune.results import read_trial
+
+        try:
+            cid = trial.config["config_id"]
+            rec = read_trial(cid, Path(trial.storage.trial_fs_path),
+                             Path(trial.storage.trial_driver_staging_path) / "result.json")
+            self._pending[cid] = self._actor().export_and_evaluate.remote(
+                rec, self.plan[cid], self.index.classes, self.spec.scheduler.metric, self.spec.scheduler.mode,
+                self.spec.output_dir / "best", self.spec.output_dir / "report" / "figures", self.spec.data.label_mode)
+            self.early += 1
+        except Exception as exc:  # noqa: BLE001
+            print(f"covid_tune: could not start the evaluation of {trial}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+
+    def wait(self) -> None:
+        """Wait for the evaluations started during the trials."""
+        for cid, ref in self._pending.items():
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                print(f"covid_tune: evaluation of {cid} failed, retried for the report: {exc}", file=sys.stderr)
+                continue
+            if out is not None:
+                self._done[out[0]] = out[1]
+        self._pending.clear()
+
+    def evaluator(self, model_dirs: list[Path], index: DatasetIndex) -> list[dict]:
+        """``results.assemble``'s evaluator: finished evaluations of the same epoch, the rest in the actor."""
+        self.wait()
+        out: dict[int, "dict | ray.ObjectRef"] = {}
+        for i, d in enumerate(model_dirs):
+            done = self._done.get(str(d))
+            epoch = json.loads((Path(d) / "model.json").read_text())["epoch"]
+            if done is not None and done.get("epoch") == epoch:
+                out[i] = done
+            else:
+                out[i] = self._actor().evaluate.remote(str(d))
+        return [ray.get(v) if isinstance(v, ray.ObjectRef) else v for _, v in sorted(out.items())]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            ray.kill(self._handle)
+            self._handle = None
+
+
+def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
+                      decoded: "DecodedSplits | ray.ObjectRef | None",
+                      pretrained: "dict[str, ray.ObjectRef] | None" = None) -> Evaluations | None:
+    """:class:`Evaluations` for this sweep (call after :func:`connect`), or None where the exported
+    models' folder need not be visible to the workers (a cluster joined, several nodes, a storage URI):
+    :func:`evaluate_remote` then ships each model to its task."""
+    if _joined_cluster or spec.remote_storage or len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        return None
+    return Evaluations(spec, plan, index, decoded, during_trials=spec.resources.gpu == 0, pretrained=pretrained)
+
+
+class EvaluateFinishedTrials(tune.Callback):
+    """Start each trial's test evaluation as soon as it ends (see :class:`Evaluations`)."""
+
+    def __init__(self, evaluations: Evaluations) -> None:
+        self._evaluations: Evaluations | None = evaluations
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        if self._evaluations is not None:
+            self._evaluations.trial_finished(trial)
+
+    def __getstate__(self) -> dict:
+        return {"_evaluations": None}  # actors do not outlive this driver: a restored sweep evaluates after

@@ -208,6 +208,6 @@ def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -
             state = torch.load(folder / STATE_FILE, weights_only=True)
             assert state["epoch"] == epoch == json.loads((folder / METRICS_FILE).read_text())["epoch"]
             run = engine.TrainingRun(hp, index, torch.device("cpu"))
-            run.model.load_state_dict(state["model"])
+            run.load_state_dict(state)  # the trained part over the rebuilt initial state
             res = engine.evaluate(run.model, run.val_loader, run.loss_fn, torch.device("cpu"), "single", 0.5, 2)
             assert res.loss == pytest.approx(rows[epoch - 1]["val_loss"], rel=1e-5), (cid, epoch)

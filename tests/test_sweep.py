@@ -116,6 +116,49 @@ def test_history_and_figures(demo_run: Path) -> None:
             assert Image.open(png).size[0] > 100
 
 
+def test_phase_times_and_evaluations_started_as_trials_ended(demo_run: Path, tmp_path: Path) -> None:
+    from covid_tune.data import scan_dataset
+    from covid_tune.results import evaluate_export
+
+    data = json.loads((demo_run / "report" / "results.json").read_text())
+    timing = data["timing"]
+    phases = timing["phases_s"]
+    assert list(phases) == ["startup", "cache", "ray_start", "trials", "evaluation", "report"]
+    assert all(v >= 0 for v in phases.values()) and phases["trials"] > 0
+    assert sum(phases.values()) <= timing["wall_s"] + 0.1
+    assert timing["outside_trials"] == pytest.approx(1 - phases["trials"] / timing["wall_s"], abs=1e-3)
+    assert timing["evaluated_during_trials"] == len(data["rows"])  # each one started as its trial ended
+    # the evaluator actor (test split decoded once, in memory) agrees with evaluating from the files
+    index = scan_dataset(demo_run / "synthetic-data")
+    for row in data["rows"][:2]:
+        copy = tmp_path / row["config_id"]
+        copy.mkdir()
+        for name in ("model.pt", "model.json"):
+            (copy / name).write_bytes((Path(row["checkpoint"]).parent / name).read_bytes())
+        fresh = evaluate_export(copy, index)["splits"]
+        for split in ("train", "validation", "test"):
+            assert fresh[split]["confusion"] == row["eval"][split]["confusion"]
+            assert fresh[split]["loss"] == pytest.approx(row["eval"][split]["loss"], rel=1e-5)
+
+
+def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path: Path) -> None:
+    """The test evaluation ran as Ray tasks; predict (no Ray) gives the same labels and probabilities."""
+    out_csv = tmp_path / "pred.csv"
+    proc = run_cli("covid_tune.predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = proc.stderr.split("# model ", 1)[1].split()[0]
+    metas = {d.name: json.loads((d / "model.json").read_text()) for d in (demo_run / "best").iterdir()}
+    assert metas[chosen]["metrics"]["val_loss"] == min(m["metrics"]["val_loss"] for m in metas.values())
+    test = json.loads((demo_run / "best" / chosen / "eval.json").read_text())["splits"]["test"]
+    pred = pd.read_csv(out_csv).set_index("path").loc[test["files"]]
+    classes = metas[chosen]["classes"]
+    np.testing.assert_allclose(pred[classes].to_numpy(), np.array(test["probs"]), atol=1e-5)
+    assert list(pred["predicted"]) == [classes[i] for i in np.argmax(test["probs"], 1)]
+    md = (demo_run / "report" / "REPORT.md").read_text()
+    assert "## Shortcut check: is the model reading the lungs?" in md and "## Grad-CAM: where each best" in md
+    assert len(list((demo_run / "report" / "figures").glob("*_gradcam.png"))) == len(metas)
+
+
 def test_report_rebuilds_from_output_folder(demo_run: Path) -> None:
     before = pd.read_csv(demo_run / "report" / "results.csv")
     (demo_run / "report" / "REPORT.md").unlink()
