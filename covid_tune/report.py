@@ -18,6 +18,7 @@ from tabulate import tabulate
 
 from covid_tune import plan as plan_mod
 from covid_tune import results as results_mod
+from covid_tune import stats
 from covid_tune.data import DatasetError, scan_dataset
 from covid_tune.losses import LOSS_LABELS
 from covid_tune.spec import TRAINER_AXES, Spec, SpecError, validate
@@ -27,7 +28,7 @@ SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Tes
 CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
                "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", *results_mod.MODE_KEYS,
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
-               "test_acc_ci_low", "test_acc_ci_high", "node", "node_ip", "node_id", "checkpoint"]
+               "test_acc_ci_low", "test_acc_ci_high", "select_score", "vs_best_p", "node", "node_ip", "node_id", "checkpoint"]
 
 
 def paths_line(flat: list[dict]) -> str:
@@ -50,6 +51,7 @@ def flat_row(row: dict) -> dict:
         out[f"{prefix}_f1"] = ev.get(split, {}).get("f1")
     ci = ev.get("test", {}).get("acc_ci95") or [None, None]
     out["test_acc_ci_low"], out["test_acc_ci_high"] = ci
+    out["vs_best_p"] = (row.get("vs_best") or {}).get("p")
     return out
 
 
@@ -71,11 +73,12 @@ def _epochs_cell(rows: list[dict]) -> str:
     return " / ".join(f"{r['epochs_trained']}{'*' if r['stopped_early'] else ''}" for r in rows)
 
 
-def metric_table(flat: list[dict], key: str, show_loss: bool = True) -> str:
+def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: dict[str, str] | None = None) -> str:
     """One course-style table (Sr #, Backbone, Layers, Loss, [varied trainer settings], Epochs, Train,
-    Validation, Test).
+    Validation, Test[, vs best: p]).
 
-    Rows that differ only in seed are one row: mean ± std (sample std) over the seeds.
+    Rows that differ only in seed are one row: mean ± std (sample std) over the seeds. ``vs_best``
+    (group -> cell) adds the paired test against the best configuration.
     """
     groups: dict[str, list[dict]] = {}
     for r in flat:
@@ -89,8 +92,10 @@ def metric_table(flat: list[dict], key: str, show_loss: bool = True) -> str:
         cells += [f"{first[a]:g}" if isinstance(first[a], float) else first[a] for a in axes]
         cells += [_epochs_cell(members)]
         cells += [_cell([m[f"{p}_{key}"] for m in members]) for p in ("train", "val", "test")]
+        cells += [vs_best.get(first["group"], "-")] if vs_best is not None else []
         lines.append(cells)
     headers = ["Sr #", "Backbone", "Layers"] + (["Loss"] if show_loss else []) + axes + ["Epochs", "Train", "Validation", "Test"]
+    headers += ["vs best: p"] if vs_best is not None else []
     return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
 
 
@@ -100,12 +105,21 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
 
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
+    best, comparisons = stats.compare_to_best(rows, spec.scheduler.metric, spec.scheduler.mode)
+    for r in rows:
+        r["vs_best"] = comparisons.get(r["group"])
+    n_val = sum(counts.get("validation", {}).values())
+    stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
     flat = [flat_row(r) for r in rows]
     pd.DataFrame(flat, columns=CSV_COLUMNS).to_csv(report_dir / "results.csv", index=False)
     slim = [{k: v for k, v in r.items() if k not in ("eval", "cam")} | {"eval": _slim_eval(r.get("eval"))}
             | {"cam": {k: v for k, v in (r.get("cam") or {}).items() if k != "maps"} or None} for r in rows]
-    (report_dir / "results.json").write_text(json.dumps({"name": spec.name, "classes": classes, "counts": counts,
-                                                         "metric": spec.scheduler.metric, "rows": slim}, indent=1))
+    (report_dir / "results.json").write_text(json.dumps(
+        {"name": spec.name, "classes": classes, "counts": counts, "metric": spec.scheduler.metric,
+         "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
+         "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
+         "seed_agreement": stats.seed_agreement(rows),
+         "rows": slim}, indent=1))
     figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
     cams = figures.write_cam_figures(report_dir / "figures", rows, classes)
 
@@ -116,11 +130,13 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md = [f"# {spec.name}", "",
           f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
           + "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()) + ".",
-          f"Best epoch per configuration chosen by `{spec.scheduler.metric}`; up to {spec.trainer.epochs} epochs"
-          + (f", ASHA (grace period {spec.scheduler.grace_period}, reduction factor {spec.scheduler.reduction_factor:g})."
-             if spec.scheduler.asha else "."),
+          f"Best epoch per configuration chosen by `{spec.scheduler.metric}`"
+          + {"best": "", "ema": " smoothed by an EMA (alpha 0.5)", "mean3": " averaged with its neighbouring epochs"}[
+              spec.scheduler.select]
+          + f"; up to {spec.trainer.epochs} epochs" + (", " + _asha_text(spec) + "." if spec.scheduler.asha else "."),
           "",
-          "## Accuracy", "", metric_table(flat, "acc", show_loss), "",
+          "## Accuracy", "", metric_table(flat, "acc", show_loss, _p_cells(comparisons, best)), "",
+          _comparison_line(rows, comparisons, best, spec.scheduler.metric), "",
           "## F1-score", "", metric_table(flat, "f1", show_loss), "",
           f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
           "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
@@ -131,6 +147,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
+    md += _stopped_section(stopped)
     md += _per_class_table(rows, classes)
     md += _source_table(rows)
     md += _shortcut_section(rows, spec.data.label_mode)
@@ -142,6 +159,59 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += figures.cam_markdown(cams, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
+
+
+def _asha_text(spec: Spec) -> str:
+    s = spec.scheduler
+    text = f"ASHA (grace period {s.grace_period}, reduction factor {s.reduction_factor:g}"
+    text += f", {s.brackets} brackets" if s.brackets > 1 else ""
+    text += f", no cut after epoch {s.max_t}" if s.max_t and s.max_t < spec.trainer.epochs else ""
+    return text + ")"
+
+
+def _fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _p_cells(comparisons: dict[str, dict], best: str | None) -> dict[str, str]:
+    return {g: "best" if g == best else _fmt_p(c["p"]) for g, c in comparisons.items()}
+
+
+def _comparison_line(rows: list[dict], comparisons: dict[str, dict], best: str | None, metric: str) -> str:
+    """Which configurations the test split cannot tell apart from the best."""
+    if best is None:
+        return "vs best: no configuration has a test evaluation to compare."
+    same = stats.indistinguishable(comparisons, best)
+    seeds = max((c["seeds"] for c in comparisons.values()), default=1)
+    how = (f"seed by seed over {seeds} seeds, discordant images summed" if seeds > 1 else "one seed each")
+    names = ", ".join(f"`{g}`" for g in same) if same else "none"
+    line = (f"vs best: exact McNemar test of each configuration against the best, `{best}` (best mean "
+            f"`{metric}` on validation, as chosen), on the same test images ({how}). Statistically "
+            f"indistinguishable from the best at p >= {stats.ALPHA:g}: {names}.")
+    spread = stats.seed_agreement(rows)
+    if spread:
+        line += (" Seeds of one configuration against each other (smallest McNemar p over its seed pairs): "
+                 + ", ".join(f"`{g}` {_fmt_p(v['min_p'])}" for g, v in spread.items()) + ".")
+    return line
+
+
+def _stopped_section(stopped: list[dict]) -> list[str]:
+    """Every row ASHA cut: where, its last validation values, and whether the best was clearly ahead then."""
+    if not stopped:
+        return []
+    metric = stopped[0]["metric"]
+    extra = metric != "val_acc"  # the last value of the metric ASHA cut on, when it is not accuracy
+    table = [[s["config_id"], s["rung"]] + ([f"{s['last']:.4g}" if s["last"] is not None else "-"] if extra else [])
+             + [_pct(s["val_acc"]), (f"{_pct(s['best_val_acc'])} [{_pct(s['best_ci'][0])}, {_pct(s['best_ci'][1])}]"
+                                     if s["best_ci"] else "-"), s["verdict"]] for s in stopped]
+    headers = (["config_id", "Cut at epoch"] + ([f"Last {metric}"] if extra else [])
+               + ["Last val acc (%)", "Best's val acc there (%) [95% CI]", "Verdict"])
+    return ["## Stopped early by ASHA", "",
+            tabulate(table, headers=headers, tablefmt="github", disable_numparse=True), "",
+            "Each configuration ASHA stopped, at the epoch (rung) where it was cut, beside the best configuration's "
+            "validation accuracy at that epoch (same seed) with its 95% exact (Clopper-Pearson) interval. "
+            "\"not ruled out\": its validation accuracy there lies inside or above that interval, so the cut was "
+            "a bet, not evidence that it is worse; \"worse\": below the interval.", ""]
 
 
 def _per_class_table(rows: list[dict], classes: list[str]) -> list[str]:
@@ -208,9 +278,11 @@ def _shortcut_section(rows: list[dict], label_mode: str) -> list[str]:
 
 
 def _slim_eval(ev: dict | None) -> dict | None:
+    """The evaluation without per-image outcomes, except the test split's (paired tests need them)."""
     if not ev:
         return None
-    return {s: {k: v for k, v in m.items() if k not in ("correct", "probs", "files")} for s, m in ev.items()}
+    return {s: {k: v for k, v in m.items() if k not in ("probs", "files") and (k != "correct" or s == "test")}
+            for s, m in ev.items()}
 
 
 def load_rows(out: Path) -> list[dict]:
@@ -249,7 +321,7 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
     trials_path = out / results_mod.TRIALS_FILE
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
-                                status, evaluator)
+                                status, evaluator, rule=spec.scheduler.select)
     return write_report(out, spec, rows, index.classes, index.counts())
 
 

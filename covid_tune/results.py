@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from covid_tune import engine
+from covid_tune import engine, selection
 from covid_tune.cache import DecodedSplits
 from covid_tune.data import DatasetIndex, encode_targets
 from covid_tune.loaders import TensorLoader
@@ -97,22 +97,19 @@ def collect(experiment: Path) -> dict[str, TrialRecord]:
     return records
 
 
-def best_epoch(rec: TrialRecord, metric: str, mode: str) -> int | None:
-    """The epoch with the best ``metric`` among those whose checkpoint exists (earliest on ties)."""
-    candidates = [r for r in rec.history if r["epoch"] in rec.checkpoints and r.get(metric) is not None]
-    if not candidates:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(candidates, key=lambda r: (sign * r[metric], -r["epoch"]))["epoch"]
+def best_epoch(rec: TrialRecord, metric: str, mode: str, rule: str = "best") -> int | None:
+    """The epoch with the best ``metric`` (smoothed by ``rule``, :mod:`covid_tune.selection`) among those
+    whose checkpoint exists (earliest on ties)."""
+    return selection.pick_epoch(rec.history, metric, mode, rule, candidates=rec.checkpoints)
 
 
 def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric: str, mode: str,
-                out_dir: Path, pretrained: dict | None = None) -> Path | None:
-    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch.
+                out_dir: Path, pretrained: dict | None = None, rule: str = "best") -> Path | None:
+    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch (by ``rule``).
 
     ``pretrained`` (the backbone's state_dict) rebuilds a slim checkpoint's frozen layers; without it
     they come from ``hp.weights`` as the driver resolves them (torchvision's cache or the file)."""
-    epoch = best_epoch(rec, metric, mode)
+    epoch = best_epoch(rec, metric, mode, rule)
     if epoch is None:
         return None
     target = out_dir / rec.config_id
@@ -202,8 +199,9 @@ def evaluator_for(explain: dict) -> Callable[..., dict]:
 
 def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIndex, metric: str, mode: str,
              out_dir: Path, trial_status: dict[str, dict] | None = None,
-             evaluator: Evaluator = evaluate_locally) -> list[dict]:
-    """One row per planned configuration: best epoch, exported checkpoint, train/val/test metrics."""
+             evaluator: Evaluator = evaluate_locally, rule: str = "best") -> list[dict]:
+    """One row per planned configuration: best epoch (by ``metric`` smoothed by ``rule``), its validation
+    score under that rule (``select_score``), exported checkpoint, train/val/test metrics."""
     records = collect(experiment)
     rows, to_eval = [], []
     for sr, (cid, hp) in enumerate(plan.items(), 1):
@@ -212,7 +210,8 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
         status = (trial_status or {}).get(cid, {}).get("status", "incomplete")
         row = {"sr": sr, "config_id": cid, "group": hp.group, "backbone": hp.backbone, "freeze": hp.freeze,
                "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed,
-               "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "stopped_early": False,
+               "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "select_score": None,
+               "stopped_early": False,
                "status": status if rec else "not started", "checkpoint": None, "history": [],
                "node": None, "node_ip": None, "node_id": None, **dict.fromkeys(MODE_KEYS)}
         row.update({k: getattr(hp, k) for k in TRAINER_AXES})
@@ -227,9 +226,10 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
             row["node_id"] = last.get("node_id")
             row.update({k: last.get(k) for k in MODE_KEYS})
             row["stopped_early"] = status == "ok" and 0 < len(rec.history) < hp.epochs
-            target = export_best(rec, hp, index.classes, metric, mode, out_dir)
+            target = export_best(rec, hp, index.classes, metric, mode, out_dir, rule=rule)
             if target is not None:
                 row["best_epoch"] = json.loads((target / "model.json").read_text())["epoch"]
+                row["select_score"] = selection.score_at(rec.history, metric, rule, row["best_epoch"])
                 row["checkpoint"] = str(target / "model.pt")
                 to_eval.append((row, target))
         rows.append(row)

@@ -8,6 +8,7 @@ directory.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -116,7 +117,7 @@ def _known(names: list[str], allowed: list[str], what: str) -> list[str]:
 
 
 class TrainerSpec(_Section):
-    epochs: int = Field(24, ge=1, description="max epochs per trial = ASHA's max_t")
+    epochs: int = Field(24, ge=1, description="max epochs per trial (ASHA's max_t unless scheduler.max_t)")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -153,6 +154,17 @@ class SchedulerSpec(_Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Ray's hedges against cutting late bloomers (ASHAScheduler's own arguments)
+    brackets: int = Field(1, ge=1, description="ASHA brackets (>1: asynchronous HyperBand); trials are dealt "
+                                               "to brackets at random, bracket s makes its first cut at "
+                                               "grace_period * reduction_factor**s")
+    max_t: Optional[int] = Field(None, ge=1, description="ASHA's last possible cut (default trainer.epochs); "
+                                                         "below it needs stop_last_trials: false")
+    stop_last_trials: bool = Field(True, description="false: trials that pass ASHA's last rung (max_t) train on "
+                                                     "to trainer.epochs")
+    select: Literal["best", "ema", "mean3"] = Field(
+        "best", description="best-epoch rule on the metric: raw best, best of an EMA (alpha 0.5) or of a centred "
+                            "3-epoch mean; among the kept checkpoints")
 
     @model_validator(mode="after")
     def _mode_fits_metric(self) -> "SchedulerSpec":
@@ -246,6 +258,8 @@ class Spec(_Section):
         if self.scheduler.grace_period > self.trainer.epochs:
             problems.append(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds trainer.epochs "
                             f"({self.trainer.epochs})")
+        else:
+            problems += _asha_problems(self.scheduler, self.trainer.epochs)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -282,6 +296,34 @@ class Spec(_Section):
         if self.remote_storage:
             return self.output_dir / "ray-download" / self.name
         return Path(self.experiment_path)
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int, bracket: int = 0) -> list[float]:
+    """The epochs at which ASHA's bracket ``bracket`` cuts (Ray's formula), earliest first."""
+    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) - bracket + 1)
+    return [grace_period * reduction_factor ** (k + bracket) for k in range(max(n, 0))]
+
+
+def _asha_problems(sched: SchedulerSpec, epochs: int) -> list[str]:
+    max_t = sched.max_t or epochs
+    problems = []
+    if max_t > epochs:
+        problems.append(f"scheduler.max_t ({max_t}) exceeds trainer.epochs ({epochs}) (allowed: "
+                        f"{sched.grace_period}-{epochs})")
+        return problems
+    if max_t < sched.grace_period:
+        problems.append(f"scheduler.max_t ({max_t}) is below scheduler.grace_period ({sched.grace_period})")
+        return problems
+    if max_t < epochs and sched.stop_last_trials:
+        problems.append(f"scheduler.max_t ({max_t}) below trainer.epochs ({epochs}) with stop_last_trials: true "
+                        f"would stop every trial at epoch {max_t}; set scheduler.stop_last_trials: false (trials "
+                        "that pass the last rung then train to the end) or drop max_t")
+    n_rungs = len(asha_rungs(sched.grace_period, sched.reduction_factor, max_t))
+    if sched.asha and sched.brackets > max(n_rungs, 1):
+        problems.append(f"scheduler.brackets ({sched.brackets}): with grace_period {sched.grace_period}, "
+                        f"reduction_factor {sched.reduction_factor:g} and max_t {max_t} ASHA has {n_rungs} rung(s), "
+                        f"so a bracket past the {max(n_rungs, 1)}th would never cut (allowed: 1-{max(n_rungs, 1)})")
+    return problems
 
 
 def _allowed_keys(loc: tuple) -> list[str] | None:

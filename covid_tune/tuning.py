@@ -271,6 +271,15 @@ def _use_console(tuner, view, verbose: int) -> None:
         + ([view] if view is not None else [])
 
 
+def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
+    """Ray's ASHA with the spec's hedges (brackets, max_t, stop_last_trials), or FIFO without ASHA."""
+    s = spec.scheduler
+    if not s.asha:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", max_t=s.max_t or spec.trainer.epochs, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=s.stop_last_trials)
+
+
 def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
               decoded: "DecodedSplits | ray.ObjectRef | None" = None,
               resume: bool = False, console=None, ray_output: bool = True,
@@ -311,9 +320,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         sched = spec.scheduler
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=spec.trainer.epochs, grace_period=sched.grace_period,
-                                   reduction_factor=sched.reduction_factor)
-                     if sched.asha else FIFOScheduler())
+        scheduler = make_scheduler(spec)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(spec, plan),

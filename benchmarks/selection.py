@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Which best-epoch rule holds up on real data: measured on ../shared/cxr-real.
+
+    python benchmarks/selection.py [--seeds 0 1 2] [--epochs 12] [--augment on off] [--json FILE]
+
+Trains resnet18 from scratch (Adam, 64 px, the issue's strong baseline) once per seed and setting,
+without Ray, evaluating the test split after every epoch (for the measurement only: a sweep never
+looks at test before it has chosen). Then scores each selection rule by the test accuracy of the
+epoch it picks: argmax val_acc (earliest on ties), argmin val_loss, argmax of an EMA of val_acc,
+argmax of a centred 3-epoch mean of val_acc, the last epoch, and the weight average of the 3 best
+val_acc epochs' models. Prints one line per run and the mean/std of each rule over runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from covid_tune import engine  # noqa: E402
+from covid_tune.cache import build_decoded_cache  # noqa: E402
+from covid_tune.data import encode_targets, scan_dataset  # noqa: E402
+from covid_tune.loaders import TensorLoader  # noqa: E402
+from covid_tune.selection import pick_epoch  # noqa: E402
+
+# name -> (metric, mode, smoothing rule)
+RULES = {"val_acc": ("val_acc", "max", "best"), "val_loss": ("val_loss", "min", "best"),
+         "val_acc_ema": ("val_acc", "max", "ema"), "val_acc_mean3": ("val_acc", "max", "mean3"),
+         "val_loss_ema": ("val_loss", "min", "ema"), "val_loss_mean3": ("val_loss", "min", "mean3")}
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "cxr-real"
+
+
+def _test_acc(run: engine.TrainingRun, loader) -> float:
+    res = engine.evaluate(run.model, loader, run.loss_fn, run.device, "single", 0.5, len(run.classes))
+    return res.metrics["acc"]
+
+
+def one_run(index, decoded, seed: int, epochs: int, augment: bool, lr: float) -> dict:
+    hp = engine.HParams(backbone="resnet18", freeze="none", loss="ce", seed=seed, epochs=epochs, optimizer="adam",
+                        lr=lr, batch_size=32, head_hidden=0, dropout=0.0, image_size=64, augment=augment)
+    run = engine.TrainingRun(hp, index, torch.device("cpu"), decoded=decoded)
+    targets = encode_targets(index.labels("test"), index.classes, "single", {})
+    test_loader = TensorLoader(decoded["test"], targets, 64, 64)
+    history, states = [], {}
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        m = run.run_epoch()
+        m["test_acc"] = _test_acc(run, test_loader)
+        history.append(m)
+        states[m["epoch"]] = copy.deepcopy(run.model.state_dict())
+    picks = {name: pick_epoch(history, *rule) for name, rule in RULES.items()}
+    picks["last"] = epochs
+    out = {"seed": seed, "augment": augment, "seconds": time.perf_counter() - t0,
+           "history": [{k: h[k] for k in ("epoch", "val_acc", "val_loss", "test_acc")} for h in history],
+           "test_acc": {rule: history[e - 1]["test_acc"] for rule, e in picks.items()},
+           "epoch": picks}
+    top3 = sorted(history, key=lambda h: (-h["val_acc"], h["epoch"]))[:3]
+    avg = {k: sum(states[h["epoch"]][k].float() for h in top3) / 3 for k in states[top3[0]["epoch"]]}
+    model_state = {k: v.to(states[top3[0]["epoch"]][k].dtype) for k, v in avg.items()}
+    run.model.load_state_dict(model_state)
+    out["test_acc"]["avg_top3_weights"] = _test_acc(run, test_loader)
+    out["test_acc"]["oracle"] = max(h["test_acc"] for h in history)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--augment", nargs="+", default=["on"], choices=["on", "off"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"no data at {args.data}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    index = scan_dataset(args.data, {"covid": "infected", "pneumonia": "infected"})
+    decoded = build_decoded_cache(index, 64, splits=("train", "validation", "test"))
+    runs = []
+    for aug in args.augment:
+        for seed in args.seeds:
+            r = one_run(index, decoded, seed, args.epochs, aug == "on", args.lr)
+            runs.append(r)
+            print(json.dumps({k: r[k] for k in ("seed", "augment", "seconds", "epoch", "test_acc")}), flush=True)
+            print("  val_acc ", " ".join(f"{h['val_acc']:.3f}" for h in r["history"]), flush=True)
+            print("  test_acc", " ".join(f"{h['test_acc']:.3f}" for h in r["history"]), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(runs, indent=1))
+    for aug in args.augment:
+        sub = [r for r in runs if r["augment"] == (aug == "on")]
+        print(f"augment {aug}: {len(sub)} runs, test accuracy of the picked epoch, mean ± std")
+        for rule in sub[0]["test_acc"]:
+            vals = np.array([r["test_acc"][rule] for r in sub])
+            print(f"  {rule:18s} {vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.3f}  "
+                  + " ".join(f"{v:.3f}" for v in vals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Best-epoch selection: which epoch of a trial becomes its configuration's model.
+
+Validation accuracy on a couple of hundred images swings by several points from one epoch to the
+next, so the raw argmax is partly noise. ``best`` takes the raw argmax (the course's way); ``ema``
+and ``mean3`` take the argmax of a smoothed curve (an exponential moving average, or the mean of
+each epoch with its two neighbours), so an epoch wins only if the epochs around it were good too.
+Ties go to the earliest epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+SELECT_RULES = ("best", "ema", "mean3")
+EMA_ALPHA = 0.5  # weight of the newest epoch: about a 3-epoch memory
+
+
+def smooth(values: list[float], rule: str, alpha: float = EMA_ALPHA) -> list[float]:
+    """``values`` (one per epoch, in order) smoothed by ``rule``."""
+    if rule == "best":
+        return list(values)
+    if rule == "ema":
+        out, acc = [], None
+        for v in values:
+            acc = v if acc is None else alpha * v + (1 - alpha) * acc
+            out.append(acc)
+        return out
+    if rule == "mean3":
+        n = len(values)
+        return [sum(values[max(0, i - 1):i + 2]) / len(values[max(0, i - 1):i + 2]) for i in range(n)]
+    raise ValueError(f"unknown selection rule {rule!r} (allowed: {', '.join(SELECT_RULES)})")
+
+
+def pick_epoch(history: list[dict], metric: str, mode: str, rule: str = "best",
+               candidates: Iterable[int] | None = None) -> int | None:
+    """The epoch whose (smoothed) ``metric`` is best; only among ``candidates`` (e.g. the epochs whose
+    checkpoint still exists) when given. ``history``: one dict per epoch with ``epoch`` and ``metric``."""
+    rows = sorted((r for r in history if r.get(metric) is not None), key=lambda r: r["epoch"])
+    if not rows:
+        return None
+    scores = smooth([float(r[metric]) for r in rows], rule)
+    allowed = None if candidates is None else set(candidates)
+    sign = 1 if mode == "max" else -1
+    best = [(sign * s, -r["epoch"]) for r, s in zip(rows, scores) if allowed is None or r["epoch"] in allowed]
+    return -max(best)[1] if best else None
+
+
+def score_at(history: list[dict], metric: str, rule: str, epoch: int) -> float | None:
+    """The (smoothed) ``metric`` value of ``epoch``: what :func:`pick_epoch` compared."""
+    rows = sorted((r for r in history if r.get(metric) is not None), key=lambda r: r["epoch"])
+    scores = smooth([float(r[metric]) for r in rows], rule)
+    return next((s for r, s in zip(rows, scores) if r["epoch"] == epoch), None)
