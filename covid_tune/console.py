@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from statistics import mean, stdev
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
@@ -245,6 +246,31 @@ def best_row(rows: list[dict], metric: str, mode: str) -> tuple[dict, float] | N
     return row, value
 
 
+def best_line(rows: list[dict], metric: str, mode: str) -> str:
+    """``best: ...``: the configuration REPORT.md calls best (best mean selection score over its seeds), or,
+    before the test evaluation, the trial whose best epoch has the best ``metric``; "" if none."""
+    from covid_tune.stats import best_group, selection_score
+
+    group = best_group(rows, metric, mode)
+    members = [r for r in rows if group is not None and r.get("group") == group]
+    if len(members) > 1:
+        scores = [selection_score(r, metric) for r in members]
+        tests = [100 * r["eval"]["test"]["acc"] for r in members if _test_acc(r) is not None]
+        test = f"; test accuracy {mean(tests):.2f} ± {stdev(tests):.2f}%" if len(tests) > 1 else ""
+        return f"best: {group} (mean selection score on {metric} {mean(scores):.4g} over {len(members)} seeds{test})"
+    best = best_row(members or rows, metric, mode)
+    if best is None:
+        return ""
+    row, value = best
+    test = _test_acc(row)
+    return (f"best: {row['config_id']} ({metric} {value:.4g} at epoch {row['best_epoch']}"
+            + (f"; test accuracy {100 * test:.2f}%" if test is not None else "") + ")")
+
+
+def _test_acc(row: dict) -> float | None:
+    return ((row.get("eval") or {}).get("test") or {}).get("acc")
+
+
 def summary_lines(rows: list[dict], metric: str, mode: str, report: Path, output: Path, seconds: float) -> list[str]:
     """The sweep's last lines: outcome counts, the best configuration, the report, the disk footprint."""
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -253,11 +279,8 @@ def summary_lines(rows: list[dict], metric: str, mode: str, report: Path, output
     other = len(rows) - len(ok) - failed
     lines = [f"finished in {fmt_duration(seconds)}: {len(rows)} configuration(s), {len(ok) - stopped} ran every "
              f"epoch, {stopped} stopped by ASHA, {failed} failed" + (f", {other} incomplete" if other else "")]
-    best = best_row(rows, metric, mode)
-    if best is not None:
-        row, value = best
-        test = ((row.get("eval") or {}).get("test") or {}).get("acc")
-        lines.append(f"best: {row['config_id']} ({metric} {value:.4g} at epoch {row['best_epoch']}"
-                     + (f"; test accuracy {100 * test:.2f}%" if test is not None else "") + ")")
+    best = best_line(rows, metric, mode)
+    if best:
+        lines.append(best)
     lines += [f"report: {report}", disk_line(output)]
     return lines

@@ -272,3 +272,23 @@ def test_compact_console_of_a_small_sweep(tmp_path: Path) -> None:
     header = next(experiment.glob("*/progress.csv")).read_text().splitlines()[0].split(",")
     assert {"hp/config_id", "hp/backbone", "hp/freeze", "hp/loss", "hp/seed", "hp/lr"} <= set(header)
     assert list(experiment.glob("*/events.out.tfevents.*"))  # TensorBoard (HParams) next to them
+
+
+def test_summary_best_is_the_reports_best_configuration_over_seeds() -> None:
+    from covid_tune.console import best_line
+    from covid_tune.stats import best_group
+
+    def row(cid: str, group: str, score: float, test: float) -> dict:
+        return {"config_id": cid, "group": group, "status": "ok", "best_epoch": 3, "select_score": score,
+                "history": [{"epoch": 3, "val_acc": score}],
+                "eval": {"test": {"acc": test, "correct": [1, 0]}}}
+
+    # b's single best trial (0.90) beats every a trial, but a is better on average over its seeds
+    rows = [row("a-s0", "a", 0.85, 0.80), row("a-s1", "a", 0.84, 0.82),
+            row("b-s0", "b", 0.90, 0.86), row("b-s1", "b", 0.70, 0.70)]
+    assert best_group(rows, "val_acc", "max") == "a"
+    assert best_line(rows, "val_acc", "max") == "best: a (mean selection score on val_acc 0.845 over 2 seeds; test accuracy 81.00 ± 1.41%)"
+    one = [row("a-s0", "a", 0.85, 0.80), row("b-s0", "b", 0.90, 0.86)]
+    one[1]["history"][0]["val_acc"] = 0.88  # the raw value at the chosen epoch, beside an EMA score of 0.90
+    assert best_line(one, "val_acc", "max") == "best: b-s0 (val_acc 0.88 at epoch 3; test accuracy 86.00%)"
+    assert best_line([], "val_acc", "max") == ""
