@@ -18,6 +18,10 @@ from torch import nn
 
 from covid_tune.models import Classifier, trained_state
 
+# a trial checkpoint folder: the state (torch.save) and the epoch's metrics (JSON); Ray-free so that
+# results and report read checkpoints without importing Ray
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
 PART_KEY = "model_part"
 TRAINED = "trained"  # the value of PART_KEY in a checkpoint that holds only the trained part
 DIGEST_KEY = "frozen_digest"

@@ -25,7 +25,7 @@ from covid_tune.metrics import bootstrap_ci
 from covid_tune.explain import explain_split
 from covid_tune.spec import TRAINER_AXES, ReportSpec, Spec
 from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
-from covid_tune.trainable import METRICS_FILE, STATE_FILE
+from covid_tune.checkpoints import METRICS_FILE, STATE_FILE
 
 EVAL_FILE = "eval.json"
 TRIALS_FILE = "trials.json"  # written by the sweep: each trial's final status

@@ -115,7 +115,7 @@ def _complete_checkpoint(fs, folder: str, epoch: int) -> bool:
     """Whether ``folder`` holds a whole checkpoint of ``epoch`` (state written, metrics agreeing)."""
     import pyarrow.fs
 
-    from covid_tune.trainable import METRICS_FILE, STATE_FILE
+    from covid_tune.checkpoints import METRICS_FILE, STATE_FILE
 
     if fs.get_file_info(f"{folder}/{STATE_FILE}").type != pyarrow.fs.FileType.File:
         return False

@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             def evaluator(dirs, idx):
                 return tuning.evaluate_remote(results_mod.evaluator_for(spec.report.model_dump()), dirs, idx,
-                                              spec.resources.cpus, spec.resources.gpu, decoded=shared)
+                                              spec.resources.cpus, spec.resources.gpu, decoded=shared,
+                                              ship=tuning.models_travel(spec))
         lap("evaluation")
 
         def timed_evaluator(dirs, idx):

@@ -13,11 +13,10 @@ import torch
 from ray import tune
 
 from covid_tune.cache import DecodedSplits
+from covid_tune.checkpoints import METRICS_FILE, STATE_FILE
 from covid_tune.data import DatasetIndex
 from covid_tune.engine import HParams, TrainingRun, default_device
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.json"
 
 
 def save_state(state: dict, metrics: dict, directory: Path) -> None:

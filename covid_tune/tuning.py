@@ -24,10 +24,6 @@ from covid_tune.spec import Spec
 from covid_tune.trainable import train_trial
 from covid_tune.weights import load_all, state_nbytes
 
-
-_joined_cluster = False  # set by connect(): this driver joined a running cluster
-
-
 MIN_OBJECT_STORE = 512 * 1024**2
 
 
@@ -49,7 +45,6 @@ def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> N
     plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
     to disk-backed memory. A cluster's nodes size their own. ``quiet``: Ray logs warnings and errors
     only (worker output, spilling and trial errors still reach this console)."""
-    global _joined_cluster
     if ray.is_initialized():
         return
     extra = _quiet_ray() if quiet else {}
@@ -62,13 +57,19 @@ def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> N
                          "covid_tune.run SPEC), or run it on the head node with --address auto")
     if address:
         ray.init(address=address, log_to_driver=True, **extra)
-        _joined_cluster = True
     else:
         # address="local": a new Ray instance even when `ray start` (or a test cluster) recorded one
         # in /tmp/ray/ray_current_cluster, which ray.init() would otherwise silently join.
         ray.init(address="local", include_dashboard=False,
                  object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True,
                  **extra)
+
+
+def models_travel(spec: Spec) -> bool:
+    """Whether the exported models' folder may be invisible to the workers, so models travel through the
+    object store: this sweep joined a cluster (:func:`on_cluster`: it may scale up onto other machines),
+    or Ray spans several nodes. Call after :func:`connect`."""
+    return on_cluster(spec) or len([n for n in ray.nodes() if n.get("Alive")]) > 1
 
 
 def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
@@ -371,20 +372,18 @@ def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], in
 
 
 def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index: DatasetIndex,
-                    cpus: float, gpu: float, ship: bool | None = None,
+                    cpus: float, gpu: float, ship: bool,
                     decoded: "DecodedSplits | ray.ObjectRef | None" = None) -> list[dict]:
     """Run ``evaluate(model_dir, index, decoded=...)`` for each exported model as Ray tasks, where workers are.
 
     ``decoded`` (the decoded cache; pass :func:`share`'s reference to reuse the sweep's copy) spares
     each task decoding the splits it holds.
 
-    The exported models live under the driver's output folder. On a cluster (``ship`` None: when
-    this driver joined one) that folder need not be visible from the workers, so each model's
+    The exported models live under the driver's output folder. With ``ship``
+    (:func:`models_travel`: on a cluster) that folder need not be visible from the workers, so each model's
     files travel through the object store to a temporary folder on the worker, and the result is
     cached in the model folder here (``eval.json``), as a local evaluation would.
     """
-    if ship is None:
-        ship = _joined_cluster or len([n for n in ray.nodes() if n.get("Alive")]) > 1
     index_ref = ray.put(index)
     extra = {} if decoded is None else {"decoded": decoded if isinstance(decoded, ray.ObjectRef) else ray.put(decoded)}
     if not ship:
@@ -538,7 +537,7 @@ def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     """:class:`Evaluations` for this sweep (call after :func:`connect`), or None where the exported
     models' folder need not be visible to the workers (a cluster joined, several nodes, a storage URI):
     :func:`evaluate_remote` then ships each model to its task."""
-    if _joined_cluster or spec.remote_storage or len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+    if spec.remote_storage or models_travel(spec):
         return None
     return Evaluations(spec, plan, index, decoded, during_trials=spec.resources.gpu == 0, pretrained=pretrained)
 

@@ -49,7 +49,17 @@ def test_the_engine_side_imports_nothing_downstream(module: str) -> None:
     assert not bad, f"covid_tune/{module}.py imports {bad}: data flows spec -> plan -> trials -> results -> report"
 
 
+def _loaded(module: str, watched: tuple[str, ...]) -> list[str]:
+    code = f"import sys, covid_tune.{module}; print(*sorted(m for m in {watched!r} if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
 def test_importing_the_engine_loads_neither_ray_nor_yaml() -> None:
-    code = "import sys, covid_tune.engine; print(sorted(m for m in ('ray', 'yaml', 'pydantic') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]", f"import covid_tune.engine loaded {out}"
+    out = _loaded("engine", ("ray", "yaml", "pydantic"))
+    assert out == [], f"import covid_tune.engine loaded {out}"
+
+
+@pytest.mark.parametrize("module", ["results", "report"])
+def test_reading_results_loads_no_ray(module: str) -> None:
+    # a finished sweep's folder is read as plain files (covid_tune.report on a laptop without a cluster)
+    assert _loaded(module, ("ray",)) == [], f"import covid_tune.{module} loaded Ray"

@@ -178,7 +178,7 @@ def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -
     holds exactly its epoch's state although the next epoch starts training while it is reported."""
     from covid_tune import engine, plan as plan_mod, results, tuning
     from covid_tune.run import prepare
-    from covid_tune.trainable import METRICS_FILE, STATE_FILE
+    from covid_tune.checkpoints import METRICS_FILE, STATE_FILE
 
     raw = {**tiny_raw, "trainer": {**tiny_raw["trainer"], "epochs": 3, "dropout": 0.3},
            "scheduler": {**tiny_raw["scheduler"], "asha": False, "keep_checkpoints": 3}}
