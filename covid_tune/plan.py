@@ -72,12 +72,3 @@ def tune_params(spec: Spec, plan: dict[str, HParams]) -> dict[str, dict]:
                   **{a: getattr(h, a) for a in extra}}
             for cid, h in plan.items()}
 
-
-def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
-    """The epochs at which ASHA compares trials (Ray's ASHAScheduler, one bracket), ascending.
-
-    A rung at a fractional epoch acts at the first whole epoch past it."""
-    import math
-
-    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
-    return sorted({math.ceil(grace_period * reduction_factor ** k - 1e-9) for k in range(n)})

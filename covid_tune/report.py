@@ -163,7 +163,9 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
 
 def _asha_text(spec: Spec) -> str:
     s = spec.scheduler
-    text = f"ASHA (grace period {s.grace_period}, reduction factor {s.reduction_factor:g}"
+    grace = (", ".join(f"{lv} {g}" for lv, g in s.grace_period.items()) if isinstance(s.grace_period, dict)
+             else s.grace_period)
+    text = f"ASHA (grace period {grace}, reduction factor {s.reduction_factor:g}"
     text += f", {s.brackets} brackets" if s.brackets > 1 else ""
     text += f", no cut after epoch {s.max_t}" if s.max_t and s.max_t < spec.trainer.epochs else ""
     return text + ")"

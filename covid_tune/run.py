@@ -175,10 +175,12 @@ def _check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str 
 
 def _new_console(spec: "Spec", n_trials: int):
     from covid_tune.console import SweepConsole
-    from covid_tune.plan import asha_rungs
+    from covid_tune.schedule import rung_epochs
 
     sched = spec.scheduler
-    rungs = asha_rungs(spec.trainer.epochs, sched.grace_period, sched.reduction_factor) if sched.asha else []
+    levels = [lv for ls in spec.freeze_levels().values() for lv in ls]
+    rungs = rung_epochs(sched.grace_period, sched.reduction_factor, spec.trainer.epochs, spec.trainer.epochs,
+                        levels) if sched.asha else []
     return SweepConsole(total=n_trials, max_epochs=spec.trainer.epochs, metric=sched.metric, mode=sched.mode,
                         rungs=rungs)
 

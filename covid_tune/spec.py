@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from covid_tune import models
+from covid_tune import models, schedule
 from covid_tune.losses import LOSSES
 
 TRAINER_AXES = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
@@ -151,7 +151,8 @@ class SchedulerSpec(_Section):
     metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"
     mode: Optional[Literal["min", "max"]] = None
     asha: bool = True
-    grace_period: int = Field(1, ge=1)
+    grace_period: Union[int, dict[str, int]] = Field(
+        1, description="epochs before ASHA's first cut; or {freeze_level: epochs}, one per freeze level of the grid")
     reduction_factor: float = Field(2.0, gt=1)
     keep_checkpoints: int = Field(2, ge=1)
     # Ray's hedges against cutting late bloomers (ASHAScheduler's own arguments)
@@ -165,6 +166,8 @@ class SchedulerSpec(_Section):
     select: Literal["best", "ema", "mean3"] = Field(
         "best", description="best-epoch rule on the metric: raw best, best of an EMA (alpha 0.5) or of a centred "
                             "3-epoch mean; among the kept checkpoints")
+
+    _grace = field_validator("grace_period", mode="before")(lambda v: schedule.parse_grace(v))
 
     @model_validator(mode="after")
     def _mode_fits_metric(self) -> "SchedulerSpec":
@@ -255,11 +258,9 @@ class Spec(_Section):
             lacking = [b for b in self.grid.backbone if models.get_backbone(b).imagenet_weights is None]
             if lacking:
                 problems.append(f"trainer.weights: imagenet is not available for {lacking} (use none or a file)")
-        if self.scheduler.grace_period > self.trainer.epochs:
-            problems.append(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds trainer.epochs "
-                            f"({self.trainer.epochs})")
-        else:
-            problems += _asha_problems(self.scheduler, self.trainer.epochs)
+        levels = [lv for ls in self.freeze_levels().values() for lv in ls]
+        grace = schedule.grace_problems(self.scheduler.grace_period, levels, self.trainer.epochs)
+        problems += grace or _asha_problems(self.scheduler, self.trainer.epochs)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -305,6 +306,8 @@ def asha_rungs(grace_period: int, reduction_factor: float, max_t: int, bracket: 
 
 
 def _asha_problems(sched: SchedulerSpec, epochs: int) -> list[str]:
+    # in ASHA's time units, where a per-level grace is its smallest value (covid_tune.schedule)
+    sched = sched.model_copy(update={"grace_period": schedule.min_grace(sched.grace_period)})
     max_t = sched.max_t or epochs
     problems = []
     if max_t > epochs:

@@ -16,6 +16,7 @@ from covid_tune.cache import DecodedSplits
 from covid_tune.checkpoints import METRICS_FILE, STATE_FILE
 from covid_tune.data import DatasetIndex
 from covid_tune.engine import HParams, TrainingRun, default_device
+from covid_tune.schedule import Grace, time_metrics
 
 
 
@@ -87,7 +88,7 @@ def pretrained_state(hp: HParams, pretrained: "dict[str, ray.ObjectRef] | None")
 
 def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpus: float, gpu: float,
                 decoded: DecodedSplits | None = None,
-                pretrained: "dict[str, ray.ObjectRef] | None" = None) -> None:
+                pretrained: "dict[str, ray.ObjectRef] | None" = None, grace: Grace = 1) -> None:
     """Train ``plan[config['config_id']]``, resuming from Tune's last checkpoint when there is one.
 
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
@@ -97,6 +98,7 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     several nodes on one machine).
     ``pretrained`` maps each backbone to its state_dict's reference (:func:`covid_tune.tuning.share_weights`);
     a resumed trial builds its model from it too before loading its checkpoint.
+    ``grace`` is ``scheduler.grace_period``: a per-freeze-level one adds ``asha_time`` to each report.
 
     Epoch k + 1 trains while epoch k is reported (and, on a GPU, while its state, copied to the CPU
     as soon as it ended, is written); the checkpoint of epoch k holds exactly the state after epoch k.
@@ -119,6 +121,7 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     try:
         while True:
             metrics = {**pending.result(), **run.modes, **node}
+            metrics.update(time_metrics(metrics["epoch"], grace, hp.freeze))
             last = run.epoch >= hp.epochs
             with tempfile.TemporaryDirectory() as d:
                 if background_save:

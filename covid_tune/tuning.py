@@ -15,6 +15,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from covid_tune import schedule
 from covid_tune.cache import DecodedSplits
 from covid_tune.data import DatasetIndex
 from covid_tune.engine import HParams
@@ -171,7 +172,7 @@ def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decode
     # with_parameters puts each argument in Ray's object store once (a reference is used as it is):
     # one copy of the cache per node; pretrained is a small dict of references, one per backbone
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
-                              decoded=decoded, pretrained=pretrained)
+                              decoded=decoded, pretrained=pretrained, grace=spec.scheduler.grace_period)
     return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
 
 
@@ -277,7 +278,9 @@ def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
     s = spec.scheduler
     if not s.asha:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", max_t=s.max_t or spec.trainer.epochs, grace_period=s.grace_period,
+    # a per-freeze-level grace counts in the trials' asha_time (covid_tune.schedule), else in epochs
+    return ASHAScheduler(time_attr=schedule.time_attr(s.grace_period), max_t=s.max_t or spec.trainer.epochs,
+                         grace_period=schedule.min_grace(s.grace_period),
                          reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=s.stop_last_trials)
 
 

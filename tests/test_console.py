@@ -15,6 +15,7 @@ import yaml
 
 from conftest import REPO, write_image
 from covid_tune import plan as plan_mod
+from covid_tune import schedule
 from covid_tune.console import SweepConsole, best_row, disk_usage, last_line, summary_lines
 from covid_tune.spec import SpecError, validate
 
@@ -96,7 +97,7 @@ def test_asha_rungs_are_rays() -> None:
     for max_t, grace, rf in ((6, 2, 2), (24, 4, 2), (4, 1, 2), (10, 1, 3), (9, 2, 1.5), (3, 3, 2)):
         sched = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace, reduction_factor=rf)
         ray_rungs = sorted(-(-m // 1) for m, _ in sched._brackets[0]._rungs)
-        assert plan_mod.asha_rungs(max_t, grace, rf) == ray_rungs, (max_t, grace, rf)
+        assert schedule.rungs_by_level(grace, rf, max_t, max_t, ["x"])["x"] == ray_rungs, (max_t, grace, rf)
 
 
 def test_param_space_resolves_to_the_plan(tiny_raw) -> None:

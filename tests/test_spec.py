@@ -268,6 +268,26 @@ def test_grace_period_above_epochs(tiny_raw: dict) -> None:
     spec_error(tiny_raw, "scheduler.grace_period", "3", "trainer.epochs", "2")
 
 
+def test_grace_period_per_freeze_level(tiny_raw: dict) -> None:
+    tiny_raw["trainer"]["epochs"] = 8
+    tiny_raw["scheduler"]["grace_period"] = {"fc_only": 2, "none": 6}
+    assert validate(tiny_raw).scheduler.grace_period == {"fc_only": 2, "none": 6}
+
+
+@pytest.mark.parametrize("grace, needles", [
+    ({"fc_only": 2, "layer1": 4, "none": 6}, ["scheduler.grace_period.layer1", "'layer1'", "allowed: fc_only, none"]),
+    ({"fc_only": 2, "none": 9}, ["scheduler.grace_period.none", "9", "allowed: 1-8", "trainer.epochs"]),
+    ({"fc_only": 2}, ["scheduler.grace_period", "none", "every freeze level"]),
+    ({"fc_only": 0, "none": 2}, ["scheduler.grace_period", "fc_only", "greater than or equal to 1"]),
+    ({"fc_only": 1.5, "none": 2}, ["scheduler.grace_period", "fc_only", "whole number"]),
+    ({}, ["scheduler.grace_period", "empty", "fc_only, none"]),
+])
+def test_bad_grace_period_mapping_names_key_and_allowed(tiny_raw: dict, grace: dict, needles: list[str]) -> None:
+    tiny_raw["trainer"]["epochs"] = 8
+    tiny_raw["scheduler"]["grace_period"] = grace
+    spec_error(tiny_raw, *needles)
+
+
 def test_imagenet_weights_for_tiny_cnn(tiny_raw: dict) -> None:
     tiny_raw["trainer"]["weights"] = "imagenet"
     spec_error(tiny_raw, "trainer.weights", "imagenet", "tiny_cnn")
