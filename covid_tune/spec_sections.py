@@ -1,0 +1,216 @@
+"""The sections of a sweep spec (data, grid, trainer, scheduler, resources, ray, report) as frozen
+pydantic models, each checking its own keys; :mod:`covid_tune.spec` puts them together, checks what
+spans sections and loads YAML."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from covid_tune import models, schedule
+from covid_tune.losses import LOSSES
+
+TRAINER_AXES = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
+METRICS = ("val_acc", "val_f1", "val_loss")
+
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSpec(Section):
+    """A generated dataset (written under ``OUTPUT/synthetic-data``) instead of a folder."""
+
+    classes: list[str] = Field(default=["infected", "normal"], min_length=2)
+    train: int = Field(60, ge=1, description="images per class in train")
+    validation: int = Field(20, ge=1)
+    test: int = Field(20, ge=1)
+    image_size: int = Field(64, ge=16, le=512)
+    seed: int = 0
+
+
+class DataSpec(Section):
+    root: Optional[str] = None
+    synthetic: Optional[SyntheticSpec] = None
+    class_map: dict[str, str] = {}
+    image_size: int = Field(224, ge=16, le=1024)
+    label_mode: Literal["single", "multi"] = "single"
+    implies: dict[str, list[str]] = {}
+    threshold: float = Field(0.5, gt=0, lt=1)
+    on_bad_file: Literal["error", "skip"] = "error"
+    grayscale: bool = True
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+    cache: bool = Field(True, description="decode + resize every image once into OUTPUT/cache (uint8), "
+                                          "augment as tensors on the trial's device; false = PIL DataLoader")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.root is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data)")
+        if self.implies and self.label_mode != "multi":
+            raise ValueError("data.implies needs data.label_mode: multi")
+        return self
+
+
+def _as_list(value: Any) -> Any:
+    return value if value is None or isinstance(value, (list, dict)) else [value]
+
+
+class GridSpec(Section):
+    """Axes whose product is the trial grid. A scalar is a one-value axis."""
+
+    backbone: list[str] = Field(min_length=1)
+    freeze: Union[list[str], dict[str, list[str]]] = ["none"]
+    loss: list[str] = Field(default=["ce"], min_length=1)
+    seed: list[int] = Field(default=[0], min_length=1)
+    # the same bounds as the trainer keys they replace
+    optimizer: Optional[list[Literal["sgd", "adam"]]] = None
+    lr: Optional[list[Annotated[float, Field(gt=0)]]] = None
+    momentum: Optional[list[Annotated[float, Field(ge=0, lt=1)]]] = None
+    weight_decay: Optional[list[Annotated[float, Field(ge=0)]]] = None
+    batch_size: Optional[list[Annotated[int, Field(ge=1)]]] = None
+    head_hidden: Optional[list[Annotated[int, Field(ge=0)]]] = None
+    dropout: Optional[list[Annotated[float, Field(ge=0, lt=1)]]] = None
+
+    _wrap = field_validator("*", mode="before")(_as_list)
+
+    @field_validator("*")
+    @classmethod
+    def _no_repeats(cls, value: Any) -> Any:
+        # a repeated value would give two trials the same config id
+        lists = value.values() if isinstance(value, dict) else [value] if value is not None else []
+        for values in lists:
+            repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if repeated:
+                raise ValueError(f"repeated value(s) {repeated}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbones(cls, names: list[str]) -> list[str]:
+        return _known(names, models.backbone_names(), "backbone(s)")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_losses(cls, names: list[str]) -> list[str]:
+        return _known(names, list(LOSSES), "loss(es)")
+
+
+def _known(names: list[str], allowed: list[str], what: str) -> list[str]:
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown} (allowed: {', '.join(allowed)})")
+    return names
+
+
+class TrainerSpec(Section):
+    epochs: int = Field(24, ge=1, description="max epochs per trial (ASHA's max_t unless scheduler.max_t)")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(40, ge=1)
+    head_hidden: int = Field(240, ge=0)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    weights: str = Field("none", description="none | imagenet | path to a torchvision state_dict")
+    weights_download: Literal["auto", "never"] = Field(
+        "auto", description="auto = download missing ImageNet weights into $TORCH_HOME/hub/checkpoints (on the "
+                            "driver, once); never = use only files already there (so does COVID_TUNE_OFFLINE=1)")
+    focal_alpha: Optional[float] = Field(0.25, gt=0, lt=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    feature_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="configurations with a frozen prefix train the layers after it on the prefix's "
+                            "outputs, computed once; auto = only where exact (data.augment false), on = also "
+                            "with augmentation (outputs of unaugmented images)")
+    feature_cache_gb: float = Field(2.0, ge=0, description="the most memory (GB) one trial's cached prefix outputs "
+                                                           "may take; over it the prefix runs every step")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast + channels_last on CUDA, float32 on CPU")
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+class SchedulerSpec(Section):
+    metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"
+    mode: Optional[Literal["min", "max"]] = None
+    asha: bool = True
+    grace_period: Union[int, dict[str, int]] = Field(
+        1, description="epochs before ASHA's first cut; or {freeze_level: epochs}, one per freeze level of the grid")
+    reduction_factor: float = Field(2.0, gt=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    # Ray's hedges against cutting late bloomers (ASHAScheduler's own arguments)
+    brackets: int = Field(1, ge=1, description="ASHA brackets (>1: asynchronous HyperBand); trials are dealt "
+                                               "to brackets at random, bracket s makes its first cut at "
+                                               "grace_period * reduction_factor**s")
+    max_t: Optional[int] = Field(None, ge=1, description="ASHA's last possible cut (default trainer.epochs); "
+                                                         "below it needs stop_last_trials: false")
+    stop_last_trials: bool = Field(True, description="false: trials that pass ASHA's last rung (max_t) train on "
+                                                     "to trainer.epochs")
+    select: Literal["best", "ema", "mean3"] = Field(
+        "best", description="best-epoch rule on the metric: raw best, best of an EMA (alpha 0.5) or of a centred "
+                            "3-epoch mean; among the kept checkpoints")
+
+    _grace = field_validator("grace_period", mode="before")(lambda v: schedule.parse_grace(v))
+
+    @model_validator(mode="after")
+    def _mode_fits_metric(self) -> "SchedulerSpec":
+        right = "min" if self.metric == "val_loss" else "max"
+        if self.mode is not None and self.mode != right:
+            raise ValueError(f"scheduler.mode {self.mode!r} does not fit metric {self.metric!r} (use {right!r})")
+        object.__setattr__(self, "mode", right)
+        return self
+
+
+class ResourcesSpec(Section):
+    cpus: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("a fraction of a GPU must be at most 1 (0.25, 0.5, ...); above 1 use whole GPUs")
+        return v
+
+
+class RaySpec(Section):
+    address: Optional[str] = None
+    storage_path: Optional[str] = None
+    max_failures: int = Field(0, ge=0)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+
+
+class ShortcutSpec(Section):
+    """Test accuracy with the lung field (a central box) hidden, and with only it kept."""
+
+    enabled: bool = True
+    box_width: float = Field(0.6, gt=0, lt=1, description="the central box's share of the crop's width")
+    box_height: float = Field(0.7, gt=0, lt=1, description="the central box's share of the crop's height")
+    margin: float = Field(0.1, ge=0, lt=1, description="flag a model when the lower end of the 95% interval of "
+                                                       "its accuracy with lungs hidden exceeds the "
+                                                       "majority-class rate by more than this")
+
+
+class GradCamSpec(Section):
+    per_class: int = Field(4, ge=0, le=32, description="test images per class shown with their Grad-CAM map "
+                                                       "(0 = no Grad-CAM)")
+    seed: int = 0
+
+
+def _on_off(value: Any) -> Any:
+    # `shortcut_check: false` (or YAML's bare off) turns the whole check off
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class ReportSpec(Section):
+    shortcut_check: ShortcutSpec = ShortcutSpec()
+    gradcam: GradCamSpec = GradCamSpec()
+
+    _switch = field_validator("shortcut_check", mode="before")(_on_off)
