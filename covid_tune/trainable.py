@@ -96,7 +96,7 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     metrics also say which paths ran: ``decoded_cache``, ``feature_cache``, ``augmented``, ``gpu`` (0/1),
     and ``node_id``, the Ray node training it (hostname and IP, which Tune adds, do not tell apart
     several nodes on one machine).
-    ``pretrained`` maps each backbone to its state_dict's reference (:func:`covid_tune.tuning.share_weights`);
+    ``pretrained`` maps each backbone to its state_dict's reference (:func:`covid_tune.cluster.share_weights`);
     a resumed trial builds its model from it too before loading its checkpoint.
     ``grace`` is ``scheduler.grace_period``: a per-freeze-level one adds ``asha_time`` to each report.
 

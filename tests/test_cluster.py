@@ -261,6 +261,7 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
     import ray
     from ray._private import ray_constants
 
+    from covid_tune import cluster as cluster_mod
     from covid_tune import tuning
     from covid_tune.data import make_synthetic, scan_dataset
     from covid_tune.spec import validate
@@ -282,7 +283,7 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
             on_head = ray.get_runtime_context().get_node_id() == head_id
             return os.path.exists(path) and (on_head or not path.startswith(storage))
 
-        monkeypatch.setattr(tuning, "_path_exists", seen_from_head_only)
+        monkeypatch.setattr(cluster_mod, "_path_exists", seen_from_head_only)
         with pytest.raises(ValueError) as err:
             tuning.check_shared_paths(spec, index)
     finally:

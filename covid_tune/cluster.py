@@ -1,0 +1,164 @@
+"""Ray itself, for a sweep: starting a local Ray or joining a cluster, the object store's shared copies
+(decoded cache, pretrained weights), and checks of what the cluster can hold and see before trials start."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from covid_tune.cache import DecodedSplits
+from covid_tune.data import DatasetIndex
+from covid_tune.spec import Spec
+
+MIN_OBJECT_STORE = 512 * 1024**2
+
+
+def _quiet_ray() -> dict:
+    """ray.init options (and logger levels) that keep Ray's warnings but drop its info chatter, here and
+    in the workers (e.g. a "Checkpoint successfully created" line per epoch per trial)."""
+    # Tune's repeated "Experiment state snapshotting ..." advice (3 lines each) on a busy machine; the
+    # documented switch, and a user's own setting wins
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # one notice per start that a local Ray uses token authentication (shown with -v)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+
+
+def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally.
+
+    A local Ray's object store gets room for ``cache_bytes`` (the decoded cache and pretrained weights, one copy each)
+    plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
+    to disk-backed memory. A cluster's nodes size their own. ``quiet``: Ray logs warnings and errors
+    only (worker output, spilling and trial errors still reach this console)."""
+    if ray.is_initialized():
+        return
+    extra = _quiet_ray() if quiet else {}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith("ray://"):
+        # Ray Client runs this driver here but Tune's storage, the exported models and the report on
+        # the cluster: the paths would not match. A job (or a shell on the head) runs it where they do.
+        raise ValueError(f"--address {address}: Ray Client (ray://) addresses are not supported; submit the "
+                         "sweep as a job instead (ray job submit --address http://HEAD:8265 -- python -m "
+                         "covid_tune.run SPEC), or run it on the head node with --address auto")
+    if address:
+        ray.init(address=address, log_to_driver=True, **extra)
+    else:
+        # address="local": a new Ray instance even when `ray start` (or a test cluster) recorded one
+        # in /tmp/ray/ray_current_cluster, which ray.init() would otherwise silently join.
+        ray.init(address="local", include_dashboard=False,
+                 object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True,
+                 **extra)
+
+
+def models_travel(spec: Spec) -> bool:
+    """Whether the exported models' folder may be invisible to the workers, so models travel through the
+    object store: this sweep joined a cluster (:func:`on_cluster`: it may scale up onto other machines),
+    or Ray spans several nodes. Call after :func:`connect`."""
+    return on_cluster(spec) or len([n for n in ray.nodes() if n.get("Alive")]) > 1
+
+
+def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
+    """Put the decoded cache in the object store once (call after :func:`connect`): passing the
+    returned reference to :func:`covid_tune.tuning.run_sweep` and :func:`covid_tune.evaluation.evaluate_remote` keeps one copy per node for both."""
+    return ray.put(decoded) if decoded is not None else None
+
+
+def share_weights(states: dict[str, dict]) -> "dict[str, ray.ObjectRef]":
+    """Put each backbone's pretrained state_dict (:func:`covid_tune.weights.load_all`) in the object store
+    once (call after :func:`connect`). Trials fetch theirs from there, so no node needs the file or a
+    network; the driver may drop its copies afterwards."""
+    return {backbone: ray.put(state) for backbone, state in states.items()}
+
+
+def on_cluster(spec: Spec) -> bool:
+    """True when this sweep joined a running cluster (--address, RAY_ADDRESS, ray.address)."""
+    return bool(spec.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_resources(spec: Spec) -> None:
+    """Refuse a trial size that no node could ever hold (Tune would otherwise wait forever).
+
+    Only checked on a local Ray: a cluster's autoscaler may still add GPU nodes.
+    """
+    if on_cluster(spec):
+        return
+    have = ray.cluster_resources()
+    for name, want in (("CPU", spec.resources.cpus), ("GPU", spec.resources.gpu)):
+        if want > have.get(name, 0):
+            key = "resources.cpus" if name == "CPU" else "resources.gpu"
+            raise ValueError(f"{key}={want:g} but this machine's Ray has {have.get(name, 0):g} {name}(s); "
+                             f"use --set {key}={have.get(name, 0):g} or run on a cluster (--address)")
+
+
+@ray.remote(num_cpus=0)
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+PROBE_TIMEOUT_S = 60.0
+
+
+def _local_storage_folder(spec: Spec) -> str | None:
+    """The folder behind ``ray.storage_path`` when it is one (a path or a file:// URI), else None."""
+    root = spec.storage_root
+    if root.startswith("file://"):
+        return root[len("file://"):] or "/"
+    return None if spec.remote_storage else root
+
+
+def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
+    """On a multi-node cluster every node must see the data and the storage folder.
+
+    Ray Tune no longer syncs trial results to the head node, so a folder that only the head has
+    would scatter checkpoints over the workers' disks. A probe task on each live node checks
+    (nodes the autoscaler adds later are not probed: use shared or cloud storage up front).
+    """
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    data_key = "data.root" if spec.data.root else "data.synthetic (generated under the output folder)"
+    probes = {data_key: (str(index.root), next(iter(index.paths("train")), str(index.root)))}
+    storage = _local_storage_folder(spec)
+    if storage is not None:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        marker = Path(storage) / f".covid_tune-probe-{uuid.uuid4().hex}"
+        marker.write_text("probe")
+        probes["ray.storage_path"] = (spec.storage_root, str(marker))
+    try:
+        for key, (shown, path) in probes.items():
+            refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: _path_exists.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+                for n in nodes}
+            blind = []
+            for name, ref in refs.items():
+                try:
+                    seen = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+                except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as exc:
+                    # a node that just died or cannot run a task now: not evidence either way
+                    print(f"covid_tune: could not check {key} on node {name}: {type(exc).__name__}", file=sys.stderr)
+                    continue
+                if not seen:
+                    blind.append(name)
+            if blind:
+                raise ValueError(
+                    f"{key} {shown} is not visible from node(s) {', '.join(blind)}. On a multi-node cluster "
+                    "Ray Tune no longer syncs trial results to the head node, so a folder only the head has "
+                    "would scatter checkpoints over the workers' disks: put ray.storage_path on a shared "
+                    "filesystem (NFS, ...) or use a cloud URI (s3://..., gs://...), and data.root on a shared "
+                    "filesystem (or the same path on every node, e.g. a cluster.yaml file_mount).")
+    finally:
+        if "ray.storage_path" in probes:
+            Path(probes["ray.storage_path"][1]).unlink(missing_ok=True)
+
+
+def cluster_resources() -> dict[str, float]:
+    """CPUs and GPUs of the Ray this driver is connected to."""
+    have = ray.cluster_resources()
+    return {"CPU": have.get("CPU", 0.0), "GPU": have.get("GPU", 0.0)}
