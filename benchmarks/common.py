@@ -179,6 +179,12 @@ def verdict(key: str, value) -> str:
     return "met" if ok else "MISSED"
 
 
+def spread(x: dict) -> str:
+    """`, spread lo..hi` of tune_overhead's paired rounds, empty for a result without them."""
+    lo_hi = x.get("tune_overhead_spread")
+    return f", spread {lo_hi[0]:+.3f}..{lo_hi[1]:+.3f}" if lo_hi else ""
+
+
 def table(res: dict) -> str:
     r = res["results"]
     lines = ["| measure | plain / course way | covid_tune | ratio [key] | target | |",
@@ -208,7 +214,8 @@ def table(res: dict) -> str:
         x = r["tune_overhead"]
         lines.append(f"| one trial, direct vs inside Tune ({x['config']}) | {min(x['direct_s']):.1f} s | "
                      f"{min(x['trial_s']):.1f} s trial time (+{x['fixed_per_trial_s']:.1f} s worker start-up and "
-                     f"Tune book-keeping per trial) | {x['tune_overhead']:+.3f} [tune_overhead] | {goal('tune_overhead')} | "
+                     f"Tune book-keeping per trial) | {x['tune_overhead']:+.3f} [tune_overhead, median of {len(x.get('tune_overhead_rounds', [0]))} alternating rounds"
+                     f"{spread(x)}] | {goal('tune_overhead')} | "
                      f"{verdict('tune_overhead', x['tune_overhead'])} |")
     if "checkpoint" in r:
         x = r["checkpoint"]
