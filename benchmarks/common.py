@@ -214,8 +214,8 @@ def table(res: dict) -> str:
         x = r["tune_overhead"]
         lines.append(f"| one trial, direct vs inside Tune ({x['config']}) | {min(x['direct_s']):.1f} s | "
                      f"{min(x['trial_s']):.1f} s trial time (+{x['fixed_per_trial_s']:.1f} s worker start-up and "
-                     f"Tune book-keeping per trial) | {x['tune_overhead']:+.3f} [tune_overhead, median of {len(x.get('tune_overhead_rounds', [0]))} alternating rounds"
-                     f"{spread(x)}] | {goal('tune_overhead')} | "
+                     f"Tune book-keeping per trial) | {x['tune_overhead']:+.3f} [tune_overhead] (median of {len(x.get('tune_overhead_rounds', [0]))} "
+                     f"alternating rounds{spread(x)}) | {goal('tune_overhead')} | "
                      f"{verdict('tune_overhead', x['tune_overhead'])} |")
     if "checkpoint" in r:
         x = r["checkpoint"]
