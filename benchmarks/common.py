@@ -1,0 +1,252 @@
+"""Shared by every benchmark: data, sizes, timing, machine facts, TARGETS/goal() and the report table."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch starts OpenMP: threads that wait sleep instead of spinning. On a machine shared with
+# other jobs, a spinning two-thread process stalls whenever one core is taken (steps 10x slower);
+# passive waiting costs an idle machine up to ~15% on two threads. Both sides run under it (Ray's
+# workers inherit it). Set OMP_WAIT_POLICY yourself to measure otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import contextlib
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from covid_tune import cache as cache_mod
+from covid_tune import engine
+from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
+from covid_tune.engine import HParams, TrainingRun
+from covid_tune.loaders import SHUFFLE_STREAM, TensorLoader, epoch_generator
+
+REPO = Path(__file__).resolve().parents[1]
+CXR_REAL = (REPO / ".." / "shared" / "cxr-real").resolve()
+CLASS_MAP = {"covid": "infected", "pneumonia": "infected"}
+CPU = torch.device("cpu")
+
+TARGETS = {"head_cache_speedup": (">=", 20.0), "loader_speedup": (">=", 5.0), "tune_overhead": ("<=", 0.03),
+           "grid_speedup": (">=", 3.0), "same_best_config": ("==", True), "checkpoint_kb": ("<=", 1024.0),
+           "outside_trials": ("<=", 0.25)}
+
+# dense bf16 tensor-core peak, FLOP/s (vendor datasheets); COVID_TUNE_PEAK_FLOPS overrides
+PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+             "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+             "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each part is."""
+
+    loader_images: int = 685
+    loader_size: int = 224
+    loader_batch: int = 32
+    large_images: int = 96
+    head_backbones: tuple[str, ...] = ("resnet18", "vgg16")
+    head_train: int = 128
+    head_val: int = 32
+    head_size: int = 224
+    overhead_backbone: str = "resnet18"
+    overhead_freeze: str = "layer1"
+    overhead_size: int = 96
+    overhead_epochs: int = 4
+    overhead_train: int | None = 342  # images per split for the one trial (None: all)
+    overhead_val: int | None = 90
+    grid_size: int = 64
+    grid_epochs: int = 8
+    grid_lrs: tuple[float, ...] = (0.01, 0.001)
+    grid_backbones: tuple[str, ...] = ("resnet18",)
+    # ASHA's grace period: from-scratch, all-trainable configurations lead only after a few epochs
+    # (part1.yaml gives 4 of 24)
+    grid_grace: int = 4
+    grid_train: int | None = None  # images per split for the grid (None: all)
+    grid_val: int | None = None
+    gpu_batch: int = 128
+    gpu_steps: int = 30
+    rounds: int = 2  # repeats of the side-by-side measurements (fastest kept)
+
+
+FULL = Sizes()
+# a smoke run of every part: too small for ASHA to prune much or for per-trial costs to vanish
+QUICK = Sizes(loader_images=256, large_images=64, head_backbones=("resnet18",), head_train=128, head_val=32,
+              overhead_size=64, overhead_epochs=4, grid_size=48, grid_epochs=4, grid_lrs=(0.01,), grid_grace=1,
+              grid_train=342, grid_val=90, gpu_steps=15, rounds=1)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal"))) * 1024
+    except (OSError, StopIteration):
+        mem = 0
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "memory_gib": round(mem / 2**30, 1), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    try:
+        import ray
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def load_data(data: Path | None, work: Path) -> tuple[Path, dict, str]:
+    """(root, class_map, description): the real X-rays when present, else synthetic ones."""
+    root = data or (CXR_REAL if CXR_REAL.is_dir() else None)
+    if root is not None:
+        return root, CLASS_MAP if root == CXR_REAL else {}, f"{root} (real chest X-rays)"
+    root = make_synthetic(work / "synthetic", counts={"train": 340, "validation": 90, "test": 20}, image_size=224)
+    return root, {}, f"synthetic ({root})"
+
+
+def subset(index: DatasetIndex, sizes: dict[str, int]) -> DatasetIndex:
+    """Every k-th image of each split (the lists are sorted by class, so classes stay mixed)."""
+    splits = {}
+    for split, items in index.splits.items():
+        n = min(sizes.get(split, len(items)), len(items))
+        step = max(1, len(items) // max(n, 1))
+        splits[split] = items[::step][:n]
+    return DatasetIndex(index.root, index.classes, splits, index.original_classes)
+
+
+def split_sizes(train: int | None, val: int | None) -> dict[str, int]:
+    """:func:`subset`'s sizes for the splits given a count (None: the whole split)."""
+    return {k: v for k, v in (("train", train), ("validation", val)) if v}
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+@contextlib.contextmanager
+def quiet(logfile: Path):
+    """Send this process's stdout/stderr (Ray and Tune's progress output) to ``logfile``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(logfile, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+
+
+def goal(key: str) -> str:
+    """The target cell of ``key``'s row, from TARGETS (one place for each number)."""
+    op, target = TARGETS[key]
+    return f"{op} {target:g}"
+
+
+def verdict(key: str, value) -> str:
+    if value is None:
+        return "n/a"
+    op, target = TARGETS[key]
+    ok = {"<=": value <= target, ">=": value >= target, "==": value == target}[op]
+    return "met" if ok else "MISSED"
+
+
+def spread(x: dict) -> str:
+    """`, spread lo..hi` of tune_overhead's paired rounds, empty for a result without them."""
+    lo_hi = x.get("tune_overhead_spread")
+    return f", spread {lo_hi[0]:+.3f}..{lo_hi[1]:+.3f}" if lo_hi else ""
+
+
+def table(res: dict) -> str:
+    r = res["results"]
+    lines = ["| measure | plain / course way | covid_tune | ratio [key] | target | |",
+             "|---|---|---|---|---|---|"]
+    if "loader" in r:
+        x = r["loader"]
+        ips = x["images_per_s"]
+        lines.append(f"| training input pipeline with augmentation, {x['image_size']} px, per core | "
+                     f"{ips['per_core_pil']:,.0f} img/s (PIL DataLoader) | {ips['per_core_cache']:,.0f} img/s "
+                     f"(decoded cache, tensor augmentation) | {x['loader_speedup']:.1f}x [loader_speedup] | {goal('loader_speedup')} | "
+                     f"{verdict('loader_speedup', x['loader_speedup'])} |")
+        lines.append(f"| the same, all cores | {ips['all_cores_pil']:,.0f} img/s (worker processes) | "
+                     f"{ips['all_cores_cache']:,.0f} img/s (threads) | {x['all_cores_speedup']:.1f}x | | |")
+    if "loader_large" in r:
+        x = r["loader_large"]
+        lines.append(f"| the same per core, {x['images']} full-size ({x['source_px']} px, synthetic) sources | "
+                     f"{x['pil_images_per_s']:,.0f} img/s | {x['cache_images_per_s']:,.0f} img/s | "
+                     f"{x['speedup']:.0f}x | | |")
+    if "head_cache" in r:
+        x = r["head_cache"]
+        for b, v in x["backbones"].items():
+            lines.append(f"| head-only epoch, {b} fc_only, {x['image_size']} px, {x['train_images']}+"
+                         f"{x['val_images']} images | {v['plain_epoch_s']:.2f} s | {v['cached_epoch_s']:.3f} s "
+                         f"(first epoch with extraction {v['cached_first_epoch_s']:.2f} s) | {v['speedup']:.0f}x "
+                         f"[head_cache_speedup] | {goal('head_cache_speedup')} | {verdict('head_cache_speedup', v['speedup'])} |")
+    if "tune_overhead" in r:
+        x = r["tune_overhead"]
+        lines.append(f"| one trial, direct vs inside Tune ({x['config']}) | {min(x['direct_s']):.1f} s | "
+                     f"{min(x['trial_s']):.1f} s trial time (+{x['fixed_per_trial_s']:.1f} s worker start-up and "
+                     f"Tune book-keeping per trial) | {x['tune_overhead']:+.3f} [tune_overhead] (median of {len(x.get('tune_overhead_rounds', [0]))} "
+                     f"alternating rounds{spread(x)}) | {goal('tune_overhead')} | "
+                     f"{verdict('tune_overhead', x['tune_overhead'])} |")
+    if "checkpoint" in r:
+        x = r["checkpoint"]
+        lines.append(f"| one checkpoint, {x['config']} (weights + momentum) | {x['full_bytes'] / 1e6:.1f} MB "
+                     f"(whole model) | {x['checkpoint_kb']:.0f} KB (trained part) | {x['checkpoint_kb']:.0f} KB "
+                     f"[checkpoint_kb] | {goal('checkpoint_kb')} | {verdict('checkpoint_kb', x['checkpoint_kb'])} |")
+    if "outside" in r:
+        x = r["outside"]
+        ph = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in x["phases_s"].items() if k != "trials")
+        lines.append(f"| sweeps/demo.yaml end to end, time outside the trials | | {x['wall_s']:.0f} s wall, trials "
+                     f"{x['phases_s']['trials']:.0f} s; outside (s): {ph} | {x['outside_trials']:.3f} [outside_trials] "
+                     f"| {goal('outside_trials')} | {verdict('outside_trials', x['outside_trials'])} |")
+    if "grid" in r:
+        x = r["grid"]
+        lines.append(f"| whole grid, {x['configurations']} configurations x {x['epochs']} epochs, {x['image_size']} px, "
+                     f"{x['train_images']}+{x['val_images']} images | {x['course_s']:.0f} s "
+                     f"({x['course_epochs_trained']} epochs) | {x['covid_tune_s']:.0f} s ({x['covid_tune_epochs_trained']} "
+                     f"epochs, Ray start {x['covid_tune_ray_start_s']:.0f} s included) | {x['grid_speedup']:.1f}x "
+                     f"[grid_speedup] | {goal('grid_speedup')} | {verdict('grid_speedup', x['grid_speedup'])} |")
+        lines.append(f"| best configuration (lowest val loss) | {x['course_best']['config']} | "
+                     f"{x['covid_tune_best']['config']} | {x['same_best_config']} [same_best_config] | same | "
+                     f"{verdict('same_best_config', x['same_best_config'])} |")
+    if "gpu" in r:
+        x = r["gpu"]
+        for b, v in x["backbones"].items():
+            mfu = f"{v['mfu']:.1%}" if v["mfu"] is not None else "peak unknown"
+            lines.append(f"| {b} training on {x['device']}, 224 px | {v['course_images_per_s']:,.0f} img/s (PIL, "
+                         f"{x['course_workers']} workers, fp32) | {v['images_per_s']:,.0f} img/s (data on the GPU, bf16, "
+                         f"channels_last; MFU {mfu} [gpu_mfu]) | {v['speedup']:.1f}x | | |")
+    else:
+        lines.append("| GPU images/s and MFU [gpu_mfu] | | no GPU on this machine | n/a | | |")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,145 @@
+"""One trial inside Ray Tune vs the same training called directly; checkpoint size; time outside trials."""
+
+from __future__ import annotations
+
+import statistics
+import argparse
+import contextlib
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from covid_tune import cache as cache_mod
+from covid_tune import engine
+from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
+from covid_tune.engine import HParams, TrainingRun
+from covid_tune.loaders import SHUFFLE_STREAM, TensorLoader, epoch_generator
+
+
+from common import *  # noqa: F401,F403  (shared sizes, paths, timing)
+from common import CPU, REPO, log, quiet, split_sizes, subset, timed
+
+
+def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
+    """One trial's wall time inside Tune vs the same training called directly, taking turns.
+
+    One CPU (one thread) each, as covid_tune runs CPU trials. ``tune_overhead`` compares the trial's
+    own wall time (Tune's ``time_total_s``: from the trainable's start, with fetching the decoded
+    cache from the object store, one report + checkpoint per epoch) with the direct run (model
+    construction included in both). Starting the trial's worker process and Tune's book-keeping
+    around ``Tuner.fit`` are a fixed cost per trial, reported in seconds beside it.
+    """
+    from ray import tune
+
+    from covid_tune.trainable import train_trial
+
+    if split_sizes(s.overhead_train, s.overhead_val):
+        index = subset(index, split_sizes(s.overhead_train, s.overhead_val))
+    decoded = cache_mod.build_decoded_cache(index, s.overhead_size, True, work / "overhead-cache",
+                                            splits=("train", "validation"))
+    hp = HParams(backbone=s.overhead_backbone, freeze=s.overhead_freeze, loss="ce", image_size=s.overhead_size,
+                 batch_size=32, head_hidden=64, dropout=0.3, augment=True, lr=0.01, epochs=s.overhead_epochs)
+    fn = tune.with_resources(tune.with_parameters(train_trial, plan={"one": hp}, index=index, cpus=1, gpu=0,
+                                                  decoded=decoded), {"cpu": 1})
+
+    def direct() -> tuple[float, list[float]]:
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        run = TrainingRun(hp, index, CPU, decoded=decoded)
+        epochs = []
+        while run.epoch < hp.epochs:
+            epochs.append(timed(run.run_epoch)[0])
+        return time.perf_counter() - start, epochs
+
+    def inside(i: int) -> tuple[float, float]:
+        tuner = tune.Tuner(fn, param_space={"config_id": "one"},
+                           run_config=tune.RunConfig(name=f"overhead{i}", storage_path=str(work / "ray"), verbose=0,
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+        with quiet(work / "ray.log"):
+            wall, grid = timed(tuner.fit)
+        if grid[0].error:
+            raise RuntimeError(f"the Tune trial failed: {grid[0].error}")
+        assert grid[0].metrics["epoch"] == hp.epochs and grid[0].metrics["decoded_cache"] == 1
+        return wall, grid[0].metrics["time_total_s"], list(grid[0].metrics_dataframe["time_this_iter_s"])
+
+    # the arms take turns (direct first in even rounds, Tune first in odd ones) and each round gives one
+    # paired ratio: a load change on the shared machine hits one pair, not one arm; the median of the
+    # pairs is the figure and their spread is printed beside it, so a result at the edge of noise shows
+    rounds = max(s.rounds, 3)
+    direct_s, fit_s, trial_s, epochs = [], [], [], {"direct": [], "trial": []}
+
+    def run_direct() -> None:
+        total, per_epoch = direct()
+        direct_s.append(total)
+        epochs["direct"].append(per_epoch)
+
+    def run_inside(i: int) -> None:
+        wall, trial, per_epoch = inside(i)
+        fit_s.append(wall)
+        trial_s.append(trial)
+        epochs["trial"].append(per_epoch)
+
+    for i in range(rounds):
+        log(f"tune overhead: round {i + 1}/{rounds}, {'direct then inside Tune' if i % 2 == 0 else 'inside Tune then direct'}")
+        if i % 2 == 0:
+            run_direct()
+            run_inside(i)
+        else:
+            run_inside(i)
+            run_direct()
+    ratios = sorted((t - d) / d for t, d in zip(trial_s, direct_s))
+    return {"config": f"{hp.backbone}-{hp.freeze} {hp.image_size} px, {hp.epochs} epochs, "
+                      f"{len(index.paths('train'))}+{len(index.paths('validation'))} images, 1 CPU",
+            "direct_s": direct_s, "trial_s": trial_s, "tune_fit_s": fit_s, "epoch_s": epochs,
+            "tune_overhead": statistics.median(ratios), "tune_overhead_rounds": ratios,
+            "tune_overhead_spread": (ratios[0], ratios[-1]),
+            "fixed_per_trial_s": statistics.median(f - t for f, t in zip(fit_s, trial_s)),
+            "fit_overhead": statistics.median((f - d) / d for f, d in zip(fit_s, direct_s))}
+
+
+# --- 3b. checkpoint size and the time outside trials --------------------------------------------------
+
+def bench_checkpoint(index: DatasetIndex, work: Path) -> dict:
+    """Bytes of one fc_only resnet18 checkpoint (after one epoch, so momentum exists): slim vs whole model."""
+    import io
+
+    hp = HParams(backbone="resnet18", freeze="fc_only", loss="ce", image_size=64, batch_size=16, head_hidden=64,
+                 augment=False, epochs=1)
+    run = TrainingRun(hp, subset(index, {"train": 32, "validation": 16}), CPU)
+    run.run_epoch()
+
+    def size(state: dict) -> int:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.tell()
+
+    slim = run.state_dict()
+    whole = {**{k: v for k, v in slim.items() if k not in ("model_part", "frozen_digest")},
+             "model": run.model.state_dict()}
+    return {"config": "resnet18 fc_only, head_hidden 64", "slim_bytes": size(slim), "full_bytes": size(whole),
+            "checkpoint_kb": size(slim) / 1024}
+
+
+def bench_outside(work: Path) -> dict:
+    """sweeps/demo.yaml end to end in a subprocess; its results.json ``timing``."""
+    import subprocess
+
+    out = work / "demo"
+    cmd = [sys.executable, "-m", "covid_tune.run", str(REPO / "sweeps" / "demo.yaml"), "--output", str(out),
+           "--overwrite"]
+    with open(work / "demo.log", "wb") as log_file:
+        wall, proc = timed(lambda: subprocess.run(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"the demo sweep failed (exit {proc.returncode}); see {work / 'demo.log'}")
+    timing = json.loads((out / "report" / "results.json").read_text())["timing"]
+    return {**timing, "process_wall_s": wall}
+
+
+# --- 4. the whole grid -----------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""benchmarks/: the report's formatting on fabricated numbers and the command line (no training here)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("loader", "head_cache", "gpu", "tune_overhead", "grid", "checkpoint", "outside")
+
+
+def load_run():
+    spec = importlib.util.spec_from_file_location("bench_run_t", REPO / "benchmarks" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_goal_and_verdict_come_from_targets() -> None:
+    bench = load_run()
+    assert bench.goal("tune_overhead") == "<= 0.03"
+    assert bench.verdict("tune_overhead", 0.029) == "met" and bench.verdict("tune_overhead", 0.031) == "MISSED"
+    for key, (op, target) in bench.TARGETS.items():
+        if isinstance(target, (int, float)) and not isinstance(target, bool):
+            assert bench.goal(key) == f"{op} {target:g}", key
+
+
+def test_tune_overhead_row_shows_median_and_spread() -> None:
+    bench = load_run()
+    x = {"config": "resnet18-layer1 64 px, 4 epochs, 10+5 images, 1 CPU", "direct_s": [10.0, 10.2, 9.9],
+         "trial_s": [10.1, 10.4, 10.0], "fixed_per_trial_s": 3.0, "tune_overhead": 0.0101,
+         "tune_overhead_rounds": [0.0101, 0.0101, 0.0196], "tune_overhead_spread": (0.0101, 0.0196)}
+    res = {"machine": {}, "results": {"tune_overhead": x}}
+    row = next(line for line in bench.table(res).splitlines() if "[tune_overhead]" in line)
+    assert "+0.010" in row and "median of 3" in row and "+0.010..+0.020" in row and "| met |" in row
+    x["tune_overhead"] = 0.05
+    row = next(line for line in bench.table(res).splitlines() if "[tune_overhead]" in line)
+    assert "MISSED" in row
+
+
+def test_help_names_every_benchmark() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--help"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    for part in PARTS:
+        assert part in out.stdout, part
