@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "covid_tune"
 RAY_MODULES = {"tuning", "trainable", "resume"}  # the only modules that may name Ray
 # what the training engine (and what it builds on) may import from the package: nothing downstream of it
-ENGINE_SIDE = {"engine", "models", "data", "cache", "augment", "loaders", "losses", "metrics", "explain"}
+ENGINE_SIDE = {"engine", "hparams", "models", "backbones", "freeze", "features", "data", "cache", "augment", "loaders",
+               "losses", "metrics", "checkpoints", "explain"}
 DOWNSTREAM = {"spec", "plan", "tuning", "trainable", "resume", "results", "report", "run", "figures"}
 
 
