@@ -6,17 +6,26 @@ precomputed features (the feature cache). Both shuffle with a generator seeded b
 ``(seed, epoch)``, so an epoch's order does not depend on what ran before it: a resumed trial
 sees the same batches as an uninterrupted one, and the image and feature paths of one seed see
 the same order. Set the epoch with ``set_epoch`` before iterating.
+
+:func:`make_loader` is the other pipeline: PIL decode + torchvision transforms in a ``DataLoader``
+(the course's way). :func:`data_source` is a trial's data step: its train/validation loaders from
+the decoded cache when it has one, from the image files otherwise.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from covid_tune import data as data_mod
 from covid_tune.augment import COURSE, AugmentSettings, make_batch
+from covid_tune.cache import DecodedSplits
+from covid_tune.hparams import HParams
 
 SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
 
@@ -101,3 +110,67 @@ class FeatureLoader(_Batches):
         for idx in self._order().split(self.batch_size):
             idx = idx.to(self.features.device)
             yield self.features.index_select(0, idx), self.targets.index_select(0, idx)
+
+
+def make_loader(index: data_mod.DatasetIndex, split: str, image_size: int, batch_size: int, label_mode: str,
+                implies: dict, grayscale: bool = True, train: bool = False, augment: bool = True,
+                num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """A DataLoader over one split: shuffled and augmented for training, fixed order otherwise."""
+    targets = data_mod.encode_targets(index.labels(split), index.classes, label_mode, implies)
+    transform = data_mod.train_transform(image_size, augment) if train else data_mod.eval_transform(image_size)
+    dataset = data_mod.ImageDataset(index.paths(split), targets, transform, grayscale)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def set_loader_epoch(loader, seed: int, epoch: int) -> None:
+    """Make ``loader``'s order (and augmentation) for ``epoch`` depend on ``(seed, epoch)`` only."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif isinstance(loader, DataLoader) and loader.generator is not None:
+        # the PIL path: reseed the shuffle per epoch too, so a resumed trial sees the same order
+        loader.generator.set_state(epoch_generator(seed, epoch, SHUFFLE_STREAM).get_state())
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A trial's train and validation loaders, from the decoded cache (``decoded``) or the image files."""
+
+    train: TensorLoader | DataLoader
+    validation: TensorLoader | DataLoader
+    decoded: bool
+    index: data_mod.DatasetIndex
+    hp: HParams
+    device: torch.device
+    channels_last: bool = False
+
+    def train_in_order(self) -> TensorLoader | DataLoader:
+        """The train split in a fixed order without augmentation (the evaluation crop), for the feature cache."""
+        hp = self.hp
+        if not self.decoded:
+            return make_loader(self.index, "train", hp.image_size, hp.batch_size, hp.label_mode, hp.implies,
+                               grayscale=hp.grayscale, num_workers=hp.num_workers)
+        # the train split already on the device (no second copy)
+        return TensorLoader(self.train.images, self.train.targets, hp.image_size, hp.batch_size,
+                            device=self.device, channels_last=self.channels_last)
+
+
+def data_source(hp: HParams, index: data_mod.DatasetIndex, device: torch.device,
+                decoded: DecodedSplits | None = None, channels_last: bool = False) -> DataSource:
+    """``hp``'s train (shuffled, augmented when ``hp.augment``) and validation loaders over ``index``:
+    device-resident :class:`TensorLoader` s over ``decoded`` (checked against ``index`` first), else
+    PIL :func:`make_loader` s."""
+    if decoded is None:
+        common = dict(image_size=hp.image_size, batch_size=hp.batch_size, label_mode=hp.label_mode,
+                      implies=hp.implies, grayscale=hp.grayscale, num_workers=hp.num_workers, seed=hp.seed)
+        train = make_loader(index, "train", train=True, augment=hp.augment, **common)
+        return DataSource(train, make_loader(index, "validation", **common), False, index, hp, device)
+    decoded.check(index, hp.image_size, hp.grayscale)
+
+    def tensors(split: str, train: bool) -> TensorLoader:
+        targets = data_mod.encode_targets(index.labels(split), index.classes, hp.label_mode, hp.implies)
+        return TensorLoader(decoded[split], targets, hp.image_size, hp.batch_size, shuffle=train,
+                            augment=train and hp.augment, seed=hp.seed, device=device, channels_last=channels_last)
+
+    return DataSource(tensors("train", True), tensors("validation", False), True, index, hp, device, channels_last)

@@ -1,9 +1,9 @@
-"""Model registry: backbones with a replaced head and named freeze levels.
+"""Model registry: backbones with a replaced head and named freeze levels, and a trial's model step.
 
-``create_model(name, num_classes, freeze=..., weights=...)`` builds any registered backbone.
-Each backbone declares its freeze levels as lists of module-name prefixes; "frozen" means
-``requires_grad=False`` *and* BatchNorm layers inside the frozen part kept in eval mode, so
-their running statistics never move (see :class:`Classifier.train`).
+``create_model(name, num_classes, freeze=..., weights=...)`` builds any backbone of
+:data:`covid_tune.backbones.BACKBONES`; the freeze level is applied by :class:`covid_tune.freeze.Classifier`
+(frozen parameters, frozen BatchNorm kept in eval mode). :func:`build_trial_model` is the model step
+of a :class:`~covid_tune.engine.TrainingRun`: seeded build, device and memory format, frozen-prefix split.
 """
 
 from __future__ import annotations
@@ -12,10 +12,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
+
+from covid_tune.backbones import BACKBONES, Backbone, FreezeLevel, TinyCNN  # noqa: F401  (importable from here)
+from covid_tune.freeze import (Classifier, PrefixSplit, SplitForward, count_trainable,  # noqa: F401
+                               split_stages, trained_state)
+from covid_tune.hparams import HParams, seed_everything
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,174 +30,27 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights were asked for but cannot be had (missing, offline, download failed, wrong file)."""
 
 
-@dataclass(frozen=True)
-class FreezeLevel:
-    """A named set of frozen module prefixes, with the wording used in reports."""
-
-    label: str
-    frozen: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """How to build one backbone and where its head and freeze boundaries are."""
-
-    name: str
-    build: Callable[[], nn.Module]
-    head_attr: str  # dotted path of the final Linear layer that the head replaces
-    freeze_levels: dict[str, FreezeLevel]
-    imagenet_weights: Callable[[], object] | None = None  # torchvision Weights enum member
-    # the network as an ordered list of (dotted name, module) whose composition is its forward;
-    # lets a frozen prefix run under no_grad or be computed once (see split_frozen_prefix)
-    stages: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None
-    # the layer whose activations Grad-CAM weighs (the last convolutional stage, at its finest grid)
-    cam_layer: str = ""
-
-
-_REGISTRY: dict[str, Backbone] = {}
-
-
-def register(backbone: Backbone) -> Backbone:
-    """Add a backbone to the registry (names are unique)."""
-    if backbone.name in _REGISTRY:
-        raise ValueError(f"backbone {backbone.name!r} is already registered")
-    _REGISTRY[backbone.name] = backbone
-    return backbone
-
-
 def backbone_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every registered backbone, sorted."""
+    return sorted(BACKBONES)
 
 
 def get_backbone(name: str) -> Backbone:
     """Look up a backbone; the error lists every valid name."""
     try:
-        return _REGISTRY[name]
+        return BACKBONES[name]
     except KeyError:
         raise KeyError(f"unknown backbone {name!r}; choose one of: {', '.join(backbone_names())}") from None
 
 
 def freeze_level_names(name: str) -> list[str]:
+    """The freeze levels ``name`` declares, in the registry's order."""
     return list(get_backbone(name).freeze_levels)
 
 
 def freeze_label(backbone: str, level: str) -> str:
+    """How reports word a freeze level."""
     return get_backbone(backbone).freeze_levels[level].label
-
-
-# --- the backbones -------------------------------------------------------------------------
-
-def _vgg16() -> nn.Module:
-    from torchvision.models import vgg16
-
-    return vgg16(weights=None)
-
-
-def _vgg16_weights():
-    from torchvision.models import VGG16_Weights
-
-    return VGG16_Weights.IMAGENET1K_V1
-
-
-def _resnet18() -> nn.Module:
-    from torchvision.models import resnet18
-
-    return resnet18(weights=None)
-
-
-def _resnet18_weights():
-    from torchvision.models import ResNet18_Weights
-
-    return ResNet18_Weights.IMAGENET1K_V1
-
-
-def _range(prefix: str, start: int, stop: int) -> tuple[str, ...]:
-    return tuple(f"{prefix}.{i}" for i in range(start, stop))
-
-
-def _indexed(prefix: str, seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
-    return [(f"{prefix}.{i}", m) for i, m in enumerate(seq)]
-
-
-def _vgg_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    # torchvision VGG.forward: features -> avgpool -> flatten(1) -> classifier
-    return (_indexed("features", net.features) + [("avgpool", net.avgpool), ("flatten", nn.Flatten(1))]
-            + _indexed("classifier", net.classifier))
-
-
-def _resnet_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    # torchvision ResNet._forward_impl, in order
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
-    return [(n, getattr(net, n)) for n in names] + [("flatten", nn.Flatten(1)), ("fc", net.fc)]
-
-
-# vgg16.features blocks: [0:5], [5:10], [10:17], [17:24], [24:31]
-register(Backbone(
-    name="vgg16",
-    build=_vgg16,
-    head_attr="classifier.6",
-    imagenet_weights=_vgg16_weights,
-    stages=_vgg_stages,
-    cam_layer="features.29",  # the last conv block's ReLU, before the final max-pool (14x14 at 224 px)
-    freeze_levels={
-        "fc_only": FreezeLevel("Only FC layers unfrozen", ("features",)),
-        "conv1-3": FreezeLevel("Conv blocks 1-3 frozen", _range("features", 0, 17)),
-        "conv1-2": FreezeLevel("Conv blocks 1-2 frozen", _range("features", 0, 10)),
-        "none": FreezeLevel("Entire network unfrozen", ()),
-    },
-))
-
-_RESNET_STEM = ("conv1", "bn1")
-register(Backbone(
-    name="resnet18",
-    build=_resnet18,
-    head_attr="fc",
-    imagenet_weights=_resnet18_weights,
-    stages=_resnet_stages,
-    cam_layer="layer4",
-    freeze_levels={
-        "fc_only": FreezeLevel("Only FC unfrozen", _RESNET_STEM + ("layer1", "layer2", "layer3", "layer4")),
-        "layer1-3": FreezeLevel("Stem + layer1-3 frozen", _RESNET_STEM + ("layer1", "layer2", "layer3")),
-        "layer1": FreezeLevel("Stem + layer1 frozen", _RESNET_STEM + ("layer1",)),
-        "none": FreezeLevel("Entire network unfrozen", ()),
-    },
-))
-
-
-class TinyCNN(nn.Module):
-    """A three-block CNN for tests and demos: same interface as the real backbones."""
-
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(inplace=True), nn.MaxPool2d(2))
-
-        self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * width, 1000)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def _tiny_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    return _indexed("features", net.features) + [("pool", net.pool), ("flatten", nn.Flatten(1)), ("fc", net.fc)]
-
-
-register(Backbone(
-    name="tiny_cnn",
-    build=TinyCNN,
-    head_attr="fc",
-    stages=_tiny_stages,
-    cam_layer="features.2.2",  # the last block's ReLU, before its max-pool
-    freeze_levels={
-        "fc_only": FreezeLevel("Only FC unfrozen", ("features",)),
-        "block1": FreezeLevel("Block 1 frozen", ("features.0",)),
-        "none": FreezeLevel("Entire network unfrozen", ()),
-    },
-))
 
 
 # --- building ------------------------------------------------------------------------------
@@ -203,38 +61,6 @@ def make_head(in_features: int, num_classes: int, hidden: int, dropout: float) -
         return nn.Linear(in_features, num_classes)
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(hidden, num_classes))
-
-
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-class Classifier(nn.Module):
-    """A backbone with its head replaced and a freeze level applied.
-
-    ``train()`` keeps every module under a frozen prefix in eval mode, so BatchNorm running
-    statistics in the frozen part stay exactly as loaded.
-    """
-
-    def __init__(self, net: nn.Module, frozen: tuple[str, ...]) -> None:
-        super().__init__()
-        self.net = net
-        self.frozen = frozen
-        for name, param in net.named_parameters():
-            if _under(name, frozen):
-                param.requires_grad_(False)
-        self.train()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def train(self, mode: bool = True) -> "Classifier":
-        super().train(mode)
-        if mode and self.frozen:
-            for name, module in self.net.named_modules():
-                if name and _under(name, self.frozen):
-                    module.eval()
-        return self
 
 
 def imagenet_weights_file(backbone: str) -> Path:
@@ -300,42 +126,6 @@ def create_model(name: str, num_classes: int, freeze: str = "none",
     return Classifier(net, spec.freeze_levels[freeze].frozen)
 
 
-# Parameterless modules whose output does not depend on train/eval mode: safe to fold into a
-# frozen prefix that runs without autograd (Dropout is not: it must stay where train() reaches it).
-_MODE_FREE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
-
-
-def _prefix_eligible(name: str, module: nn.Module, frozen: tuple[str, ...]) -> bool:
-    if any(p.requires_grad for p in module.parameters()):
-        return False
-    if _under(name, frozen):  # frozen by the level: Classifier.train() keeps it in eval mode
-        return True
-    return all(isinstance(m, _MODE_FREE + (nn.Sequential,)) for m in module.modules())
-
-
-@dataclass(frozen=True)
-class PrefixSplit:
-    """A Classifier cut in two: ``rest(prefix(x)) == model(x)``.
-
-    ``prefix`` holds the leading stages with no trainable parameter and no train-mode behaviour
-    (everything frozen, plus parameterless ReLU/pooling/flatten), so its output needs no autograd
-    and, for a given input, never changes during training. ``head_only`` means the prefix ends
-    with the flatten, i.e. only fully-connected layers are trained (``fc_only``).
-    """
-
-    prefix: nn.Sequential
-    rest: nn.Sequential
-    prefix_names: tuple[str, ...]
-    rest_names: tuple[str, ...]
-
-    @property
-    def head_only(self) -> bool:
-        return "flatten" in self.prefix_names
-
-    def __bool__(self) -> bool:
-        return len(self.prefix) > 0
-
-
 def split_frozen_prefix(model: Classifier, backbone: str) -> PrefixSplit:
     """Split ``model`` (built by :func:`create_model` for ``backbone``) at the end of its frozen prefix.
 
@@ -343,57 +133,47 @@ def split_frozen_prefix(model: Classifier, backbone: str) -> PrefixSplit:
     A backbone without declared ``stages`` gets an empty prefix.
     """
     stages_fn = get_backbone(backbone).stages
-    stages = stages_fn(model.net) if stages_fn is not None else [("net", model.net)]
-    cut = 0
-    while cut < len(stages) and _prefix_eligible(stages[cut][0], stages[cut][1], model.frozen):
-        cut += 1
-    if cut == len(stages):  # nothing trainable at all: keep the last stage as the rest
-        cut -= 1
-    names = [n for n, _ in stages]
-    return PrefixSplit(nn.Sequential(*[m for _, m in stages[:cut]]), nn.Sequential(*[m for _, m in stages[cut:]]),
-                       tuple(names[:cut]), tuple(names[cut:]))
+    return split_stages(model, stages_fn(model.net) if stages_fn is not None else [("net", model.net)])
 
 
-class SplitForward(nn.Module):
-    """Runs a :class:`Classifier` as ``rest(prefix(x))`` with the frozen prefix under ``torch.no_grad()``.
+# --- the model step of a trial -------------------------------------------------------------
 
-    Same outputs and same gradients for every trainable parameter as ``model(x)``, without keeping
-    the prefix's activations for a backward pass that would never reach them. With
-    ``from_features=True`` the input is already the prefix's output (a feature cache) and only
-    ``rest`` runs. ``train()``/``eval()`` go through the Classifier, so frozen BatchNorm layers stay in
-    eval mode; parameters and ``state_dict`` are the Classifier's.
+def build_model(hp: HParams, num_classes: int, pretrained: dict | None = None) -> Classifier:
+    """A trial's model as it starts training, on the CPU: :func:`create_model` with ``hp``'s weights
+    (``pretrained``, the backbone's state_dict resolved by the caller, instead of reading ``hp.weights``),
+    right after seeding with ``hp.seed``. The same call gives the same initial state every time, which
+    is where a slim checkpoint's frozen layers come from (:mod:`covid_tune.checkpoints`)."""
+    seed_everything(hp.seed)
+    weights = pretrained if pretrained is not None and hp.weights != "none" else hp.weights
+    return create_model(hp.backbone, num_classes, freeze=hp.freeze, weights=weights,
+                        head_hidden=hp.head_hidden, dropout=hp.dropout)
+
+
+@dataclass(frozen=True)
+class TrialModel:
+    """A trial's model on its device, cut at its frozen prefix.
+
+    ``forward`` runs the prefix without autograd (no activations kept for a backward that never
+    reaches it); it is the model itself when nothing is frozen.
     """
 
-    def __init__(self, model: Classifier, split: PrefixSplit, from_features: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self._split = split  # not a submodule: its modules are the model's own
-        self.from_features = from_features
+    model: Classifier
+    split: PrefixSplit
+    forward: nn.Module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.from_features:
-            with torch.no_grad():
-                x = self._split.prefix(x)
-        return self._split.rest(x)
-
-    def train(self, mode: bool = True) -> "SplitForward":
-        self.training = mode
-        self.model.train(mode)
-        return self
+    def from_features(self) -> SplitForward:
+        """The layers after the prefix, fed the prefix's outputs (the feature cache)."""
+        return SplitForward(self.model, self.split, from_features=True)
 
 
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def trained_state(model: Classifier) -> dict[str, torch.Tensor]:
-    """The part of ``model.state_dict()`` that training can change: every parameter and buffer outside
-    the frozen prefixes (trainable weights, BatchNorm statistics of the unfrozen part).
-
-    The rest stays exactly as :func:`create_model` built it (``requires_grad=False``, frozen BatchNorm
-    kept in eval mode), so a checkpoint needs only this part plus the model's initial state.
-    """
-    return {k: v for k, v in model.state_dict().items() if not _under(k.removeprefix("net."), model.frozen)}
+def build_trial_model(hp: HParams, num_classes: int, device: torch.device, channels_last: bool = False,
+                      pretrained: dict | None = None) -> TrialModel:
+    """:func:`build_model` moved to ``device`` (NHWC when ``channels_last``) and split at its frozen prefix."""
+    model = build_model(hp, num_classes, pretrained).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    split = split_frozen_prefix(model, hp.backbone)
+    return TrialModel(model, split, SplitForward(model, split) if split else model)
 
 
 # --- exported best checkpoints -------------------------------------------------------------

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "covid_tune"
 # the trials stage: the only modules that may name Ray
 RAY_MODULES = {"tuning", "trainable", "resume", "cluster", "evaluation"}
 # what the training engine (and what it builds on) may import from the package: nothing downstream of it
-ENGINE_SIDE = {"engine", "models", "data", "cache", "augment", "loaders", "losses", "metrics", "explain", "schedule"}
+ENGINE_SIDE = {"engine", "hparams", "models", "backbones", "freeze", "features", "data", "cache", "augment", "loaders",
+               "losses", "metrics", "checkpoints", "explain", "schedule"}
 DOWNSTREAM = {"spec", "spec_sections", "plan", "tuning", "trainable", "resume", "cluster", "evaluation", "results",
               "report", "run", "figures"}
 

@@ -12,20 +12,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from covid_tune.engine import HParams, TrainingRun
+from engine_helpers import CPU, SYNTHETIC, TINY_HP  # noqa: F401  (SYNTHETIC sizes conftest's index/decoded)
+from covid_tune.engine import TrainingRun
 from covid_tune.loaders import TensorLoader
 from covid_tune.trainable import snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CPU = torch.device("cpu")
 GPU = torch.device("cuda")
-HP = HParams(backbone="tiny_cnn", freeze="block1", loss="ce", image_size=32, batch_size=8, head_hidden=8,
-             augment=True, lr=0.05, dropout=0.3)
-
-
-# conftest's module-scoped ``index`` and ``decoded`` fixtures: a synthetic tree of these sizes, decoded at 32 px
-SYNTHETIC = {"counts": {"train": 24, "validation": 8, "test": 2}, "image_size": 40, "decoded_size": 32}
+HP = replace(TINY_HP, freeze="block1", augment=True, dropout=0.3)
 
 
 def test_gpu_augmentation_matches_the_cpu_for_the_same_seed() -> None:

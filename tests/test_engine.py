@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from engine_helpers import CPU, TINY_HP
 from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
-from covid_tune.engine import HParams, TrainingRun, evaluate, predict
+from covid_tune.engine import TrainingRun, evaluate, predict
 from covid_tune.metrics import multi_label_metrics, single_label_metrics
 
-CPU = torch.device("cpu")
 COUNTS = {"train": 16, "validation": 8, "test": 8}
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1"}
-HP = HParams(backbone="tiny_cnn", freeze="none", loss="ce", image_size=32, batch_size=8, head_hidden=8,
-             augment=False, lr=0.05)
+HP = TINY_HP
 HP_MULTI = replace(HP, label_mode="multi", loss="bce", implies={"covid": ["pneumonia"]})
 
 

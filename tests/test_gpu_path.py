@@ -12,23 +12,19 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from engine_helpers import CPU, SYNTHETIC, TINY_HP  # noqa: F401  (SYNTHETIC sizes conftest's index/decoded)
 from covid_tune import augment as A
 from covid_tune.cache import build_decoded_cache
 from covid_tune.data import eval_transform, load_image
-from covid_tune.engine import (HParams, TrainingRun, feature_cache_mode, resolve_precision, train_one_epoch)
+from covid_tune.engine import TrainingRun, feature_cache_mode, resolve_precision, train_one_epoch
 from covid_tune.loaders import FeatureLoader, TensorLoader, epoch_generator
 from covid_tune.losses import build_loss
 from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, SplitForward, create_model, split_frozen_prefix
 
-CPU = torch.device("cpu")
-HP = HParams(backbone="tiny_cnn", freeze="none", loss="ce", image_size=32, batch_size=8, head_hidden=8,
-             augment=False, lr=0.05)
+HP = TINY_HP
 LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 HIGH = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 
-
-# conftest's module-scoped ``index`` and ``decoded`` fixtures: a synthetic tree of these sizes, decoded at 32 px
-SYNTHETIC = {"counts": {"train": 20, "validation": 8, "test": 2}, "image_size": 36, "decoded_size": 32}
 
 
 def uint8_images(n: int = 6, size: int = 37, channels: int = 1, seed: int = 0) -> torch.Tensor:
