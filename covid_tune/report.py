@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,85 +17,15 @@ from tabulate import tabulate
 
 from covid_tune import plan as plan_mod
 from covid_tune import results as results_mod
+from covid_tune import report_sections as sections
 from covid_tune import stats
 from covid_tune.data import DatasetError, scan_dataset
-from covid_tune.losses import LOSS_LABELS
+# the tables, importable from here as before (``from covid_tune.report import metric_table``)
+from covid_tune.report_sections import CSV_COLUMNS, flat_row, metric_table, paths_line  # noqa: F401
 from covid_tune.spec import TRAINER_AXES, Spec, SpecError, validate
 
 SPEC_FILE = "spec.json"
 SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Test"))
-CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
-               "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", *results_mod.MODE_KEYS,
-               "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
-               "test_acc_ci_low", "test_acc_ci_high", "select_score", "vs_best_p", "node", "node_ip", "node_id", "checkpoint"]
-
-
-def paths_line(flat: list[dict]) -> str:
-    """Which training paths the configurations took (last epoch trained), as one sentence."""
-    names = {"decoded_cache": "decoded-image cache", "feature_cache": "feature cache (frozen prefix run once)",
-             "augmented": "augmented training images", "gpu": "GPU"}
-    seen = [f for f in flat if f.get("decoded_cache") is not None]
-    if not seen:
-        return "Training paths: not recorded."
-    parts = [f"{name} {sum(int(f[k] or 0) for f in seen)}/{len(seen)}" for k, name in names.items()]
-    return "Training paths (configurations, last epoch trained): " + ", ".join(parts) + "."
-
-
-def flat_row(row: dict) -> dict:
-    """A result row reduced to results.csv's columns."""
-    out = {k: row.get(k) for k in CSV_COLUMNS}
-    ev = row.get("eval") or {}
-    for split, prefix in (("train", "train"), ("validation", "val"), ("test", "test")):
-        out[f"{prefix}_acc"] = ev.get(split, {}).get("acc")
-        out[f"{prefix}_f1"] = ev.get(split, {}).get("f1")
-    ci = ev.get("test", {}).get("acc_ci95") or [None, None]
-    out["test_acc_ci_low"], out["test_acc_ci_high"] = ci
-    out["vs_best_p"] = (row.get("vs_best") or {}).get("p")
-    return out
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
-
-
-def _cell(values: list) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    if len(values) == 1:
-        return _pct(vals[0])
-    mean, std = results_mod.mean_std(vals)
-    return f"{_pct(mean)} ± {_pct(std)}"
-
-
-def _epochs_cell(rows: list[dict]) -> str:
-    return " / ".join(f"{r['epochs_trained']}{'*' if r['stopped_early'] else ''}" for r in rows)
-
-
-def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: dict[str, str] | None = None) -> str:
-    """One course-style table (Sr #, Backbone, Layers, Loss, [varied trainer settings], Epochs, Train,
-    Validation, Test[, vs best: p]).
-
-    Rows that differ only in seed are one row: mean ± std (sample std) over the seeds. ``vs_best``
-    (group -> cell) adds the paired test against the best configuration.
-    """
-    groups: dict[str, list[dict]] = {}
-    for r in flat:
-        groups.setdefault(r["group"], []).append(r)
-    axes = [a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1]
-    lines = []
-    for sr, members in enumerate(groups.values(), 1):
-        first = members[0]
-        cells = [sr, first["backbone"], first["layers"]]
-        cells += [LOSS_LABELS.get(first["loss"], first["loss"])] if show_loss else []
-        cells += [f"{first[a]:g}" if isinstance(first[a], float) else first[a] for a in axes]
-        cells += [_epochs_cell(members)]
-        cells += [_cell([m[f"{p}_{key}"] for m in members]) for p in ("train", "val", "test")]
-        cells += [vs_best.get(first["group"], "-")] if vs_best is not None else []
-        lines.append(cells)
-    headers = ["Sr #", "Backbone", "Layers"] + (["Loss"] if show_loss else []) + axes + ["Epochs", "Train", "Validation", "Test"]
-    headers += ["vs best: p"] if vs_best is not None else []
-    return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict) -> Path:
@@ -133,24 +62,26 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
           f"Best epoch per configuration chosen by `{spec.scheduler.metric}`"
           + {"best": "", "ema": " smoothed by an EMA (alpha 0.5)", "mean3": " averaged with its neighbouring epochs"}[
               spec.scheduler.select]
-          + f"; up to {spec.trainer.epochs} epochs" + (", " + _asha_text(spec) + "." if spec.scheduler.asha else "."),
+          + f"; up to {spec.trainer.epochs} epochs"
+          + (", " + sections.asha_text(spec) + "." if spec.scheduler.asha else "."),
           "",
-          "## Accuracy", "", metric_table(flat, "acc", show_loss, _p_cells(comparisons, best)), "",
-          _comparison_line(rows, comparisons, best, spec.scheduler.metric), "",
+          "## Accuracy", "", metric_table(flat, "acc", show_loss, sections.p_cells(comparisons, best)), "",
+          sections.comparison_line(rows, comparisons, best, spec.scheduler.metric), "",
           "## F1-score", "", metric_table(flat, "f1", show_loss), "",
           f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
           "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
           + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""),
           "", paths_line(flat), ""]
-    ci_rows = [[f["config_id"], _pct(f["test_acc"]), f"[{_pct(f['test_acc_ci_low'])}, {_pct(f['test_acc_ci_high'])}]",
+    pct = sections.pct
+    ci_rows = [[f["config_id"], pct(f["test_acc"]), f"[{pct(f['test_acc_ci_low'])}, {pct(f['test_acc_ci_high'])}]",
                 (r.get("eval") or {}).get("test", {}).get("n", "-")] for f, r in zip(flat, rows)]
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
-    md += _stopped_section(stopped)
-    md += _per_class_table(rows, classes)
-    md += _source_table(rows)
-    md += _shortcut_section(rows, spec.data.label_mode)
+    md += sections.stopped_section(stopped)
+    md += sections.per_class_table(rows, classes)
+    md += sections.source_table(rows)
+    md += sections.shortcut_section(rows, spec.data.label_mode)
     problems = [r for r in flat if r["status"] not in ("ok",)]
     if problems:
         md += ["## Incomplete configurations", ""]
@@ -159,124 +90,6 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += figures.cam_markdown(cams, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
-
-
-def _asha_text(spec: Spec) -> str:
-    s = spec.scheduler
-    grace = (", ".join(f"{lv} {g}" for lv, g in s.grace_period.items()) if isinstance(s.grace_period, dict)
-             else s.grace_period)
-    text = f"ASHA (grace period {grace}, reduction factor {s.reduction_factor:g}"
-    text += f", {s.brackets} brackets" if s.brackets > 1 else ""
-    text += f", no cut after epoch {s.max_t}" if s.max_t and s.max_t < spec.trainer.epochs else ""
-    return text + ")"
-
-
-def _fmt_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _p_cells(comparisons: dict[str, dict], best: str | None) -> dict[str, str]:
-    return {g: "best" if g == best else _fmt_p(c["p"]) for g, c in comparisons.items()}
-
-
-def _comparison_line(rows: list[dict], comparisons: dict[str, dict], best: str | None, metric: str) -> str:
-    """Which configurations the test split cannot tell apart from the best."""
-    if best is None:
-        return "vs best: no configuration has a test evaluation to compare."
-    same = stats.indistinguishable(comparisons, best)
-    seeds = max((c["seeds"] for c in comparisons.values()), default=1)
-    how = (f"seed by seed over {seeds} seeds, discordant images summed" if seeds > 1 else "one seed each")
-    names = ", ".join(f"`{g}`" for g in same) if same else "none"
-    line = (f"vs best: exact McNemar test of each configuration against the best, `{best}` (best mean "
-            f"`{metric}` on validation, as chosen), on the same test images ({how}). Statistically "
-            f"indistinguishable from the best at p >= {stats.ALPHA:g}: {names}.")
-    spread = stats.seed_agreement(rows)
-    if spread:
-        line += (" Seeds of one configuration against each other (smallest McNemar p over its seed pairs): "
-                 + ", ".join(f"`{g}` {_fmt_p(v['min_p'])}" for g, v in spread.items()) + ".")
-    return line
-
-
-def _stopped_section(stopped: list[dict]) -> list[str]:
-    """Every row ASHA cut: where, its last validation values, and whether the best was clearly ahead then."""
-    if not stopped:
-        return []
-    metric = stopped[0]["metric"]
-    extra = metric != "val_acc"  # the last value of the metric ASHA cut on, when it is not accuracy
-    table = [[s["config_id"], s["rung"]] + ([f"{s['last']:.4g}" if s["last"] is not None else "-"] if extra else [])
-             + [_pct(s["val_acc"]), (f"{_pct(s['best_val_acc'])} [{_pct(s['best_ci'][0])}, {_pct(s['best_ci'][1])}]"
-                                     if s["best_ci"] else "-"), s["verdict"]] for s in stopped]
-    headers = (["config_id", "Cut at epoch"] + ([f"Last {metric}"] if extra else [])
-               + ["Last val acc (%)", "Best's val acc there (%) [95% CI]", "Verdict"])
-    return ["## Stopped early by ASHA", "",
-            tabulate(table, headers=headers, tablefmt="github", disable_numparse=True), "",
-            "Each configuration ASHA stopped, at the epoch (rung) where it was cut, beside the best configuration's "
-            "validation accuracy at that epoch (same seed) with its 95% exact (Clopper-Pearson) interval. "
-            "\"not ruled out\": its validation accuracy there lies inside or above that interval, so the cut was "
-            "a bet, not evidence that it is worse; \"worse\": below the interval.", ""]
-
-
-def _per_class_table(rows: list[dict], classes: list[str]) -> list[str]:
-    """Test F1 of each class, per configuration."""
-    table = [[r["config_id"]] + [_pct(f) for f in r["eval"]["test"]["f1_per_class"]] for r in rows if r.get("eval")]
-    if not table:
-        return []
-    return ["## Per-class F1 on the test split", "",
-            tabulate(table, headers=["config_id"] + [f"{c} (%)" for c in classes], tablefmt="github",
-                     disable_numparse=True), ""]
-
-
-def _source_table(rows: list[dict]) -> list[str]:
-    """Per-source test accuracy (when the data has a manifest with ``source_dataset``)."""
-    with_sources = [r for r in rows if r.get("test_by_source")]
-    if not with_sources:
-        return []
-    sources = sorted({s for r in with_sources for s in r["test_by_source"]})
-    counts = {s: next(r["test_by_source"][s]["n"] for r in with_sources if s in r["test_by_source"]) for s in sources}
-    table = [[r["config_id"]] + [_pct(r["test_by_source"].get(s, {}).get("acc")) for s in sources] for r in with_sources]
-    return ["## Test accuracy by source dataset", "",
-            "Source and class can be confounded (see the data's README): a model may recognise the source "
-            "rather than the disease. Accuracy in % of the best checkpoint on each source's test images.", "",
-            tabulate(table, headers=["config_id"] + [f"{s} (n={counts[s]})" for s in sources], tablefmt="github",
-                     disable_numparse=True), ""]
-
-
-def _shortcut_section(rows: list[dict], label_mode: str) -> list[str]:
-    """The shortcut check: test accuracy as is, lungs hidden, lungs only; Grad-CAM mass in the box; flags."""
-    checked = [r for r in rows if r.get("shortcut")]
-    if not checked:
-        return []
-    first = checked[0]["shortcut"]
-    box = f"{100 * first['box_width']:.0f}% wide x {100 * first['box_height']:.0f}% high"
-    table, flagged = [], []
-    for r in checked:
-        c = r["shortcut"]
-        mass = c.get("cam_mass_inside")
-        table.append([r["config_id"], _pct(c["acc_plain"]), _pct(c["acc_hidden"]), _pct(c["acc_hidden_ci_low"]),
-                      _pct(c["acc_lungs_only"]), _pct(c["majority_rate"]), "-" if mass is None else _pct(mass),
-                      "**yes**" if c["flagged"] else "no"])
-        if c["flagged"]:
-            flagged.append(r["config_id"])
-    acc = "accuracy" if label_mode == "single" else "exact-match accuracy"
-    md = ["## Shortcut check: is the model reading the lungs?", "",
-          f"Test {acc} in % of each best checkpoint on the evaluation crops as they are, with the lung field "
-          f"(a central box, {box}) filled with each image's mean (lungs hidden), and with only that box kept (border "
-          "filled). Majority = always answering the most frequent test class. Grad-CAM in box = mean share of the "
-          f"Grad-CAM map's mass inside the box over the Grad-CAM sample below (a flat map gives "
-          f"{100 * first['box_width'] * first['box_height']:.0f}%). A model is flagged when the lower end of the 95% "
-          f"Clopper-Pearson interval of its accuracy with the lungs hidden is more than {100 * first['margin']:.0f} "
-          "points above the majority rate: it then classifies images whose lungs it cannot see, from something "
-          "else (text, markers, borders, patient position; DeGrave et al., Nat. Mach. Intell. 2021).", "",
-          tabulate(table, headers=["config_id", "As is", "Lungs hidden", "hidden: 95% CI low", "Lungs only",
-                                   "Majority", "Grad-CAM in box", "Flagged"], tablefmt="github", disable_numparse=True),
-          ""]
-    if flagged:
-        md += [f"**Shortcut warning**: {len(flagged)} of {len(checked)} model(s) stay far above the majority-class "
-               f"rate with the lungs hidden ({', '.join(f'`{c}`' for c in flagged)}): they read something other "
-               "than the lungs. Their test accuracy does not show that they detect disease.", ""]
-    else:
-        md += ["No model stays far above the majority-class rate with the lungs hidden.", ""]
-    return md
 
 
 def _slim_eval(ev: dict | None) -> dict | None:
