@@ -25,8 +25,9 @@ from covid_tune import data as data_mod
 from covid_tune.cache import DecodedSplits
 from covid_tune.checkpoints import frozen_digest, is_slim, load_model_state, model_state
 # importable from here, as before the steps had modules of their own
-from covid_tune.features import (FEATURE_CACHE_MODES, extract_features, feature_cache_mode,  # noqa: F401
-                                 feature_loaders, plan_feature_cache, prefix_output_bytes)
+from covid_tune.features import (FEATURE_CACHE_MODES, FeatureStore, extract_features,  # noqa: F401
+                                 feature_cache_mode, feature_key, feature_loaders, plan_feature_cache,
+                                 prefix_output_bytes)
 from covid_tune.hparams import HParams, seed_everything
 from covid_tune.loaders import FeatureLoader, data_source, make_loader, set_loader_epoch  # noqa: F401
 from covid_tune.losses import build_loss
@@ -182,10 +183,13 @@ class TrainingRun:
     ``decoded`` (the decoded cache of this index, :func:`covid_tune.cache.build_decoded_cache`)
     switches the input pipeline from PIL ``DataLoader`` s to device-resident :class:`TensorLoader` s.
     ``pretrained`` (the backbone's state_dict, resolved by the caller) replaces reading ``hp.weights``.
+    ``features`` (a :class:`~covid_tune.features.FeatureStore`) shares the feature cache with other
+    runs of the same frozen prefix and inputs (:meth:`feature_key`); without it the run computes its own.
     """
 
     def __init__(self, hp: HParams, index: data_mod.DatasetIndex, device: torch.device | None = None,
-                 decoded: DecodedSplits | None = None, pretrained: dict | None = None) -> None:
+                 decoded: DecodedSplits | None = None, pretrained: dict | None = None,
+                 features: FeatureStore | None = None) -> None:
         seed_everything(hp.seed)
         self.hp = hp
         self.classes = list(index.classes)
@@ -202,6 +206,7 @@ class TrainingRun:
         self.data = data_source(hp, index, self.device, decoded, self.channels_last)
         self.train_loader, self.val_loader = self.data.train, self.data.validation
         self._features: tuple[FeatureLoader, FeatureLoader] | None = None
+        self.store = features
         self._stop = threading.Event()
         self._digest: list[float] | None = None  # of the frozen part, which never changes: computed once
         self.epoch = 0
@@ -226,8 +231,14 @@ class TrainingRun:
         if self._features is None:
             train, val = _Stoppable(self.data.train_in_order(), self._stop), _Stoppable(self.val_loader, self._stop)
             self._features = feature_loaders(self.model, self.split, train, val, self.hp.batch_size, self.hp.seed,
-                                             self.device, self.amp_dtype, self.channels_last)
+                                             self.device, self.amp_dtype, self.channels_last, store=self.store,
+                                             key=self.feature_key() if self.store is not None else "")
         return self._features
+
+    def feature_key(self) -> str:
+        """The key of this run's prefix outputs in a :class:`~covid_tune.features.FeatureStore`."""
+        return feature_key(self.split.prefix, self.data.identity(), self.amp_dtype, self.channels_last,
+                           self.device, self.hp.batch_size)
 
     def run_epoch(self) -> dict[str, float]:
         """Train one epoch, evaluate on validation; returns ``epoch`` and train_/val_ loss, acc, f1."""

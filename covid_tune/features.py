@@ -4,11 +4,19 @@
 the inputs are augmented, whether the outputs fit the memory budget); :func:`feature_loaders`
 computes the features and batches them. Plain functions on a model, its :class:`~covid_tune.freeze.PrefixSplit`
 and loaders: no knowledge of where the images come from.
+
+Configurations that share the prefix and its inputs (same backbone, freeze level, weights and seed; another
+lr, loss or dropout) get the same outputs: a :class:`FeatureStore` lets them compute them once, under
+:func:`feature_key`. The default is no store (each run computes its own); a Ray sweep's store is
+:class:`covid_tune.trainable.RayFeatureStore`, and nothing here knows Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Callable, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +26,15 @@ from covid_tune.hparams import HParams
 from covid_tune.loaders import FeatureLoader
 
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+T = TypeVar("T")
+
+
+class FeatureStore(Protocol):
+    """Somewhere prefix outputs computed by one run are found by the next run with the same key."""
+
+    def get_or_compute(self, key: str, compute: Callable[[], T]) -> T:
+        """The value stored under ``key``, or ``compute()``, stored there (computed once per key)."""
+        ...
 
 
 def feature_cache_mode(setting: str, has_prefix: bool, augment: bool) -> str:
@@ -103,11 +120,38 @@ def plan_feature_cache(hp: HParams, model: nn.Module, split: PrefixSplit, n_imag
 
 
 def feature_loaders(model: nn.Module, split: PrefixSplit, train_images, val_images, batch_size: int, seed: int,
-                    device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False
-                    ) -> tuple[FeatureLoader, FeatureLoader]:
+                    device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                    store: FeatureStore | None = None, key: str = "") -> tuple[FeatureLoader, FeatureLoader]:
     """Train (shuffled by ``seed``) and validation loaders over ``split``'s prefix outputs of the images
-    ``train_images`` and ``val_images`` yield (un-augmented, in a fixed order)."""
-    args = (device, amp_dtype, channels_last)
-    train = extract_features(model, split.prefix, train_images, *args)
-    val = extract_features(model, split.prefix, val_images, *args)
-    return FeatureLoader(*train, batch_size, shuffle=True, seed=seed), FeatureLoader(*val, batch_size)
+    ``train_images`` and ``val_images`` yield (un-augmented, in a fixed order); with a ``store``, the
+    outputs stored under ``key`` when another run computed them."""
+    def compute() -> tuple[torch.Tensor, ...]:
+        args = (device, amp_dtype, channels_last)
+        return (*extract_features(model, split.prefix, train_images, *args),
+                *extract_features(model, split.prefix, val_images, *args))
+
+    tensors = compute() if store is None else tuple(t.to(device) for t in store.get_or_compute(key, compute))
+    train_x, train_y, val_x, val_y = tensors
+    return (FeatureLoader(train_x, train_y, batch_size, shuffle=True, seed=seed),
+            FeatureLoader(val_x, val_y, batch_size))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 over ``module``'s state_dict: names, dtypes, shapes and bytes (exact, unlike the
+    checkpoint's frozen digest, which only has to catch another initialisation)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def feature_key(prefix: nn.Module, inputs: list, amp_dtype: torch.dtype | None, channels_last: bool,
+                device: torch.device, batch_size: int) -> str:
+    """When two runs' prefix outputs are the same: the prefix's weights, what its inputs are made of
+    (``inputs``: the split files, the decoded cache's keys, crop, grayscale, targets' encoding), the
+    precision, the memory format, the device type and the batch size they are computed in (kernels
+    may sum in another order for another batch shape)."""
+    settings = [weights_digest(prefix), inputs, str(amp_dtype), channels_last, device.type, batch_size]
+    return hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()

@@ -144,6 +144,14 @@ class DataSource:
     hp: HParams
     device: torch.device
     channels_last: bool = False
+    cache_keys: tuple = ()  # the decoded cache's content keys of train and validation, if it is the source
+
+    def identity(self) -> list:
+        """What this source's un-augmented batches depend on (a feature cache's key): the split files, the
+        decoded cache's keys, the crop, grayscale, the targets' encoding (label mode, implied labels)."""
+        hp = self.hp
+        return [self.index.paths("train"), self.index.paths("validation"), self.decoded, list(self.cache_keys),
+                hp.image_size, hp.grayscale, hp.label_mode, sorted((k, sorted(v)) for k, v in (hp.implies or {}).items())]
 
     def train_in_order(self) -> TensorLoader | DataLoader:
         """The train split in a fixed order without augmentation (the evaluation crop), for the feature cache."""
@@ -173,4 +181,6 @@ def data_source(hp: HParams, index: data_mod.DatasetIndex, device: torch.device,
         return TensorLoader(decoded[split], targets, hp.image_size, hp.batch_size, shuffle=train,
                             augment=train and hp.augment, seed=hp.seed, device=device, channels_last=channels_last)
 
-    return DataSource(tensors("train", True), tensors("validation", False), True, index, hp, device, channels_last)
+    keys = tuple(decoded.keys.get(split) for split in ("train", "validation"))
+    return DataSource(tensors("train", True), tensors("validation", False), True, index, hp, device, channels_last,
+                      keys)

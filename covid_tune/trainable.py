@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
+import numpy as np
 import ray
 import torch
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from covid_tune.cache import DecodedSplits
 from covid_tune.checkpoints import METRICS_FILE, STATE_FILE
 from covid_tune.data import DatasetIndex
 from covid_tune.engine import HParams, TrainingRun, default_device
+from covid_tune.loaders import as_tensor
 from covid_tune.schedule import Grace, time_metrics
+
+FEATURES_ACTOR = "covid_tune-features"  # + sweep name + node id: one feature registry per sweep and node
+# a detached actor needs a named namespace (in the driver's anonymous one Ray warns on stdout)
+FEATURES_NAMESPACE = "covid_tune"
+CLAIM_WAIT_S = 900.0  # how long a trial waits for another one computing the same features before it computes
+T = TypeVar("T")
 
 
 
@@ -73,6 +83,122 @@ class _NextEpoch:
         return self._out["metrics"]
 
 
+@ray.remote(num_cpus=0)
+class FeatureRegistry:
+    """One node's shared feature caches of a sweep: key -> reference to the prefix outputs.
+
+    The references are of objects this actor put, so they outlive the trial that computed them
+    (an object belongs to the worker that put it). A key being computed is *claimed*: a second
+    trial asking for it waits for the first instead of computing it too. Detached, because an actor
+    a trial creates otherwise ends with the trial's last handle to it (the next trial would compute
+    again); :func:`release_feature_stores` ends the sweep's registries when the sweep ends.
+    """
+
+    def __init__(self) -> None:
+        self._refs: dict[str, ray.ObjectRef] = {}
+        self._pending: dict[str, asyncio.Event] = {}
+        self.computed = 0
+
+    async def claim(self, key: str, wait_s: float) -> list | None:
+        """``[ref]`` when ``key`` is there (in a list, so Ray hands over the reference, not the value);
+        None when the caller is to compute it: nobody is, or the one who was has not published in time."""
+        while key not in self._refs:
+            if key not in self._pending:
+                self._pending[key] = asyncio.Event()
+                return None
+            try:
+                await asyncio.wait_for(self._pending[key].wait(), wait_s)
+            except asyncio.TimeoutError:
+                return None
+        return [self._refs[key]]
+
+    async def publish(self, key: str, arrays: list) -> None:
+        self._refs[key] = ray.put(arrays)  # a copy owned by this actor (arrays are an argument's zero-copy view)
+        self.computed += 1
+        self._release(key)
+
+    async def abandon(self, key: str) -> None:
+        """The claimant failed or was stopped: a waiting trial claims the key next."""
+        self._release(key)
+
+    async def count(self) -> int:
+        """How many feature caches were published (computed) on this node."""
+        return self.computed
+
+    def _release(self, key: str) -> None:
+        event = self._pending.pop(key, None)
+        if event is not None:
+            event.set()
+
+
+def _to_arrays(tensors: tuple[torch.Tensor, ...]) -> list:
+    # numpy arrays go through the object store without a copy on the reading side; bf16 has no numpy
+    # dtype, so it travels as its bits
+    out = []
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        out.append((str(t.dtype), (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()))
+    return out
+
+
+def _from_arrays(arrays: list) -> tuple[torch.Tensor, ...]:
+    out = []
+    for dtype, array in arrays:
+        t = as_tensor(np.asarray(array))
+        out.append(t.view(torch.bfloat16) if dtype == str(torch.bfloat16) else t)
+    return tuple(out)
+
+
+class RayFeatureStore:
+    """The engine's :class:`~covid_tune.features.FeatureStore` in a Ray sweep: prefix outputs shared by
+    the trials of this node through its :class:`FeatureRegistry` (created on first use, by name).
+
+    Any Ray failure of the registry (an actor that died with the trial that made it) falls back to
+    computing locally: sharing saves time, it is never needed for a result.
+    """
+
+    def __init__(self, sweep: str) -> None:
+        self.sweep = sweep
+
+    def registry(self) -> "ray.actor.ActorHandle":
+        node = ray.get_runtime_context().get_node_id()
+        return FeatureRegistry.options(
+            name=f"{FEATURES_ACTOR}-{self.sweep}-{node}", get_if_exists=True, lifetime="detached", namespace=FEATURES_NAMESPACE,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+    def get_or_compute(self, key: str, compute: Callable[[], T]) -> T:
+        try:
+            registry = self.registry()
+            got = ray.get(registry.claim.remote(key, CLAIM_WAIT_S))
+            if got is not None:
+                return _from_arrays(ray.get(got[0]))
+        except ray.exceptions.RayError:
+            return compute()
+        try:
+            value = compute()
+        except BaseException:
+            registry.abandon.remote(key)
+            raise
+        try:
+            ray.get(registry.publish.remote(key, _to_arrays(value)))
+        except ray.exceptions.RayError:
+            pass  # nobody to share with: this trial still has its own
+        return value
+
+
+def release_feature_stores(sweep: str) -> int:
+    """End the feature registries of ``sweep`` on every node (what they hold goes with them); how many."""
+    prefix = f"{FEATURES_ACTOR}-{sweep}-"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == FEATURES_NAMESPACE and a["name"].startswith(prefix)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=FEATURES_NAMESPACE))
+        except ValueError:  # already gone
+            pass
+    return len(names)
+
+
 def pretrained_state(hp: HParams, pretrained: "dict[str, ray.ObjectRef] | None") -> dict | None:
     """The trial's pretrained state_dict, fetched from the driver's object-store copy (None for none).
 
@@ -88,7 +214,8 @@ def pretrained_state(hp: HParams, pretrained: "dict[str, ray.ObjectRef] | None")
 
 def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpus: float, gpu: float,
                 decoded: DecodedSplits | None = None,
-                pretrained: "dict[str, ray.ObjectRef] | None" = None, grace: Grace = 1) -> None:
+                pretrained: "dict[str, ray.ObjectRef] | None" = None, grace: Grace = 1,
+                share_features: str | None = None) -> None:
     """Train ``plan[config['config_id']]``, resuming from Tune's last checkpoint when there is one.
 
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
@@ -99,14 +226,17 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     ``pretrained`` maps each backbone to its state_dict's reference (:func:`covid_tune.cluster.share_weights`);
     a resumed trial builds its model from it too before loading its checkpoint.
     ``grace`` is ``scheduler.grace_period``: a per-freeze-level one adds ``asha_time`` to each report.
+    ``share_features`` (the sweep's name) makes trials of one node that share a frozen prefix and its
+    inputs compute its feature cache once (:class:`RayFeatureStore`); None: each trial its own.
 
     Epoch k + 1 trains while epoch k is reported (and, on a GPU, while its state, copied to the CPU
     as soon as it ended, is written); the checkpoint of epoch k holds exactly the state after epoch k.
     """
     hp = plan[config["config_id"]]
     torch.set_num_threads(max(1, int(cpus)))
+    store = RayFeatureStore(share_features) if share_features else None
     run = TrainingRun(hp, index, default_device(use_gpu=gpu > 0), decoded=decoded,
-                      pretrained=pretrained_state(hp, pretrained))
+                      pretrained=pretrained_state(hp, pretrained), features=store)
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

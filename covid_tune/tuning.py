@@ -26,7 +26,7 @@ from covid_tune.evaluation import EvaluateFinishedTrials, Evaluations, evaluate_
 from covid_tune.results import TRIALS_FILE, download_experiment
 from covid_tune.resume import ResumeFromLastReport
 from covid_tune.spec import Spec
-from covid_tune.trainable import train_trial
+from covid_tune.trainable import release_feature_stores, train_trial
 from covid_tune.weights import load_all, state_nbytes
 
 
@@ -35,7 +35,8 @@ def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decode
     # with_parameters puts each argument in Ray's object store once (a reference is used as it is):
     # one copy of the cache per node; pretrained is a small dict of references, one per backbone
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
-                              decoded=decoded, pretrained=pretrained, grace=spec.scheduler.grace_period)
+                              decoded=decoded, pretrained=pretrained, grace=spec.scheduler.grace_period,
+                              share_features=spec.name)
     return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
 
 
@@ -205,7 +206,10 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
             ),
         )
     _use_console(tuner, view, verbose)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        release_feature_stores(spec.name)  # the sweep's shared feature caches
     trials = {}
     for result in grid:
         cid = result.config["config_id"]

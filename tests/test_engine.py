@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine_helpers import CPU, TINY_HP
-from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
+from covid_tune.data import DatasetIndex, scan_dataset
+from covid_tune.synthetic import make_synthetic
 from covid_tune.engine import TrainingRun, evaluate, predict
 from covid_tune.metrics import multi_label_metrics, single_label_metrics
 
@@ -182,3 +183,45 @@ def test_training_lowers_the_loss(index: DatasetIndex) -> None:
     run = TrainingRun(replace(HP, batch_size=4), index, CPU)
     history = [run.run_epoch() for _ in range(3)]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+class CountingStore:
+    """A FeatureStore in a dict, counting the computations it let through."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple] = {}
+        self.computed: list[str] = []
+
+    def get_or_compute(self, key, compute):
+        if key not in self.values:
+            self.computed.append(key)
+            self.values[key] = compute()
+        return self.values[key]
+
+
+def test_runs_sharing_a_frozen_prefix_compute_its_features_once(index: DatasetIndex) -> None:
+    """Another lr, momentum or dropout keeps the prefix and its inputs: the second run computes no features
+    and trains exactly as it does with its own; another seed (other initial weights) is another key."""
+    hp = replace(HP, freeze="fc_only", dropout=0.3)
+    other = replace(hp, lr=0.2, momentum=0.5, dropout=0.1)
+    store = CountingStore()
+    first = TrainingRun(hp, index, CPU, features=store)
+    first.run_epoch()
+    assert len(store.computed) == 1 and first.modes["feature_cache"] == 1
+    shared = TrainingRun(other, index, CPU, features=store)
+    assert shared.feature_key() == first.feature_key()
+    got = [shared.run_epoch() for _ in range(2)]
+    assert len(store.computed) == 1  # nothing computed for the second run
+    alone = TrainingRun(other, index, CPU)
+    want = [alone.run_epoch() for _ in range(2)]
+    assert got == want
+    assert same_state(shared.state_dict()["model"], alone.state_dict()["model"])
+    assert TrainingRun(replace(hp, seed=1), index, CPU).feature_key() != first.feature_key()
+    assert TrainingRun(replace(hp, image_size=28), index, CPU).feature_key() != first.feature_key()
+
+
+def test_no_store_is_asked_without_a_feature_cache(index: DatasetIndex) -> None:
+    store = CountingStore()
+    run = TrainingRun(replace(HP, freeze="fc_only", feature_cache="off"), index, CPU, features=store)
+    run.run_epoch()
+    assert store.computed == [] and run.modes["feature_cache"] == 0
