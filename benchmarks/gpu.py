@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import platform
-import shutil
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+import os
 
 import torch
 
-from covid_tune import cache as cache_mod
 from covid_tune import engine
-from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
-from covid_tune.engine import HParams, TrainingRun
-from covid_tune.loaders import SHUFFLE_STREAM, TensorLoader, epoch_generator
+from covid_tune.data import DatasetIndex
+from covid_tune.loaders import TensorLoader
 
-
-from common import *  # noqa: F401,F403  (shared sizes, paths, timing)
-from common import CPU, REPO, log, quiet, split_sizes, subset, timed
+from common import PEAK_BF16, Sizes, timed
 
 
 def flops_per_image(backbone: str, size: int) -> float:

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import platform
-import shutil
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+import time
 
 import torch
 
-from covid_tune import cache as cache_mod
-from covid_tune import engine
-from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
-from covid_tune.engine import HParams, TrainingRun
-from covid_tune.loaders import SHUFFLE_STREAM, TensorLoader, epoch_generator
+from covid_tune.data import DatasetIndex, scan_dataset
+from covid_tune.engine import TrainingRun
+from covid_tune.loaders import SHUFFLE_STREAM, epoch_generator
 
-
-from common import *  # noqa: F401,F403  (shared sizes, paths, timing)
-from common import CPU, REPO, log, quiet, split_sizes, subset, timed
+from common import CPU, log, quiet, Sizes, split_sizes, subset
 
 
 FREEZE_LEVELS = {"resnet18": ["fc_only", "layer1-3", "layer1", "none"], "vgg16": ["fc_only", "conv1-3", "conv1-2", "none"],

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import platform
-import shutil
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from covid_tune import cache as cache_mod
 from covid_tune import engine
-from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
-from covid_tune.engine import HParams, TrainingRun
-from covid_tune.loaders import SHUFFLE_STREAM, TensorLoader, epoch_generator
+from covid_tune.data import DatasetIndex, scan_dataset
+from covid_tune.loaders import TensorLoader
+from covid_tune.synthetic import make_synthetic
 
-
-from common import *  # noqa: F401,F403  (shared sizes, paths, timing)
-from common import CPU, REPO, log, quiet, split_sizes, subset, timed
+from common import machine, Sizes, subset, timed
 
 
 def bench_loader(index: DatasetIndex, s: Sizes, work: Path, cores: int) -> dict:

@@ -13,9 +13,11 @@ runs, ratios taken minutes apart would not mean much.
   loader_speedup      training input pipeline, images/s: PIL ImageFolder DataLoader with the course's
                       augmentation (the faster of 0 and N worker processes) vs the decoded cache with
                       tensor augmentation (the one-off cache build is reported beside it)
-  tune_overhead       one trial inside Ray Tune (Tuner.fit wall time, Ray already started: actor start,
-                      object store, per-epoch report + checkpoint) vs the same training called directly;
-                      a fraction of the direct time
+  tune_overhead       one trial inside Ray Tune (its own time, Ray already started: object store,
+                      per-epoch report + checkpoint) vs the same training called directly; a fraction
+                      of the direct time, median of alternating rounds; resnet18 fc_only (a checkpoint
+                      of KBs), then the same for layer1 (~88 MB per epoch, no goal); "steady epochs":
+                      epochs after the first only
   grid_speedup        a whole grid: the course's way (every configuration for every epoch, one after
                       another, PIL pipeline, all cores) vs covid_tune (ASHA, decoded + feature caches,
                       one trial per core; Ray start-up and cache build included); same_best_config:
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             res["results"]["ray_start_s"] = ray_start_s
             if "tune_overhead" in parts:
                 res["results"]["tune_overhead"] = bench_tune_overhead(index, s, work)
+                if s.overhead_large_freeze:
+                    res["results"]["tune_overhead_large"] = bench_tune_overhead(
+                        index, replace(s, overhead_freeze=s.overhead_large_freeze), work, tag="large")
             if "grid" in parts:
                 res["results"]["grid"] = bench_grid(root, class_map, s, work, cores, ray_start_s)
     finally:

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import statistics
-import argparse
-import contextlib
+import io
 import json
-import platform
-import shutil
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+import statistics
+import sys
+import time
 
 import torch
 
 from covid_tune import cache as cache_mod
-from covid_tune import engine
-from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
+from covid_tune.data import DatasetIndex
 from covid_tune.engine import HParams, TrainingRun
-from covid_tune.loaders import SHUFFLE_STREAM, TensorLoader, epoch_generator
+
+from common import CPU, log, quiet, REPO, Sizes, split_sizes, subset, timed
 
 
-from common import *  # noqa: F401,F403  (shared sizes, paths, timing)
-from common import CPU, REPO, log, quiet, split_sizes, subset, timed
-
-
-def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
+def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path, tag: str = "") -> dict:
     """One trial's wall time inside Tune vs the same training called directly, taking turns.
 
     One CPU (one thread) each, as covid_tune runs CPU trials. ``tune_overhead`` compares the trial's
@@ -49,6 +40,8 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
     fn = tune.with_resources(tune.with_parameters(train_trial, plan={"one": hp}, index=index, cpus=1, gpu=0,
                                                   decoded=decoded), {"cpu": 1})
 
+    checkpoint_bytes = []
+
     def direct() -> tuple[float, list[float]]:
         torch.set_num_threads(1)
         start = time.perf_counter()
@@ -56,11 +49,16 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
         epochs = []
         while run.epoch < hp.epochs:
             epochs.append(timed(run.run_epoch)[0])
-        return time.perf_counter() - start, epochs
+        total = time.perf_counter() - start
+        if not checkpoint_bytes:
+            buffer = io.BytesIO()
+            torch.save(run.state_dict(), buffer)  # what the trial writes (and Tune copies) each epoch
+            checkpoint_bytes.append(buffer.tell())
+        return total, epochs
 
     def inside(i: int) -> tuple[float, float]:
         tuner = tune.Tuner(fn, param_space={"config_id": "one"},
-                           run_config=tune.RunConfig(name=f"overhead{i}", storage_path=str(work / "ray"), verbose=0,
+                           run_config=tune.RunConfig(name=f"overhead{tag}{i}", storage_path=str(work / "ray"), verbose=0,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         with quiet(work / "ray.log"):
             wall, grid = timed(tuner.fit)
@@ -87,7 +85,7 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
         epochs["trial"].append(per_epoch)
 
     for i in range(rounds):
-        log(f"tune overhead: round {i + 1}/{rounds}, {'direct then inside Tune' if i % 2 == 0 else 'inside Tune then direct'}")
+        log(f"tune overhead ({hp.freeze}): round {i + 1}/{rounds}, {'direct then inside Tune' if i % 2 == 0 else 'inside Tune then direct'}")
         if i % 2 == 0:
             run_direct()
             run_inside(i)
@@ -95,11 +93,15 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path) -> dict:
             run_inside(i)
             run_direct()
     ratios = sorted((t - d) / d for t, d in zip(trial_s, direct_s))
+    # a fresh worker process warms up in its first epoch (and builds the model there): the epochs
+    # after it are the per-epoch cost of a report + checkpoint alone
+    steady = [sum(t[1:]) / sum(d[1:]) - 1 for t, d in zip(epochs["trial"], epochs["direct"])]
     return {"config": f"{hp.backbone}-{hp.freeze} {hp.image_size} px, {hp.epochs} epochs, "
                       f"{len(index.paths('train'))}+{len(index.paths('validation'))} images, 1 CPU",
             "direct_s": direct_s, "trial_s": trial_s, "tune_fit_s": fit_s, "epoch_s": epochs,
             "tune_overhead": statistics.median(ratios), "tune_overhead_rounds": ratios,
-            "tune_overhead_spread": (ratios[0], ratios[-1]),
+            "tune_overhead_spread": (ratios[0], ratios[-1]), "epoch_overhead": statistics.median(steady),
+            "checkpoint_mb": checkpoint_bytes[0] / 1e6,
             "fixed_per_trial_s": statistics.median(f - t for f, t in zip(fit_s, trial_s)),
             "fit_overhead": statistics.median((f - d) / d for f, d in zip(fit_s, direct_s))}
 

@@ -39,8 +39,14 @@ def frozen_digest(model: Classifier) -> list[float]:
     frozen = [v for k, v in model.state_dict().items() if k not in trained]
     if not frozen:
         return [0.0, 0.0, 0.0]
-    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in frozen])
-    return [float(flat.numel()), float(flat.abs().sum()), float((flat * flat).sum())]
+    # tensor by tensor: one float64 copy of the whole frozen part (88 MB for resnet18) made the first
+    # checkpoint of an fc_only trial cost 0.2-0.7 s; the sums agree with it to ~1e-14
+    count = abs_sum = square_sum = 0.0
+    for t in frozen:
+        flat = t.detach().reshape(-1).to("cpu", torch.float64)
+        count, abs_sum, square_sum = count + flat.numel(), abs_sum + float(flat.abs().sum()), \
+            square_sum + float(torch.dot(flat, flat))
+    return [count, abs_sum, square_sum]
 
 
 def model_state(model: Classifier, digest: list[float] | None = None) -> dict:

@@ -19,6 +19,23 @@ from covid_tune.spec import Spec
 MIN_OBJECT_STORE = 512 * 1024**2
 
 
+class _OneLineSyncFailure(logging.Filter):
+    """Tune's "Saving experiment state to storage ... failed" as one warning line, not a traceback.
+
+    On a local storage path Tune's background copy of its driver folder can race Tune's own
+    rename of a temporary state file (FileNotFoundError on ``.tmp-...-state-....json``); the state
+    is written again at the next snapshot, so the sweep loses nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Saving experiment state to storage") and record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}{type(exc).__name__}: {exc} (Tune saves it again at its next snapshot)"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def _quiet_ray() -> dict:
     """ray.init options (and logger levels) that keep Ray's warnings but drop its info chatter, here and
     in the workers (e.g. a "Checkpoint successfully created" line per epoch per trial)."""
@@ -27,6 +44,9 @@ def _quiet_ray() -> dict:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # one notice per start that a local Ray uses token authentication (shown with -v)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    state_logger = logging.getLogger("ray.tune.execution.experiment_state")
+    if not any(isinstance(f, _OneLineSyncFailure) for f in state_logger.filters):
+        state_logger.addFilter(_OneLineSyncFailure())
     return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
 
 

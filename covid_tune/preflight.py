@@ -147,7 +147,7 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     lines += _weights(spec, problems)
     lines += _resources(spec, len(plan), problems)
     sched = spec.scheduler
-    levels = [lv for ls in spec.freeze_levels().values() for lv in ls]
+    levels = spec.all_freeze_levels()
     at = (sched.grace_period, sched.reduction_factor, spec.trainer.epochs, spec.trainer.epochs, levels)
     rungs = schedule.rung_epochs(*at) if sched.asha else []
     lines.append("scheduler: " + scheduler_text(sched.asha, sched.metric, sched.mode, rungs, spec.trainer.epochs)

@@ -16,7 +16,6 @@ _STARTED = time.perf_counter()  # the run's wall clock starts here, before any h
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path
 from typing import TYPE_CHECKING  # noqa: E402
@@ -88,7 +87,8 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
     Returns the index, the decoded cache and each backbone's pretrained state_dict (empty for
     ``weights: none``)."""
     from covid_tune import report as report_mod
-    from covid_tune.data import check_implies, make_synthetic, scan_dataset
+    from covid_tune.data import check_implies, scan_dataset
+    from covid_tune.synthetic import make_synthetic
     from covid_tune.weights import load_all
 
     if spec.data.synthetic is not None:
@@ -116,69 +116,12 @@ def prepare_cache(spec: Spec, index: DatasetIndex) -> DecodedSplits | None:
                                splits=("train", "validation"))
 
 
-def _experiment_exists(spec: Spec) -> bool:
-    """Whether Tune's experiment folder (a local/shared folder or a storage URI) already exists."""
-    if not spec.remote_storage:
-        return spec.experiment_dir.exists()
-    import pyarrow.fs  # comes with ray[tune]; s3://, gs://, file:// alike
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(spec.experiment_path)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def _delete_experiment(spec: Spec) -> None:
-    if spec.remote_storage:
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(spec.experiment_path)
-        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-            fs.delete_dir(path)
-    shutil.rmtree(spec.experiment_dir, ignore_errors=True)  # the folder, or the local download of a URI
-
-
-def _check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str | None:
-    """Refuse to mix two sweeps in one output/storage folder; clear it for --overwrite.
-
-    Returns why the run must stop, or None. --resume needs the same plan the sweep started with
-    (Tune restores its own copy of the grid); without --resume or --overwrite an existing sweep
-    is never touched.
-    """
-    from covid_tune import plan as plan_mod
-    from covid_tune import report as report_mod
-    from covid_tune.spec import SpecError
-
-    out = spec.output_dir
-    exists = _experiment_exists(spec)
-    if resume:
-        if not exists:
-            return f"--resume: no sweep named {spec.name!r} to restore at {spec.experiment_path}"
-        try:
-            before = report_mod.load_saved_spec(out)
-        except (SpecError, ValueError, OSError):
-            before = None
-        if before is not None and plan_mod.expand(before) != plan:
-            return (f"--resume: the spec differs from the one {out} was started with ({out / report_mod.SPEC_FILE}): "
-                    "the trial grid or training settings changed. Resume with the same spec and --set "
-                    "options, or pass --overwrite to start again")
-        (out / "trials.json").unlink(missing_ok=True)  # written again when the restored sweep ends
-        return None
-    if exists:
-        if not overwrite:
-            return (f"{spec.experiment_path} already holds a sweep named {spec.name!r}; "
-                    "pass --resume to finish it or --overwrite to start again")
-        _delete_experiment(spec)
-        for sub in ("best", "report"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "trials.json").unlink(missing_ok=True)
-    return None
-
-
 def _new_console(spec: "Spec", n_trials: int):
     from covid_tune.console import SweepConsole
     from covid_tune.schedule import rung_epochs
 
     sched = spec.scheduler
-    levels = [lv for ls in spec.freeze_levels().values() for lv in ls]
+    levels = spec.all_freeze_levels()
     rungs = rung_epochs(sched.grace_period, sched.reduction_factor, spec.trainer.epochs, spec.trainer.epochs,
                         levels) if sched.asha else []
     return SweepConsole(total=n_trials, max_epochs=spec.trainer.epochs, metric=sched.metric, mode=sched.mode,
@@ -201,17 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     from covid_tune.console import scheduler_text, resources_text, summary_lines
     from covid_tune.data import DatasetError
     from covid_tune.models import WeightsUnavailable
+    from covid_tune.output_dir import check_output, experiment_exists
 
     plan = plan_mod.expand(spec)
     if args.dry_run:
         from covid_tune.preflight import preflight
 
         return preflight(spec, plan, resume=args.resume, overwrite=args.overwrite,
-                         exists=_experiment_exists(spec))
+                         exists=experiment_exists(spec))
 
     out = spec.output_dir
     try:
-        problem = _check_output(spec, plan, resume=args.resume, overwrite=args.overwrite)
+        problem = check_output(spec, plan, resume=args.resume, overwrite=args.overwrite)
     except OSError as exc:  # a storage URI that cannot be reached (credentials, network, ...)
         problem = f"cannot check ray.storage_path {spec.storage_root}: {exc}"
     if problem:

@@ -58,8 +58,7 @@ class Spec(Section):
             lacking = [b for b in self.grid.backbone if models.get_backbone(b).imagenet_weights is None]
             if lacking:
                 problems.append(f"trainer.weights: imagenet is not available for {lacking} (use none or a file)")
-        levels = [lv for ls in self.freeze_levels().values() for lv in ls]
-        grace = schedule.grace_problems(self.scheduler.grace_period, levels, self.trainer.epochs)
+        grace = schedule.grace_problems(self.scheduler.grace_period, self.all_freeze_levels(), self.trainer.epochs)
         problems += grace or _asha_problems(self.scheduler, self.trainer.epochs)
         if problems:
             raise ValueError("; ".join(problems))
@@ -71,6 +70,10 @@ class Spec(Section):
         if isinstance(f, dict):
             return {b: list(f.get(b, ["none"])) for b in dict.fromkeys(list(self.grid.backbone) + list(f))}
         return {b: list(f) for b in self.grid.backbone}
+
+    def all_freeze_levels(self) -> list[str]:
+        """Every freeze level of the grid, over all backbones (repeats kept)."""
+        return [level for levels in self.freeze_levels().values() for level in levels]
 
     @property
     def output_dir(self) -> Path:

@@ -51,7 +51,8 @@ def tiny_raw(tmp_path: Path) -> dict:
 @pytest.fixture(scope="module")
 def index(request, tmp_path_factory):
     """A scanned synthetic tree sized by the test module's ``SYNTHETIC`` dict (counts, image_size)."""
-    from covid_tune.data import make_synthetic, scan_dataset
+    from covid_tune.data import scan_dataset
+    from covid_tune.synthetic import make_synthetic
 
     sizes = request.module.SYNTHETIC
     root = make_synthetic(tmp_path_factory.mktemp(request.module.__name__) / "d", counts=sizes["counts"],

@@ -21,7 +21,7 @@ def fake_sweep(raw: dict, epochs: int | None = None) -> Path:
     report_mod.save_spec(out, spec)
     root = report_mod.dataset_root(spec)
     if spec.data.synthetic is not None:
-        from covid_tune.data import make_synthetic
+        from covid_tune.synthetic import make_synthetic
 
         s = spec.data.synthetic
         make_synthetic(root, s.classes, {"train": s.train, "validation": s.validation, "test": s.test},
@@ -50,7 +50,8 @@ def make_corner_marker_data(root: Path, counts: dict[str, int], size: int = 32, 
     import numpy as np
     from PIL import Image
 
-    from covid_tune.data import SPLITS, synthetic_image
+    from covid_tune.data import SPLITS
+    from covid_tune.synthetic import synthetic_image
 
     for s_i, split in enumerate(SPLITS):
         for c_i, cls in enumerate(("marked", "plain")):

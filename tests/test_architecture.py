@@ -14,9 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "covid_tune"
 RAY_MODULES = {"tuning", "trainable", "resume", "cluster", "evaluation"}
 # what the training engine (and what it builds on) may import from the package: nothing downstream of it
 ENGINE_SIDE = {"engine", "hparams", "models", "backbones", "freeze", "features", "data", "cache", "augment", "loaders",
-               "losses", "metrics", "checkpoints", "explain", "schedule"}
+               "losses", "metrics", "checkpoints", "explain", "schedule", "synthetic"}
 DOWNSTREAM = {"spec", "spec_sections", "plan", "tuning", "trainable", "resume", "cluster", "evaluation", "results",
-              "report", "run", "figures"}
+              "report", "report_sections", "run", "output_dir", "figures"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -35,7 +35,14 @@ def test_tune_overhead_row_shows_median_and_spread() -> None:
     assert "+0.010" in row and "median of 3" in row and "+0.010..+0.020" in row and "| met |" in row
     x["tune_overhead"] = 0.05
     row = next(line for line in bench.table(res).splitlines() if "[tune_overhead]" in line)
-    assert "MISSED" in row
+    assert "MISSED" in row and "steady" not in row
+    large = {**x, "config": "resnet18-layer1", "epoch_overhead": 0.042, "checkpoint_mb": 88.4}
+    res["results"].update(tune_overhead={**x, "epoch_overhead": -0.004}, tune_overhead_large=large)
+    lines = bench.table(res).splitlines()
+    assert "steady epochs -0.004" in next(line for line in lines if "[tune_overhead]" in line)
+    row = next(line for line in lines if "the largest checkpoint" in line)
+    assert "(88 MB per epoch)" in row and "+0.050 (steady epochs +0.042, spread +0.010..+0.020)" in row
+    assert "[tune_overhead]" not in row and row.endswith("| | |")  # no goal of its own
 
 
 def test_help_names_every_benchmark() -> None:

@@ -12,7 +12,8 @@ import torch
 
 from covid_tune import results
 from covid_tune.checkpoints import FrozenPartMismatch, is_slim
-from covid_tune.data import DatasetIndex, make_synthetic, scan_dataset
+from covid_tune.data import DatasetIndex, scan_dataset
+from covid_tune.synthetic import make_synthetic
 from covid_tune.engine import HParams, TrainingRun, build_model
 from covid_tune.models import load_exported, trained_state
 from covid_tune.trainable import save_checkpoint
@@ -119,3 +120,15 @@ def test_export_of_slim_checkpoint_is_a_full_model(index: DatasetIndex, tmp_path
     with torch.no_grad():
         assert torch.equal(model(x), run.model(x))
     assert json.loads((target / "model.json").read_text())["source_checkpoint"] == str(folder)
+
+
+def test_frozen_digest_sums_every_frozen_tensor() -> None:
+    """The digest (count, sum |x|, sum x^2) over exactly the frozen part, as one float64 vector would give."""
+    from covid_tune.checkpoints import frozen_digest
+
+    model = build_model(HP, 2)
+    trained = trained_state(model).keys()
+    frozen = torch.cat([v.reshape(-1).double() for k, v in model.state_dict().items() if k not in trained])
+    assert 0 < frozen.numel() < sum(v.numel() for v in model.state_dict().values())
+    want = [frozen.numel(), float(frozen.abs().sum()), float((frozen * frozen).sum())]
+    assert frozen_digest(model) == pytest.approx(want, rel=1e-12)

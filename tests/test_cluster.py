@@ -263,7 +263,8 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
 
     from covid_tune import cluster as cluster_mod
     from covid_tune import tuning
-    from covid_tune.data import make_synthetic, scan_dataset
+    from covid_tune.data import scan_dataset
+    from covid_tune.synthetic import make_synthetic
     from covid_tune.spec import validate
 
     raw = yaml.safe_load(sweep_spec(tmp_path, "probe", epochs=1).read_text())
@@ -472,3 +473,36 @@ def test_killed_trial_process_is_retried_from_its_checkpoint(cluster, tmp_path) 
     assert retried and retried[0]["epoch"] > 1 and retried[0]["epoch"] == rows[rows.index(retried[0]) - 1]["epoch"] + 1
     assert json.loads((out / "trials.json").read_text())[victim]["status"] == "ok"
     assert (out / "ray-download" / "retry").is_dir()  # what the report read, copied from the URI
+
+
+def test_a_failed_experiment_state_sync_is_one_warning_line() -> None:
+    """Tune logs a racing state sync with a whole traceback; the quiet console makes it one line."""
+    import logging
+
+    from covid_tune.cluster import _quiet_ray
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    _quiet_ray()
+    log, keep = logging.getLogger("ray.tune.execution.experiment_state"), Keep()
+    log.addHandler(keep)  # its own handler: whether Ray's loggers propagate depends on Ray's set-up
+    try:
+        try:
+            raise FileNotFoundError("Failed to open local file '.tmp-basic-variant-state.json'")
+        except FileNotFoundError:
+            log.error("Saving experiment state to storage at '/x' failed with exception: ", exc_info=True)
+        log.error("something else", exc_info=(ValueError, ValueError("kept"), None))
+    finally:
+        log.removeHandler(keep)
+    first, other = keep.records
+    assert first.levelname == "WARNING" and first.exc_info is None
+    assert first.getMessage() == ("Saving experiment state to storage at '/x' failed with exception: "
+                                  "FileNotFoundError: Failed to open local file '.tmp-basic-variant-state.json' "
+                                  "(Tune saves it again at its next snapshot)")
+    assert other.levelname == "ERROR" and other.exc_info is not None
