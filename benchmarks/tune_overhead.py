@@ -18,6 +18,13 @@ from covid_tune.engine import HParams, TrainingRun
 from common import CPU, log, quiet, REPO, Sizes, split_sizes, subset, timed
 
 
+def saved_bytes(state: dict) -> int:
+    """How many bytes ``torch.save`` writes for ``state`` (what a trial's checkpoint holds)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.tell()
+
+
 def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path, tag: str = "") -> dict:
     """One trial's wall time inside Tune vs the same training called directly, taking turns.
 
@@ -51,9 +58,7 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path, tag: str = ""
             epochs.append(timed(run.run_epoch)[0])
         total = time.perf_counter() - start
         if not checkpoint_bytes:
-            buffer = io.BytesIO()
-            torch.save(run.state_dict(), buffer)  # what the trial writes (and Tune copies) each epoch
-            checkpoint_bytes.append(buffer.tell())
+            checkpoint_bytes.append(saved_bytes(run.state_dict()))  # what the trial writes, Tune copies, per epoch
         return total, epochs
 
     def inside(i: int) -> tuple[float, float]:
@@ -110,23 +115,17 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path, tag: str = ""
 
 def bench_checkpoint(index: DatasetIndex, work: Path) -> dict:
     """Bytes of one fc_only resnet18 checkpoint (after one epoch, so momentum exists): slim vs whole model."""
-    import io
-
     hp = HParams(backbone="resnet18", freeze="fc_only", loss="ce", image_size=64, batch_size=16, head_hidden=64,
                  augment=False, epochs=1)
     run = TrainingRun(hp, subset(index, {"train": 32, "validation": 16}), CPU)
     run.run_epoch()
 
-    def size(state: dict) -> int:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        return buffer.tell()
-
     slim = run.state_dict()
     whole = {**{k: v for k, v in slim.items() if k not in ("model_part", "frozen_digest")},
              "model": run.model.state_dict()}
-    return {"config": "resnet18 fc_only, head_hidden 64", "slim_bytes": size(slim), "full_bytes": size(whole),
-            "checkpoint_kb": size(slim) / 1024}
+    slim_bytes = saved_bytes(slim)
+    return {"config": "resnet18 fc_only, head_hidden 64", "slim_bytes": slim_bytes, "full_bytes": saved_bytes(whole),
+            "checkpoint_kb": slim_bytes / 1024}
 
 
 def bench_outside(work: Path) -> dict:
