@@ -29,7 +29,6 @@ CLAIM_WAIT_S = 900.0  # how long a trial waits for another one computing the sam
 T = TypeVar("T")
 
 
-
 def save_state(state: dict, metrics: dict, directory: Path) -> None:
     """What one checkpoint directory holds: the full training state and that epoch's metrics."""
     torch.save(state, directory / STATE_FILE)
