@@ -11,7 +11,6 @@ import sys
 from typing import TextIO
 
 from covid_tune import plan as plan_mod
-from covid_tune import schedule
 from covid_tune.console import fmt_bytes, resources_text, scheduler_text
 from covid_tune.engine import HParams
 from covid_tune.spec import Spec
@@ -147,11 +146,9 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     lines += _weights(spec, problems)
     lines += _resources(spec, len(plan), problems)
     sched = spec.scheduler
-    levels = spec.all_freeze_levels()
-    at = (sched.grace_period, sched.reduction_factor, spec.trainer.epochs, spec.trainer.epochs, levels)
-    rungs = schedule.rung_epochs(*at) if sched.asha else []
+    rungs, per_level = spec.asha_rung_epochs()
     lines.append("scheduler: " + scheduler_text(sched.asha, sched.metric, sched.mode, rungs, spec.trainer.epochs)
-                 + (schedule.rungs_text(*at) if sched.asha else ""))
+                 + per_level)
     lines += _disk(spec, plan, len(classes) or 2, n_images)
     if exists and not (resume or overwrite):
         problems.append(f"{spec.experiment_path} already holds a sweep named {spec.name!r}; a run needs --resume "

@@ -118,14 +118,10 @@ def prepare_cache(spec: Spec, index: DatasetIndex) -> DecodedSplits | None:
 
 def _new_console(spec: "Spec", n_trials: int):
     from covid_tune.console import SweepConsole
-    from covid_tune.schedule import rung_epochs
 
     sched = spec.scheduler
-    levels = spec.all_freeze_levels()
-    rungs = rung_epochs(sched.grace_period, sched.reduction_factor, spec.trainer.epochs, spec.trainer.epochs,
-                        levels) if sched.asha else []
     return SweepConsole(total=n_trials, max_epochs=spec.trainer.epochs, metric=sched.metric, mode=sched.mode,
-                        rungs=rungs)
+                        rungs=spec.asha_rung_epochs()[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,20 @@ class Spec(Section):
         return [level for levels in self.freeze_levels().values() for level in levels]
 
     @property
+    def asha_max_t(self) -> int:
+        """ASHA's last possible cut: ``scheduler.max_t``, else ``trainer.epochs``."""
+        return self.scheduler.max_t or self.trainer.epochs
+
+    def asha_rung_epochs(self) -> tuple[list[int], str]:
+        """The epochs at which ASHA (one bracket) judges some trial ([] without ASHA), and the per-freeze-level
+        text (:func:`covid_tune.schedule.rungs_text`): the rungs of the scheduler that Tune is given."""
+        s = self.scheduler
+        if not s.asha:
+            return [], ""
+        at = (s.grace_period, s.reduction_factor, self.asha_max_t, self.trainer.epochs, self.all_freeze_levels())
+        return schedule.rung_epochs(*at), schedule.rungs_text(*at)
+
+    @property
     def output_dir(self) -> Path:
         return Path(self.output or f"runs/{self.name}").resolve()
 

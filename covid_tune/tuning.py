@@ -137,7 +137,7 @@ def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
     if not s.asha:
         return FIFOScheduler()
     # a per-freeze-level grace counts in the trials' asha_time (covid_tune.schedule), else in epochs
-    return ASHAScheduler(time_attr=schedule.time_attr(s.grace_period), max_t=s.max_t or spec.trainer.epochs,
+    return ASHAScheduler(time_attr=schedule.time_attr(s.grace_period), max_t=spec.asha_max_t,
                          grace_period=schedule.min_grace(s.grace_period),
                          reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=s.stop_last_trials)
 

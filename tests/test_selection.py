@@ -55,6 +55,12 @@ def test_asha_hedges_reach_rays_scheduler(tiny_raw: dict) -> None:
         assert sorted(m for m, _ in bracket._rungs) == asha_rungs(2, 2, 8, s) == [2 * 2 ** (k + s) for k in range(3 - s)]
     defaults = make_scheduler(validate({**tiny_raw, "scheduler": {"metric": "val_loss"}}))
     assert defaults._max_t == 12 and defaults._stop_last_trials is True and len(defaults._brackets) == 1
+    # the rungs the dry run and the console show are those of the scheduler Tune gets: none past max_t
+    early = validate({**tiny_raw, "scheduler": {**tiny_raw["scheduler"], "max_t": 4, "brackets": 1}})
+    assert make_scheduler(early)._max_t == 4
+    assert early.asha_rung_epochs() == ([2, 4], "")
+    no_max_t = {"metric": "val_loss", "grace_period": 2, "reduction_factor": 2}
+    assert validate({**tiny_raw, "scheduler": no_max_t}).asha_rung_epochs() == ([2, 4, 8], "")
 
 
 def _judged(sched, trial_id: str, freeze: str, grace, accs: list[float]) -> list[str]:
