@@ -13,6 +13,7 @@ with channels_last (``precision``).
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from dataclasses import dataclass
@@ -64,6 +65,21 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weig
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     raise KeyError(f"unknown optimizer {name!r}; choose one of: sgd, adam")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def epoch_lr(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """The learning rate of epoch ``epoch`` (from 0) of ``epochs``: ``lr``, or its cosine decay
+    ``lr * (1 + cos(pi * epoch / epochs)) / 2`` (torch's CosineAnnealingLR stepped per epoch, eta_min 0).
+
+    A function of the epoch alone, so a trial resumed from a checkpoint continues the same curve."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
+    raise KeyError(f"unknown lr schedule {schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
 
 
 def predict(logits: torch.Tensor, label_mode: str, threshold: float) -> torch.Tensor:
@@ -250,6 +266,8 @@ class TrainingRun:
         else:
             train_loader, val_loader, model = self.train_loader, self.val_loader, self.forward_model
         set_loader_epoch(train_loader, self.hp.seed, self.epoch)  # order and augmentation: (seed, epoch) only
+        for group in self.optimizer.param_groups:
+            group["lr"] = epoch_lr(self.hp.lr, self.hp.lr_schedule, self.epoch, self.hp.epochs)
         train = train_one_epoch(model, _Stoppable(train_loader, self._stop), self.loss_fn, self.optimizer, *args,
                                 **fast)
         val = evaluate(model, _Stoppable(val_loader, self._stop), self.loss_fn, *args, **fast)

@@ -26,6 +26,7 @@ class HParams:
     epochs: int = 1
     optimizer: str = "sgd"
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (covid_tune.engine.epoch_lr)
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 40

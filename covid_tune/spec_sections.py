@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from covid_tune import models, schedule
 from covid_tune.losses import LOSSES
 
-TRAINER_AXES = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
+TRAINER_AXES = ("optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
 METRICS = ("val_acc", "val_f1", "val_loss")
 
 
@@ -69,6 +69,7 @@ class GridSpec(Section):
     # the same bounds as the trainer keys they replace
     optimizer: Optional[list[Literal["sgd", "adam"]]] = None
     lr: Optional[list[Annotated[float, Field(gt=0)]]] = None
+    lr_schedule: Optional[list[Literal["constant", "cosine"]]] = None
     momentum: Optional[list[Annotated[float, Field(ge=0, lt=1)]]] = None
     weight_decay: Optional[list[Annotated[float, Field(ge=0)]]] = None
     batch_size: Optional[list[Annotated[int, Field(ge=1)]]] = None
@@ -110,6 +111,9 @@ class TrainerSpec(Section):
     epochs: int = Field(24, ge=1, description="max epochs per trial (ASHA's max_t unless scheduler.max_t)")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: epoch e (from 0) trains at lr * (1 + cos(pi * e / epochs)) / 2, so the "
+                                "last epochs change the weights little and their validation scores settle")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(40, ge=1)

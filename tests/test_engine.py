@@ -105,20 +105,42 @@ def test_state_dict_round_trip_restores_model_and_epoch(index: DatasetIndex) -> 
     assert fresh.run_epoch()["epoch"] == 2
 
 
-def test_resumed_run_matches_uninterrupted_run(index: DatasetIndex) -> None:
-    straight = TrainingRun(HP, index, CPU)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resumed_run_matches_uninterrupted_run(index: DatasetIndex, schedule: str) -> None:
+    hp = replace(HP, lr_schedule=schedule, epochs=3)
+    straight = TrainingRun(hp, index, CPU)
     straight.run_epoch()
     expected = straight.run_epoch()
 
-    first = TrainingRun(HP, index, CPU)
+    first = TrainingRun(hp, index, CPU)
     first.run_epoch()
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed = TrainingRun(HP, index, CPU)
+    resumed = TrainingRun(hp, index, CPU)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.run_epoch() == expected
     assert same_state(params(resumed), params(straight))
+
+
+def test_cosine_schedule_is_torchs_cosine_annealing(index: DatasetIndex) -> None:
+    epochs = 4
+    run = TrainingRun(replace(HP, lr_schedule="cosine", epochs=epochs), index, CPU)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=HP.lr)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=epochs)
+    used = []
+    for _ in range(epochs):
+        run.run_epoch()
+        used.append(run.optimizer.param_groups[0]["lr"])  # the lr this epoch trained at
+    expected = []
+    for _ in range(epochs):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        annealing.step()
+    assert used == pytest.approx(expected) and used[0] == HP.lr and used[-1] < 0.15 * HP.lr
+    constant = TrainingRun(replace(HP, epochs=epochs), index, CPU)
+    constant.run_epoch()
+    assert constant.optimizer.param_groups[0]["lr"] == HP.lr
 
 
 @pytest.mark.parametrize("loss", ["bce", "focal"])

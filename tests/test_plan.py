@@ -118,6 +118,17 @@ def test_extra_trainer_axes_set_hparams_and_appear_in_id(tiny_raw: dict) -> None
     assert axis_columns(plan) == ["lr"]
 
 
+def test_lr_schedule_from_trainer_or_as_an_axis(tiny_raw: dict) -> None:
+    tiny_raw["grid"]["freeze"] = ["none"]
+    tiny_raw["trainer"]["lr_schedule"] = "cosine"
+    assert [h.lr_schedule for h in expand(validate(tiny_raw)).values()] == ["cosine"]
+    tiny_raw["grid"]["lr_schedule"] = ["constant", "cosine"]
+    plan = expand(validate(tiny_raw))
+    assert {cid: h.lr_schedule for cid, h in plan.items()} == {"tiny_cnn-none-ce-lr_scheduleconstant-s0": "constant",
+                                                               "tiny_cnn-none-ce-lr_schedulecosine-s0": "cosine"}
+    assert axis_columns(plan) == ["lr_schedule"]
+
+
 def test_without_lr_axis_trainer_lr_is_used_and_not_in_id(tiny_raw: dict) -> None:
     plan = expand(validate(tiny_raw))
     assert set(plan) == {"tiny_cnn-fc_only-ce-s0", "tiny_cnn-none-ce-s0"}

@@ -161,14 +161,14 @@ def test_unknown_key_in_optional_section_lists_its_keys(tiny_raw: dict) -> None:
                "image_size", "seed")
 
 
-def test_bad_literal_names_allowed_values(tiny_raw: dict) -> None:
-    tiny_raw["trainer"]["optimizer"] = "rmsprop"
-    spec_error(tiny_raw, "trainer.optimizer", "sgd", "adam")
-
-
-def test_bad_literal_in_grid_axis_names_allowed_values(tiny_raw: dict) -> None:
-    tiny_raw["grid"]["optimizer"] = ["sgd", "rmsprop"]
-    spec_error(tiny_raw, "grid.optimizer", "sgd", "adam")
+@pytest.mark.parametrize("key, bad, allowed", [("optimizer", "rmsprop", ("sgd", "adam")),
+                                               ("lr_schedule", "step", ("constant", "cosine"))])
+def test_bad_literal_names_allowed_values(tiny_raw: dict, key: str, bad: str, allowed: tuple) -> None:
+    tiny_raw["trainer"][key] = bad
+    spec_error(tiny_raw, f"trainer.{key}", *allowed)
+    del tiny_raw["trainer"][key]
+    tiny_raw["grid"][key] = [allowed[0], bad]
+    spec_error(tiny_raw, f"grid.{key}", *allowed)
 
 
 def test_bad_metric_names_allowed_metrics(tiny_raw: dict) -> None:
