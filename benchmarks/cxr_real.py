@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Issue 12's bar: the test accuracy of the configuration the shipped real-data sweep chooses.
 
-    python benchmarks/cxr_real.py                         # runs sweeps/cxr-real.yaml (about 4 min on 2 cores)
+    python benchmarks/cxr_real.py                         # runs sweeps/cxr-real.yaml (about 8 min on 2 cores)
     python benchmarks/cxr_real.py --results runs/cxr-real/report/results.json   # a finished run
 
 Prints a markdown table: the chosen configuration (best mean selection score on validation over its

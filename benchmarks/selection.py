@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Which best-epoch rule holds up on real data: measured on ../shared/cxr-real.
 
-    python benchmarks/selection.py [--seeds 0 1 2] [--epochs 12] [--augment on off] [--json FILE]
+    python benchmarks/selection.py [--seeds 0 1 2] [--epochs 12] [--augment on off] [--freeze none layer1]
+                                   [--lr-schedule constant cosine] [--json FILE]
 
-Trains resnet18 from scratch (Adam, 64 px, the issue's strong baseline) once per seed and setting,
-without Ray, evaluating the test split after every epoch (for the measurement only: a sweep never
-looks at test before it has chosen). Then scores each selection rule by the test accuracy of the
-epoch it picks: argmax val_acc (earliest on ties), argmin val_loss, argmax of an EMA of val_acc,
-argmax of a centred 3-epoch mean of val_acc, the last epoch, and the weight average of the 3 best
-val_acc epochs' models. Prints one line per run and the mean/std of each rule over runs.
+Trains resnet18 from scratch (Adam, 64 px, the issue's strong baseline) once per seed and setting
+(augmentation x freeze level x lr schedule), without Ray, evaluating the test split after every epoch
+(for the measurement only: a sweep never looks at test before it has chosen). Then scores each
+selection rule by the test accuracy of the epoch it picks: argmax val_acc (earliest on ties), argmin
+val_loss, argmax of an EMA of val_acc, argmax of a centred 3-epoch mean of val_acc, the last epoch,
+and the weight average of the 3 best val_acc epochs' models. Prints one line per run and, per setting,
+the mean/std of each rule over its runs, how much validation accuracy moves per epoch over the second
+half of training (mean |change|: what makes a pick noisy), and the test accuracy of the seeds' ensemble
+(their class probabilities averaged) at the epochs the EMA rule picks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -46,22 +51,35 @@ def _test_acc(run: engine.TrainingRun, loader) -> float:
     return res.metrics["acc"]
 
 
-def one_run(index, decoded, seed: int, epochs: int, augment: bool, lr: float) -> dict:
-    hp = engine.HParams(backbone="resnet18", freeze="none", loss="ce", seed=seed, epochs=epochs, optimizer="adam",
-                        lr=lr, batch_size=32, head_hidden=0, dropout=0.0, image_size=64, augment=augment)
+def _test_probs(run: engine.TrainingRun, loader) -> np.ndarray:
+    run.model.eval()
+    with torch.no_grad():
+        return np.concatenate([torch.softmax(run.model(x).float(), 1).numpy() for x, _ in loader])
+
+
+def one_run(index, decoded, seed: int, epochs: int, augment: bool, lr: float, freeze: str = "none",
+            lr_schedule: str = "constant") -> dict:
+    hp = engine.HParams(backbone="resnet18", freeze=freeze, loss="ce", seed=seed, epochs=epochs, optimizer="adam",
+                        lr=lr, lr_schedule=lr_schedule, batch_size=32, head_hidden=0, dropout=0.0, image_size=64,
+                        augment=augment)
     run = engine.TrainingRun(hp, index, torch.device("cpu"), decoded=decoded)
     targets = encode_targets(index.labels("test"), index.classes, "single", {})
     test_loader = TensorLoader(decoded["test"], targets, 64, 64)
-    history, states = [], {}
+    history, states, probs = [], {}, {}
     t0 = time.perf_counter()
     for _ in range(epochs):
         m = run.run_epoch()
         m["test_acc"] = _test_acc(run, test_loader)
         history.append(m)
         states[m["epoch"]] = copy.deepcopy(run.model.state_dict())
+        probs[m["epoch"]] = _test_probs(run, test_loader)
     picks = {name: pick_epoch(history, *rule) for name, rule in RULES.items()}
     picks["last"] = epochs
-    out = {"seed": seed, "augment": augment, "seconds": time.perf_counter() - t0,
+    late = [h["val_acc"] for h in history[epochs // 2:]]  # the second half, where the pick usually falls
+    swing = float(np.abs(np.diff(late)).mean()) if len(late) > 1 else None
+    out = {"seed": seed, "augment": augment, "freeze": freeze, "lr_schedule": lr_schedule,
+           "seconds": time.perf_counter() - t0, "val_swing": swing,
+           "ema_probs": probs[picks["val_acc_ema"]].tolist(), "test_targets": targets.tolist(),
            "history": [{k: h[k] for k in ("epoch", "val_acc", "val_loss", "test_acc")} for h in history],
            "test_acc": {rule: history[e - 1]["test_acc"] for rule, e in picks.items()},
            "epoch": picks}
@@ -81,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--augment", nargs="+", default=["on"], choices=["on", "off"])
+    p.add_argument("--freeze", nargs="+", default=["none"], choices=["none", "layer1", "layer1-3", "fc_only"])
+    p.add_argument("--lr-schedule", nargs="+", default=["constant"], choices=list(engine.LR_SCHEDULES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -90,23 +110,30 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     index = scan_dataset(args.data, {"covid": "infected", "pneumonia": "infected"})
     decoded = build_decoded_cache(index, 64, splits=("train", "validation", "test"))
+    settings = list(itertools.product(args.augment, args.freeze, args.lr_schedule))
     runs = []
-    for aug in args.augment:
+    for aug, freeze, schedule in settings:
         for seed in args.seeds:
-            r = one_run(index, decoded, seed, args.epochs, aug == "on", args.lr)
+            r = one_run(index, decoded, seed, args.epochs, aug == "on", args.lr, freeze, schedule)
             runs.append(r)
-            print(json.dumps({k: r[k] for k in ("seed", "augment", "seconds", "epoch", "test_acc")}), flush=True)
+            print(json.dumps({k: r[k] for k in ("seed", "augment", "freeze", "lr_schedule", "seconds", "epoch",
+                                                 "test_acc")}), flush=True)
             print("  val_acc ", " ".join(f"{h['val_acc']:.3f}" for h in r["history"]), flush=True)
             print("  test_acc", " ".join(f"{h['test_acc']:.3f}" for h in r["history"]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(runs, indent=1))
-    for aug in args.augment:
-        sub = [r for r in runs if r["augment"] == (aug == "on")]
-        print(f"augment {aug}: {len(sub)} runs, test accuracy of the picked epoch, mean ± std")
+    for aug, freeze, schedule in settings:
+        sub = [r for r in runs if (r["augment"], r["freeze"], r["lr_schedule"]) == (aug == "on", freeze, schedule)]
+        print(f"augment {aug}, freeze {freeze}, lr_schedule {schedule}: {len(sub)} runs, "
+              "test accuracy of the picked epoch, mean ± std")
         for rule in sub[0]["test_acc"]:
             vals = np.array([r["test_acc"][rule] for r in sub])
             print(f"  {rule:18s} {vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.3f}  "
                   + " ".join(f"{v:.3f}" for v in vals))
+        swings = [r["val_swing"] for r in sub if r["val_swing"] is not None]
+        ensemble = np.mean([r["ema_probs"] for r in sub], axis=0).argmax(1) == np.array(sub[0]["test_targets"])
+        print(f"  val_acc moves {np.mean(swings) if swings else float('nan'):.3f} per epoch (second half); "
+              f"seed ensemble at the EMA picks: test {ensemble.mean():.3f}")
     return 0
 
 

@@ -142,8 +142,8 @@ def test_report_headings_and_rows_tell_configurations_apart() -> None:
     from covid_tune.report import metric_table
 
     base = {"group": None, "backbone": "tiny_cnn", "layers": "Only FC", "loss": "ce", "seed": 0, "optimizer": "sgd",
-            "momentum": 0.9, "weight_decay": 0.0, "batch_size": 16, "head_hidden": 16, "dropout": 0.2,
-            "epochs_trained": 2, "stopped_early": False, "sr": 1}
+            "lr_schedule": "constant", "momentum": 0.9, "weight_decay": 0.0, "batch_size": 16, "head_hidden": 16,
+            "dropout": 0.2, "epochs_trained": 2, "stopped_early": False, "sr": 1}
     rows = [{**base, "config_id": f"x-lr{lr:g}", "group": f"x-lr{lr:g}", "lr": lr, "sr": i}
             for i, lr in enumerate((0.01, 0.001), 1)]
     for r in rows:

@@ -66,10 +66,12 @@ def test_course_defaults_in_part_specs() -> None:
 def test_cxr_real_spec_is_the_measured_study() -> None:
     # README "Real data" measured these choices (benchmarks/selection.py); a change must be re-measured
     spec = validate(load_sweep("cxr-real.yaml"))
-    assert (spec.trainer.optimizer, spec.trainer.lr, spec.trainer.epochs, spec.trainer.head_hidden) == ("adam", 1e-3, 12, 0)
+    t = spec.trainer
+    assert (t.optimizer, t.lr, t.lr_schedule, t.epochs, t.head_hidden) == ("adam", 1e-3, "cosine", 12, 0)
     assert spec.scheduler.select == "ema" and spec.scheduler.grace_period >= 4 and not spec.data.augment
     plan = expand(spec)
-    assert len(plan) == 6 and {p.seed for p in plan.values()} == {0, 1}
+    assert len(plan) == 6 and {p.seed for p in plan.values()} == {0, 1, 2}
+    assert {p.freeze for p in plan.values()} == {"layer1", "none"}
 
 
 @pytest.fixture(scope="module")
