@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 MODEL_META, SPEC_FILE = "model.json", "spec.json"  # as models.save_exported / report.save_spec write them
+RESULTS_FILE = "report/results.json"  # as report.write_report writes it
 
 
 class TargetError(ValueError):
@@ -21,9 +22,10 @@ class TargetError(ValueError):
 
 
 def best_model_dir(sweep: Path, config: str | None = None) -> Path:
-    """The exported model of ``config``, or of the configuration whose best epoch scored best on the sweep's
-    selection metric (the value each ``model.json`` records; ties: plan order, as results.best_epoch does
-    for epochs)."""
+    """The exported model of ``config``, or of the report's best configuration (``best_group`` in
+    ``report/results.json``: the best mean over its seeds on validation) and, among its seeds, the one whose
+    best epoch scored best on the sweep's selection metric (the value each ``model.json`` records; ties:
+    plan order, as results.best_epoch does for epochs). Without a report: the best of all exported models."""
     from covid_tune.spec import validate
 
     spec = validate(json.loads((sweep / SPEC_FILE).read_text()))
@@ -40,10 +42,22 @@ def best_model_dir(sweep: Path, config: str | None = None) -> Path:
     order = {cid: i for i, cid in enumerate(plan_mod.expand(spec))}
     metric, sign = spec.scheduler.metric, 1 if spec.scheduler.mode == "max" else -1
     scored = [c for c in metas if metas[c].get("metrics", {}).get(metric) is not None]
+    chosen = set(_best_group_ids(sweep)) & set(scored)
+    scored = [c for c in scored if c in chosen] if chosen else scored
     if not scored:
         raise TargetError(f"{sweep}: no exported model records {metric}")
     best = max(scored, key=lambda c: (sign * metas[c]["metrics"][metric], -order.get(c, len(order))))
     return sweep / "best" / best
+
+
+def _best_group_ids(sweep: Path) -> list[str]:
+    """The config ids (seeds) of the report's best configuration; [] without a readable report."""
+    try:
+        results = json.loads((sweep / RESULTS_FILE).read_text())
+        best = results["best_group"]
+        return [] if best is None else [r["config_id"] for r in results["rows"] if r.get("group") == best]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def resolve_target(target: Path, config: str | None) -> Path:
@@ -143,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Classify images with a trained model: one line per image (path, predicted class, probability "
                     "per class). Exit 0: all images classified; 1: some file was skipped (named on stderr); "
                     "2: TARGET is not a sweep output folder or exported model.")
-    parser.add_argument("target", type=Path, help="a sweep's output folder (uses its best configuration by the "
-                                                  "sweep's metric) or an exported model folder (OUTPUT/best/<id>)")
+    parser.add_argument("target", type=Path, help="a sweep's output folder (uses REPORT.md's best configuration, "
+                                                  "with seeds its seed that scored best on validation) or an "
+                                                  "exported model folder (OUTPUT/best/<id>)")
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders (walked recursively)")
     parser.add_argument("--config", help="with a sweep folder: the configuration to use (a config id of best/)")
     parser.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")

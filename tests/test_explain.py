@@ -142,6 +142,25 @@ def test_predict_exits_2_for_a_target_that_is_no_sweep_or_model(tmp_path: Path, 
     assert predict_mod.main([str(model), str(img), "--config", "other"]) == 2
 
 
+def test_predict_uses_the_reports_best_configuration(tiny_raw: dict, tmp_path: Path) -> None:
+    """The report chooses a configuration by its mean over seeds; predict takes that one's best seed, not
+    the single best model of the sweep (another configuration's lucky seed)."""
+    sweep = tmp_path / "sweep"
+    tiny_raw["grid"]["seed"] = [0, 1]
+    (sweep / "report").mkdir(parents=True)
+    (sweep / "spec.json").write_text(json.dumps(tiny_raw))
+    val_loss = {"tiny_cnn-fc_only-ce-s0": 0.1, "tiny_cnn-fc_only-ce-s1": 0.9,  # mean 0.5, best single model
+                "tiny_cnn-none-ce-s0": 0.35, "tiny_cnn-none-ce-s1": 0.3}      # mean 0.325: the report's best
+    for cid, loss in val_loss.items():
+        (sweep / "best" / cid).mkdir(parents=True)
+        (sweep / "best" / cid / "model.json").write_text(json.dumps({"metrics": {"val_loss": loss}}))
+    assert predict_mod.best_model_dir(sweep).name == "tiny_cnn-fc_only-ce-s0"  # no report yet: the best model
+    rows = [{"config_id": cid, "group": cid.rsplit("-", 1)[0]} for cid in val_loss]
+    (sweep / "report" / "results.json").write_text(json.dumps({"best_group": "tiny_cnn-none-ce", "rows": rows}))
+    assert predict_mod.best_model_dir(sweep).name == "tiny_cnn-none-ce-s1"
+    assert predict_mod.best_model_dir(sweep, "tiny_cnn-fc_only-ce-s1").name == "tiny_cnn-fc_only-ce-s1"
+
+
 def test_exported_state_dict_loads_into_plain_torchvision(tmp_path: Path) -> None:
     """The README's recipe: strip ``net.``, give torchvision's model the same head."""
     torch.manual_seed(0)
