@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 
 TARGETS = {"head_cache_speedup": (">=", 20.0), "loader_speedup": (">=", 5.0), "tune_overhead": ("<=", 0.03),
            "grid_speedup": (">=", 3.0), "same_best_config": ("==", True), "checkpoint_kb": ("<=", 1024.0),
-           "outside_trials": ("<=", 0.25)}
+           "outside_trials": ("<=", 0.25), "gpu_mfu_resnet18": (">=", 0.15), "gpu_mfu_vgg16": (">=", 0.32)}
 
 # dense bf16 tensor-core peak, FLOP/s (vendor datasheets); COVID_TUNE_PEAK_FLOPS overrides
 PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -256,6 +256,14 @@ def table(res: dict) -> str:
             lines.append(f"| {b} training on {x['device']}, 224 px | {v['course_images_per_s']:,.0f} img/s (PIL, "
                          f"{x['course_workers']} workers, fp32) | {v['images_per_s']:,.0f} img/s (data on the GPU, bf16, "
                          f"channels_last; MFU {mfu} [gpu_mfu]) | {v['speedup']:.1f}x | | |")
+            c = v["compiled"][v["compiled_best_batch"]]
+            key = f"gpu_mfu_{b}"
+            arms = ", ".join(f"batch {n}: {a['images_per_s']:,.0f} img/s, compiled in {a['compile_s']:.0f} s"
+                             for n, a in v["compiled"].items())
+            lines.append(f"| {b} under torch.compile (trainer.compile: on), 224 px | {v['images_per_s']:,.0f} img/s "
+                         f"(eager, batch {x['batch']}) | {arms} | "
+                         + (judged(f"MFU {c['mfu']:.1%}", key, c["mfu"]) if c["mfu"] is not None
+                            else f"{c['vs_eager']:.2f}x eager, peak unknown | {goal(key)} | n/a |"))
     else:
         lines.append("| GPU images/s and MFU [gpu_mfu] | | no GPU on this machine | n/a | | |")
     return "\n".join(lines)

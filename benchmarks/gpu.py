@@ -1,8 +1,9 @@
-"""GPU only: training images/s and MFU per backbone (gpu_mfu)."""
+"""GPU only: training images/s and MFU per backbone (gpu_mfu), eager and under torch.compile."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -55,24 +56,32 @@ def gpu_train_steps(k: int, loader, model: torch.nn.Module, opt: torch.optim.Opt
     return images
 
 
-def gpu_images_per_s(backbone: str, s: Sizes, device: torch.device) -> float:
-    """Training images/s of one backbone on the GPU path: uint8 split on the GPU, tensor augmentation,
-    bf16 autocast, channels_last, all layers trainable."""
+def gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, compiled: bool = False,
+                     batch: int | None = None) -> tuple[float, float]:
+    """(training images/s, warm-up seconds) of one backbone on the GPU path: uint8 split on the GPU, tensor
+    augmentation, bf16 autocast, channels_last, all layers trainable; ``compiled``: the model's forward
+    under torch.compile as ``trainer.compile: on`` does it (the warm-up then includes compiling)."""
     from covid_tune.models import create_model
 
     torch.manual_seed(0)
-    n = s.gpu_batch * 4
+    batch = batch or s.gpu_batch
+    n = batch * 4
     images = torch.randint(0, 256, (n, 1, 256, 256), dtype=torch.uint8)  # a decoded-cache-like split
     amp_dtype, channels_last = engine.resolve_precision("auto", device)
     model = create_model(backbone, 2, head_hidden=240).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = engine.make_optimizer(model, "sgd", 1e-3, 0.9, 0.0)
-    loader = TensorLoader(images, torch.randint(0, 2, (n,)), 224, s.gpu_batch, shuffle=True, augment=True,
+    loader = TensorLoader(images, torch.randint(0, 2, (n,)), 224, batch, shuffle=True, augment=True,
                           device=device, channels_last=channels_last)
-    gpu_train_steps(5, loader, model, opt, device, amp_dtype)  # warm-up: cuDNN autotuning, allocator
+    if compiled:
+        torch._dynamo.reset()  # each arm compiles afresh, for its own batch size (no dynamic-shape graph)
+        model.compile()
+    start = time.perf_counter()
+    gpu_train_steps(5, loader, model, opt, device, amp_dtype)  # warm-up: compiling, cuDNN autotuning, allocator
+    warm_s = time.perf_counter() - start
     t, imgs = timed(lambda: gpu_train_steps(s.gpu_steps, loader, model, opt, device, amp_dtype))
-    return imgs / t
+    return imgs / t, warm_s
 
 
 def course_gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, index: DatasetIndex, workers: int) -> float:
@@ -92,7 +101,8 @@ def course_gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, index
 
 def bench_gpu(s: Sizes, index: DatasetIndex, cores: int) -> dict:
     """Training images/s per backbone at 224 px on the GPU path, that as a fraction of peak, and the
-    course's way (PIL DataLoader workers, float32) on the same GPU beside it."""
+    course's way (PIL DataLoader workers, float32) on the same GPU beside it; then the same path under
+    torch.compile at batch ``gpu_batch`` and twice that, with each arm's compile time."""
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
     peak = peak_flops(name)
@@ -100,14 +110,23 @@ def bench_gpu(s: Sizes, index: DatasetIndex, cores: int) -> dict:
     out = {"device": name, "peak_bf16_flops": peak, "image_size": 224, "batch": s.gpu_batch,
            "course_workers": workers, "backbones": {}}
     for backbone in ("resnet18", "vgg16"):
-        ips = gpu_images_per_s(backbone, s, device)
+        fpi = flops_per_image(backbone, 224)
+        mfu = (lambda ips: fpi * ips / peak) if peak else (lambda ips: None)
+        ips, _ = gpu_images_per_s(backbone, s, device)
         torch.cuda.empty_cache()
         course = course_gpu_images_per_s(backbone, s, device, index, workers)
         torch.cuda.empty_cache()
-        fpi = flops_per_image(backbone, 224)
+        compiled = {}
+        for batch in (s.gpu_batch, 2 * s.gpu_batch):
+            cips, compile_s = gpu_images_per_s(backbone, s, device, compiled=True, batch=batch)
+            torch.cuda.empty_cache()
+            compiled[batch] = {"images_per_s": cips, "compile_s": compile_s, "mfu": mfu(cips), "vs_eager": cips / ips}
+        best = max(compiled, key=lambda b: compiled[b]["images_per_s"])
         out["backbones"][backbone] = {"images_per_s": ips, "course_images_per_s": course, "speedup": ips / course,
-                                      "train_flops_per_image": fpi, "mfu": (fpi * ips / peak) if peak else None}
+                                      "train_flops_per_image": fpi, "mfu": mfu(ips), "compiled": compiled,
+                                      "compiled_best_batch": best, "compiled_mfu": compiled[best]["mfu"]}
     out["gpu_mfu"] = {b: v["mfu"] for b, v in out["backbones"].items()}
+    out["gpu_mfu_compiled"] = {b: v["compiled_mfu"] for b, v in out["backbones"].items()}
     return out
 
 

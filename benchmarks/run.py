@@ -29,6 +29,8 @@ runs, ratios taken minutes apart would not mean much.
   gpu_mfu             on a GPU only: training images/s per backbone at 224 px (bf16 autocast,
                       channels_last, data on the GPU) and FLOPs/image x images/s / peak bf16 FLOP/s;
                       beside it the course's way on the same GPU (PIL DataLoader workers, float32)
+  gpu_mfu_resnet18,   the same path under torch.compile (trainer.compile: on) at batch 128 and 256,
+  gpu_mfu_vgg16       each arm's compile time; the better batch's MFU against the issue's goals
 
 Data: the real chest X-rays in ../shared/cxr-real when present (covid + pneumonia -> infected),
 else a generated synthetic set. ``--quick`` keeps every part small enough to finish in under five
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "grid_speedup": r.get("grid", {}).get("grid_speedup"),
         "same_best_config": r.get("grid", {}).get("same_best_config"),
         "gpu_mfu": r.get("gpu", {}).get("gpu_mfu"),
+        "gpu_mfu_compiled": r.get("gpu", {}).get("gpu_mfu_compiled"),
         "checkpoint_kb": r.get("checkpoint", {}).get("checkpoint_kb"),
         "outside_trials": r.get("outside", {}).get("outside_trials"),
     }

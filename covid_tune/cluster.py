@@ -50,13 +50,63 @@ def _quiet_ray() -> dict:
     return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
 
 
+def without_sigterm_tracebacks(lines: list[str]) -> list[str]:
+    """``lines`` (a worker's forwarded stderr) less the "Exception ignored in ..." blocks that end in the
+    SystemExit of Ray's own SIGTERM handler.
+
+    When Tune stops a finished trial's actor at the end of a sweep, the SIGTERM can land while the worker
+    runs a weakref callback: Python then prints the handler's SystemExit as an ignored exception, a
+    9-line traceback from a worker that was stopping anyway. Every other line passes through."""
+    out: list[str] = []
+    block: list[str] | None = None
+    for line in lines:
+        if block is None:
+            if line.startswith("Exception ignored in"):
+                block = [line]
+            else:
+                out.append(line)
+            continue
+        block.append(line)
+        if line.startswith("SystemExit"):
+            if not any("sigterm_handler" in b for b in block):
+                out += block
+            block = None
+    return out + (block or [])
+
+
+def filter_worker_logs(dispatcher=None) -> bool:
+    """Pass the workers' forwarded output through :func:`without_sigterm_tracebacks` on its way to this
+    console (Ray's ``ray_print_logs`` handler, wrapped). False, and nothing changed, where Ray has no
+    such handler (``log_to_driver`` off, or a Ray whose internals moved)."""
+    try:
+        if dispatcher is None:
+            from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+        printers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    if len(printers) != 1 or getattr(printers[0], "_covid_tune_filtered", False):
+        return False
+    print_logs = printers[0]
+
+    def filtered(data: dict) -> None:
+        lines = without_sigterm_tracebacks(list(data.get("lines") or []))
+        if lines:
+            print_logs({**data, "lines": lines})
+
+    filtered._covid_tune_filtered = True
+    dispatcher.remove_handler("ray_print_logs")  # ray.shutdown removes it by this name, as its own
+    dispatcher.add_handler("ray_print_logs", filtered)
+    return True
+
+
 def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``); with neither, start Ray locally.
 
     A local Ray's object store gets room for ``cache_bytes`` (the decoded cache and pretrained weights, one copy each)
     plus a quarter for what else travels through it, at least 512 MB: smaller would spill the cache
     to disk-backed memory. A cluster's nodes size their own. ``quiet``: Ray logs warnings and errors
-    only (worker output, spilling and trial errors still reach this console)."""
+    only (worker output, spilling and trial errors still reach this console; a stopping worker's
+    SIGTERM traceback does not, :func:`filter_worker_logs`)."""
     if ray.is_initialized():
         return
     extra = _quiet_ray() if quiet else {}
@@ -75,6 +125,8 @@ def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> N
         ray.init(address="local", include_dashboard=False,
                  object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True,
                  **extra)
+    if quiet:
+        filter_worker_logs()
 
 
 def models_travel(spec: Spec) -> bool:

@@ -8,7 +8,7 @@ Two input pipelines: without a decoded cache, PIL decode + torchvision transform
 tensors kept on the trial's device and augmented there (:mod:`covid_tune.loaders`). On either,
 a frozen prefix of the network runs under ``torch.no_grad()``, and a head-only configuration can
 train on features computed once (``feature_cache``). On CUDA, training runs under bf16 autocast
-with channels_last (``precision``).
+with channels_last (``precision``), and ``compile`` can hand the training forward to ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -165,6 +165,26 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     return torch.bfloat16, cuda
 
 
+COMPILE_MODES = ("auto", "on", "off")
+# auto compiles only trials at least this long: compiling a ResNet's forward and backward takes tens of
+# seconds, which a short trial does not earn back (a guess to check on a GPU, see README's benchmarks)
+COMPILE_MIN_STEPS = 2000
+
+
+def resolve_compile(mode: str, device: torch.device, feature_mode: str, steps: int) -> bool:
+    """Whether a trial runs its training forward through ``torch.compile``.
+
+    ``auto``: on CUDA only, where the network runs every step (no feature cache: a head on cached
+    features is too small to gain) and the trial trains at least :data:`COMPILE_MIN_STEPS` steps; on a
+    CPU compiling takes minutes on few cores for little gain. ``on`` / ``off``: always / never.
+    """
+    if mode not in COMPILE_MODES:
+        raise KeyError(f"unknown compile mode {mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+    if mode != "auto":
+        return mode == "on"
+    return device.type == "cuda" and feature_mode == "off" and steps >= COMPILE_MIN_STEPS
+
+
 def default_device(use_gpu: bool = True) -> torch.device:
     """CUDA when asked for and present, else the CPU."""
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -222,6 +242,13 @@ class TrainingRun:
         self.data = data_source(hp, index, self.device, decoded, self.channels_last)
         self.train_loader, self.val_loader = self.data.train, self.data.validation
         self._features: tuple[FeatureLoader, FeatureLoader] | None = None
+        self._head = self.net.from_features() if self.feature_mode != "off" else None
+        steps = hp.epochs * math.ceil(len(index.paths("train")) / hp.batch_size)
+        self.compiled = resolve_compile(hp.compile, self.device, self.feature_mode, steps)
+        if self.compiled:
+            # in place (nn.Module.compile): the module, its parameters and state_dict keys stay the same;
+            # compiled on the first batch, then reused by every epoch (train and eval: one graph each)
+            (self._head or self.forward_model).compile()
         self.store = features
         self._stop = threading.Event()
         self._digest: list[float] | None = None  # of the frozen part, which never changes: computed once
@@ -236,7 +263,7 @@ class TrainingRun:
         """Which paths this run takes, as 0/1 numbers for the reported metrics."""
         return {"decoded_cache": int(self.decoded is not None), "feature_cache": int(self.feature_mode != "off"),
                 "augmented": int(self.hp.augment and self.feature_mode == "off"),
-                "gpu": int(self.device.type == "cuda")}
+                "gpu": int(self.device.type == "cuda"), "compiled": int(self.compiled)}
 
     def feature_loaders(self) -> tuple[FeatureLoader, FeatureLoader]:
         """Train/validation loaders over the frozen prefix's features, computed on first use.
@@ -262,7 +289,7 @@ class TrainingRun:
         fast = dict(amp_dtype=self.amp_dtype, channels_last=self.channels_last)
         if self.feature_mode != "off":
             train_loader, val_loader = self.feature_loaders()
-            model = self.net.from_features()
+            model = self._head
         else:
             train_loader, val_loader, model = self.train_loader, self.val_loader, self.forward_model
         set_loader_epoch(train_loader, self.hp.seed, self.epoch)  # order and augmentation: (seed, epoch) only

@@ -39,6 +39,7 @@ def expand(spec: Spec) -> dict[str, HParams]:
                 focal_alpha=spec.trainer.focal_alpha, focal_gamma=spec.trainer.focal_gamma,
                 feature_cache=spec.trainer.feature_cache,
                 feature_cache_gb=spec.trainer.feature_cache_gb, precision=spec.trainer.precision,
+                compile=spec.trainer.compile,
                 image_size=spec.data.image_size, label_mode=spec.data.label_mode,
                 implies={k: list(v) for k, v in spec.data.implies.items()}, threshold=spec.data.threshold,
                 grayscale=spec.data.grayscale, augment=spec.data.augment, num_workers=spec.data.num_workers,

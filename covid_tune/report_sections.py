@@ -24,7 +24,7 @@ CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss
 def paths_line(flat: list[dict]) -> str:
     """Which training paths the configurations took (last epoch trained), as one sentence."""
     names = {"decoded_cache": "decoded-image cache", "feature_cache": "feature cache (frozen prefix run once)",
-             "augmented": "augmented training images", "gpu": "GPU"}
+             "augmented": "augmented training images", "gpu": "GPU", "compiled": "torch.compile"}
     seen = [f for f in flat if f.get("decoded_cache") is not None]
     if not seen:
         return "Training paths: not recorded."

@@ -133,8 +133,12 @@ class TrainerSpec(Section):
                                                            "may take; over it the prefix runs every step")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast + channels_last on CUDA, float32 on CPU")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the training forward (once per process, reused by every epoch); "
+                            "auto = on CUDA for trials of at least 2,000 steps whose network runs every step, "
+                            "off on CPU")
 
-    @field_validator("feature_cache", mode="before")
+    @field_validator("feature_cache", "compile", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare on/off as true/false

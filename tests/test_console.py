@@ -275,6 +275,41 @@ def test_compact_console_of_a_small_sweep(tmp_path: Path) -> None:
     assert list(experiment.glob("*/events.out.tfevents.*"))  # TensorBoard (HParams) next to them
 
 
+SIGTERM_NOISE = [  # a trial actor's stderr as CI forwarded it once, stopped by Tune at the end of a sweep
+    "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f3b6db1a520>",
+    "Traceback (most recent call last):",
+    '  File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove',
+    "    def _remove(item, selfref=ref(self)):",
+    "",
+    '  File ".../site-packages/ray/_private/worker.py", line 1063, in sigterm_handler',
+    "    raise_sys_exit_with_custom_error_message(",
+    '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit_with_custom_error_message',
+    "SystemExit: 1"]
+
+
+def test_a_stopping_workers_sigterm_traceback_stays_off_the_console() -> None:
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from covid_tune.cluster import filter_worker_logs, without_sigterm_tracebacks
+
+    other = ["Exception ignored in: <function f>", "Traceback (most recent call last):", "ValueError: x",
+             "SystemExit: 2"]  # not Ray's handler: a traceback of ours or the user's, kept
+    assert without_sigterm_tracebacks(["before", *SIGTERM_NOISE, "after"]) == ["before", "after"]
+    assert without_sigterm_tracebacks(other) == other
+    assert without_sigterm_tracebacks(SIGTERM_NOISE[:3]) == SIGTERM_NOISE[:3]  # unfinished block: kept
+
+    printed: list[dict] = []
+    dispatcher = WorkerStandardStreamDispatcher()
+    dispatcher.add_handler("ray_print_logs", printed.append)
+    assert filter_worker_logs(dispatcher) and not filter_worker_logs(dispatcher)  # wrapped once
+    dispatcher.emit({"lines": SIGTERM_NOISE, "pid": 1, "is_err": True})
+    dispatcher.emit({"lines": ["a trial's own error", *SIGTERM_NOISE], "pid": 2, "is_err": True})
+    assert printed == [{"lines": ["a trial's own error"], "pid": 2, "is_err": True}]
+    dispatcher.remove_handler("ray_print_logs")  # as ray.shutdown does
+    assert dispatcher.handlers == []
+    assert not filter_worker_logs(WorkerStandardStreamDispatcher())  # log_to_driver off: nothing to wrap
+
+
 def test_summary_best_is_the_reports_best_configuration_over_seeds() -> None:
     from covid_tune.console import best_line
     from covid_tune.stats import best_group

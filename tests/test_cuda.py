@@ -40,7 +40,7 @@ def test_gpu_run_keeps_data_on_the_gpu_under_bf16_and_channels_last(index, decod
     run = TrainingRun(HP, index, GPU, decoded=decoded)
     assert run.amp_dtype == torch.bfloat16 and run.channels_last
     assert run.train_loader.images.is_cuda and run.train_loader.images.dtype == torch.uint8
-    assert run.modes == {"decoded_cache": 1, "feature_cache": 0, "augmented": 1, "gpu": 1}
+    assert run.modes == {"decoded_cache": 1, "feature_cache": 0, "augmented": 1, "gpu": 1, "compiled": 0}
     x, _ = next(iter(run.train_loader))
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -85,3 +85,19 @@ def test_gpu_feature_cache_keeps_the_prefix_dtype_and_follows_the_plain_path(ind
     for ra, rb in zip(a, b):
         for k in ("train_loss", "val_loss"):
             assert ra[k] == pytest.approx(rb[k], rel=2e-2), k
+
+
+def test_gpu_compiled_run_follows_the_eager_one(index, decoded) -> None:
+    """compile: on under bf16 autocast and channels_last (inductor's Triton kernels) trains to the eager
+    run's losses within bf16's rounding and leaves the checkpoint's keys as they were."""
+    hp = replace(HP, freeze="none", augment=False, dropout=0.0)
+    eager = TrainingRun(replace(hp, compile="off"), index, GPU, decoded=decoded)
+    a = [eager.run_epoch() for _ in range(2)]
+    torch._dynamo.utils.counters.clear()
+    compiled = TrainingRun(replace(hp, compile="on"), index, GPU, decoded=decoded)
+    b = [compiled.run_epoch() for _ in range(2)]
+    assert compiled.modes["compiled"] == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=0.05)
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=0.05)
+    assert eager.state_dict().keys() == compiled.state_dict().keys()

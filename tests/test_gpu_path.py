@@ -16,7 +16,8 @@ from engine_helpers import CPU, SYNTHETIC, TINY_HP  # noqa: F401  (SYNTHETIC siz
 from covid_tune import augment as A
 from covid_tune.cache import build_decoded_cache
 from covid_tune.data import eval_transform, load_image
-from covid_tune.engine import TrainingRun, feature_cache_mode, resolve_precision, train_one_epoch
+from covid_tune.engine import (COMPILE_MIN_STEPS, TrainingRun, feature_cache_mode, resolve_compile,
+                               resolve_precision, train_one_epoch)
 from covid_tune.loaders import FeatureLoader, TensorLoader, epoch_generator
 from covid_tune.losses import build_loss
 from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, SplitForward, create_model, split_frozen_prefix
@@ -135,8 +136,8 @@ def test_tensor_path_train_batches_without_augmentation_are_eval_crops(index, de
 def test_tensor_path_validation_equals_pil_path(index, decoded) -> None:
     plain, fast = TrainingRun(HP, index, CPU), TrainingRun(HP, index, CPU, decoded=decoded)
     a, b = plain.run_epoch(), fast.run_epoch()
-    assert plain.modes == {"decoded_cache": 0, "feature_cache": 0, "augmented": 0, "gpu": 0}
-    assert fast.modes == {"decoded_cache": 1, "feature_cache": 0, "augmented": 0, "gpu": 0}
+    assert plain.modes == {"decoded_cache": 0, "feature_cache": 0, "augmented": 0, "gpu": 0, "compiled": 0}
+    assert fast.modes == {"decoded_cache": 1, "feature_cache": 0, "augmented": 0, "gpu": 0, "compiled": 0}
     # training order differs (DataLoader vs seeded permutation); the data do not
     assert set(a) == set(b) and math.isfinite(b["train_loss"])
     fresh_plain, fresh_fast = TrainingRun(HP, index, CPU), TrainingRun(HP, index, CPU, decoded=decoded)
@@ -174,6 +175,39 @@ def test_bf16_and_channels_last_switch_on_only_for_cuda(index) -> None:
     run = TrainingRun(HP, index, CPU)  # precision auto on a CPU: plain float32, default memory format
     assert run.amp_dtype is None and not run.channels_last
     assert run.model.net.features[0][0].weight.is_contiguous()
+
+
+def test_compile_auto_only_on_cuda_for_long_trials_that_run_the_network() -> None:
+    cuda = torch.device("cuda")
+    assert resolve_compile("auto", cuda, "off", COMPILE_MIN_STEPS)
+    assert not resolve_compile("auto", cuda, "off", COMPILE_MIN_STEPS - 1)  # compiling would not pay off
+    assert not resolve_compile("auto", cuda, "exact", 10**6)  # a head on cached features
+    assert not resolve_compile("auto", CPU, "off", 10**6)
+    assert resolve_compile("on", CPU, "exact", 1) and not resolve_compile("off", cuda, "off", 10**6)
+    with pytest.raises(KeyError, match="auto, on, off"):
+        resolve_compile("max", CPU, "off", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze", ["none", "fc_only"])
+def test_compiled_run_matches_the_eager_one(index, decoded, freeze: str) -> None:
+    """compile: on (torch.compile, inductor on the CPU) trains to the eager run's numbers, epoch after
+    epoch (train mode and eval mode, a smaller last batch), and leaves the checkpoint's keys as they were."""
+    hp = replace(HP, freeze=freeze, dropout=0.0, augment=False)
+    eager = TrainingRun(replace(hp, compile="off"), index, CPU, decoded=decoded)
+    a = [eager.run_epoch() for _ in range(2)]
+    torch._dynamo.utils.counters.clear()
+    compiled = TrainingRun(replace(hp, compile="on"), index, CPU, decoded=decoded)
+    b = [compiled.run_epoch() for _ in range(2)]
+    assert compiled.modes["compiled"] == 1 and eager.modes["compiled"] == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the forward
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], abs=1e-4), k
+    assert eager.state_dict().keys() == compiled.state_dict().keys()
+    for k, v in eager.model.state_dict().items():
+        assert torch.allclose(v.float(), compiled.model.state_dict()[k].float(), atol=1e-4), k
 
 
 def test_bf16_autocast_channels_last_step_runs_on_cpu() -> None:
@@ -291,7 +325,7 @@ def test_feature_cache_follows_the_plain_path(index, decoded, freeze: str) -> No
     cached = TrainingRun(replace(hp, feature_cache="auto"), index, CPU, decoded=decoded)
     b = [cached.run_epoch() for _ in range(3)]
     assert plain.modes["feature_cache"] == 0 and cached.modes == {"decoded_cache": 1, "feature_cache": 1,
-                                                                    "augmented": 0, "gpu": 0}
+                                                                    "augmented": 0, "gpu": 0, "compiled": 0}
     per_image = {"fc_only": 32, "block1": 8 * 16 * 16}[freeze] * 4  # float32 outputs of the prefix
     n = len(index.paths("train")) + len(index.paths("validation"))
     assert cached.feature_bytes == n * per_image
@@ -326,7 +360,7 @@ def test_feature_cache_on_with_augmentation_is_flagged(index, decoded) -> None:
     auto = TrainingRun(hp, index, CPU, decoded=decoded)
     on = TrainingRun(replace(hp, feature_cache="on"), index, CPU, decoded=decoded)
     assert auto.feature_mode == "off" and auto.modes["augmented"] == 1
-    assert on.feature_mode == "inexact" and on.modes == {"decoded_cache": 1, "feature_cache": 1, "augmented": 0, "gpu": 0}
+    assert on.feature_mode == "inexact" and on.modes == {"decoded_cache": 1, "feature_cache": 1, "augmented": 0, "gpu": 0, "compiled": 0}
     before = {k: v.clone() for k, v in on.model.state_dict().items()}
     out = on.run_epoch()
     assert math.isfinite(out["train_loss"])
@@ -401,11 +435,21 @@ def test_benchmark_table_and_targets_smoke(monkeypatch) -> None:
         "grid": {"configurations": 2, "epochs": 2, "image_size": 32, "train_images": 8, "val_images": 4,
                  "course_s": 30.0, "course_epochs_trained": 4, "covid_tune_s": 9.0, "covid_tune_epochs_trained": 3,
                  "covid_tune_ray_start_s": 2.0, "grid_speedup": 3.3, "same_best_config": True,
-                 "course_best": {"config": "a"}, "covid_tune_best": {"config": "a"}}}}
+                 "course_best": {"config": "a"}, "covid_tune_best": {"config": "a"}},
+        "gpu": {"device": "H200", "batch": 128, "course_workers": 8, "backbones": {
+            b: {"images_per_s": 1000.0, "course_images_per_s": 500.0, "speedup": 2.0, "mfu": 0.1,
+                "compiled_best_batch": 256, "compiled": {
+                    128: {"images_per_s": 1500.0, "compile_s": 40.0, "mfu": 0.2, "vs_eager": 1.5},
+                    256: {"images_per_s": 1600.0, "compile_s": 45.0, "mfu": mfu, "vs_eager": 1.6}}}
+            for b, mfu in (("resnet18", 0.16), ("vgg16", 0.31))}}}}
     text = bench.table(res)
-    for key in ("loader_speedup", "head_cache_speedup", "tune_overhead", "grid_speedup", "same_best_config", "gpu_mfu"):
+    for key in ("loader_speedup", "head_cache_speedup", "tune_overhead", "grid_speedup", "same_best_config", "gpu_mfu",
+                "gpu_mfu_resnet18", "gpu_mfu_vgg16"):
         assert f"[{key}]" in text, key
-    assert "MISSED" not in text
+    compiled = {line.split("|")[1].split()[0]: line for line in text.splitlines() if "torch.compile" in line}
+    assert "MFU 16.0% [gpu_mfu_resnet18] | >= 0.15 | met" in compiled["resnet18"]  # batch 256, the faster arm
+    assert "MFU 31.0% [gpu_mfu_vgg16] | >= 0.32 | MISSED" in compiled["vgg16"]
+    assert text.count("MISSED") == 1
     assert bench.flops_per_image("tiny_cnn", 32) > 0
 
 

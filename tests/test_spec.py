@@ -473,11 +473,19 @@ def test_repeated_freeze_level_in_mapping_is_rejected(tiny_raw):
 
 
 
+@pytest.mark.parametrize("key", ["feature_cache", "compile"])
 @pytest.mark.parametrize("value", ["on", "off", "auto"])
-def test_feature_cache_accepts_bare_yaml_on_off(tiny_raw, value):
+def test_on_off_keys_accept_bare_yaml_on_off(tiny_raw, key, value):
     # YAML reads a bare on/off as a bool; --set parses its value as YAML too
-    raw = apply_overrides(tiny_raw, [f"trainer.feature_cache={value}"])
-    assert validate(raw).trainer.feature_cache == value
+    from covid_tune.plan import expand
+    raw = apply_overrides(tiny_raw, [f"trainer.{key}={value}"])
+    assert getattr(validate(raw).trainer, key) == value
+    assert {getattr(hp, key) for hp in expand(validate(raw)).values()} == {value}
+
+
+def test_compile_rejects_other_values_naming_them(tiny_raw):
+    with pytest.raises(SpecError, match=r"trainer\.compile.*'auto', 'on' or 'off'"):
+        validate(apply_overrides(tiny_raw, ["trainer.compile=max"]))
 
 
 def test_feature_cache_budget_reaches_the_plan_and_rejects_negatives(tiny_raw):

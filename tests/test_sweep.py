@@ -62,10 +62,12 @@ def test_training_paths_are_reported(demo_run: Path) -> None:
     csv = pd.read_csv(demo_run / "report" / "results.csv")
     assert (csv["decoded_cache"] == 1).all() and (csv["augmented"] == 0).all() and (csv["gpu"] == 0).all()
     assert (csv["feature_cache"] == (csv["freeze"] != "none").astype(int)).all()
+    assert (csv["compiled"] == 0).all()  # compile: auto is off on a CPU
     md = (demo_run / "report" / "REPORT.md").read_text()
     n = len(csv)
     assert (f"decoded-image cache {n}/{n}, feature cache (frozen prefix run once) "
-            f"{int(csv['feature_cache'].sum())}/{n}, augmented training images 0/{n}, GPU 0/{n}.") in md
+            f"{int(csv['feature_cache'].sum())}/{n}, augmented training images 0/{n}, GPU 0/{n}, "
+            f"torch.compile 0/{n}.") in md
 
 
 def test_every_configuration_has_a_loadable_best_checkpoint(demo_run: Path) -> None:
