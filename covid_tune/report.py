@@ -44,7 +44,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     slim = [{k: v for k, v in r.items() if k not in ("eval", "cam")} | {"eval": _slim_eval(r.get("eval"))}
             | {"cam": {k: v for k, v in (r.get("cam") or {}).items() if k != "maps"} or None} for r in rows]
     (report_dir / "results.json").write_text(json.dumps(
-        {"name": spec.name, "classes": classes, "counts": counts, "metric": spec.scheduler.metric,
+        {"name": spec.name, "data_root": spec.data.root, "classes": classes, "counts": counts, "metric": spec.scheduler.metric,
          "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
          "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
          "seed_agreement": stats.seed_agreement(rows),

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import CXR_REAL, needs_cxr_real
+
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("loader", "head_cache", "gpu", "tune_overhead", "grid", "checkpoint", "outside")
 
@@ -51,3 +53,31 @@ def test_help_names_every_benchmark() -> None:
     assert out.returncode == 0, out.stderr
     for part in PARTS:
         assert part in out.stdout, part
+
+
+@needs_cxr_real
+def test_selection_resplits_keep_patients_apart_and_cover_every_image_once_as_test() -> None:
+    import pandas as pd
+
+    from covid_tune.data import scan_dataset
+
+    spec = importlib.util.spec_from_file_location("bench_selection_t", REPO / "benchmarks" / "selection.py")
+    selection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selection)
+    index = scan_dataset(CXR_REAL, {"covid": "infected", "pneumonia": "infected"}, verify=False)
+    manifest = pd.read_csv(CXR_REAL / "manifest.csv")
+    patient = {str((CXR_REAL / f).resolve()): g for f, g in zip(manifest["file"], manifest["patient_group"])}
+    own_label = {p: y for items in index.splits.values() for p, y in items}
+    tested = []
+    for k in range(selection.FOLDS):
+        cut = selection.resplit(index, CXR_REAL / "manifest.csv", k)
+        groups = {s: {patient[str(Path(p).resolve())] for p in cut.paths(s)} for s in cut.splits}
+        assert not groups["train"] & groups["test"] and not groups["validation"] & groups["test"]
+        assert not groups["train"] & groups["validation"]
+        assert sum(len(v) for v in cut.splits.values()) == len(manifest)
+        assert all(own_label[p] == y for items in cut.splits.values() for p, y in items)  # labels travel along
+        assert 150 <= len(cut.splits["test"]) <= 190 and cut.paths("test") != index.paths("test")
+        covid = sum("/covid/" in p for p in cut.paths("test"))
+        assert 20 <= covid <= 35  # stratified: about a sixth of the 166 covid images
+        tested += cut.paths("test")
+    assert sorted(tested) == sorted(own_label)  # the six test folds partition the pool

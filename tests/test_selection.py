@@ -135,3 +135,12 @@ def test_cxr_real_bar_judges_the_chosen_configuration_by_its_mean_over_seeds(tmp
     out = subprocess.run([sys.executable, str(bench), "--results", str(path)], capture_output=True, text=True,
                          check=True).stdout
     assert "| 0.890 | 0.88 | 0.90 | PASS |" in out
+    # a run on another tree (the held-out patients) names it and drops the caveat about our split
+    res["data_root"] = str(tmp_path / "held-out")
+    path.write_text(json.dumps(res))
+    out = subprocess.run([sys.executable, str(bench), "--results", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"test split of {tmp_path / 'held-out'}." in out and "looked at" not in out
+    bad = subprocess.run([sys.executable, str(bench), "--results", str(path), "--data", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "give one of them" in bad.stderr

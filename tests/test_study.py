@@ -153,6 +153,7 @@ def test_real_data_per_source_accuracy(tmp_path: Path) -> None:
     assert "## Test accuracy by source dataset" in md and "nih-chestxray14" in md
     # the paired test against the best, from the per-image outcomes kept in results.json
     data = json.loads((report / "results.json").read_text())
+    assert Path(data["data_root"]) == CXR_REAL.resolve()  # what benchmarks/cxr_real.py says it measured on
     a, b = (r["eval"]["test"]["correct"] for r in data["rows"])
     assert len(a) == len(test)
     only_a, only_b = sum(x > y for x, y in zip(a, b)), sum(y > x for x, y in zip(a, b))
