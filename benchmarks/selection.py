@@ -38,7 +38,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
@@ -46,6 +45,7 @@ from covid_tune import engine  # noqa: E402
 from covid_tune.cache import build_decoded_cache  # noqa: E402
 from covid_tune.data import DatasetIndex, encode_targets, scan_dataset  # noqa: E402
 from covid_tune.loaders import TensorLoader  # noqa: E402
+from covid_tune.results import source_groups  # noqa: E402
 from covid_tune.selection import pick_epoch  # noqa: E402
 
 # name -> (metric, mode, smoothing rule)
@@ -57,18 +57,20 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "cxr-real"
 FOLDS = 6
 
 
-def resplit(index: DatasetIndex, manifest: Path, k: int) -> DatasetIndex:
-    """``index`` with its images pooled and cut again by patient: test fold k, validation fold k+1."""
-    man = pd.read_csv(manifest)
-    group = {str((index.root / f).resolve()): g for f, g in zip(man["file"], man["patient_group"])}
+def resplit(index: DatasetIndex, k: int) -> DatasetIndex:
+    """``index`` with its images pooled and cut again by patient (``ROOT/manifest.csv``'s
+    ``patient_group``): test fold k, validation fold k+1, train the rest."""
     pool = [item for items in index.splits.values() for item in items]
+    groups = [g for split in index.splits for g in source_groups(index, split, "patient_group") or []]
+    if len(groups) != len(pool):
+        raise SystemExit(f"--resplits needs {index.root / 'manifest.csv'} with a patient_group column")
     # stratify on the original class (covid / pneumonia / normal), finer than the mapped labels
     strata = [Path(path).parent.name for path, _ in pool]
-    groups = [group[str(Path(path).resolve())] for path, _ in pool]
     folds = [test for _, test in StratifiedGroupKFold(FOLDS, shuffle=True, random_state=0)
              .split(np.zeros(len(pool)), strata, groups)]
     test, val = set(folds[k % FOLDS]), set(folds[(k + 1) % FOLDS])
-    splits = {"train": [pool[i] for i in range(len(pool)) if i not in test | val],
+    held_out = test | val
+    splits = {"train": [pool[i] for i in range(len(pool)) if i not in held_out],
               "validation": [pool[i] for i in sorted(val)], "test": [pool[i] for i in sorted(test)]}
     return DatasetIndex(index.root, index.classes, splits, index.original_classes)
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--resplits must be 0..{FOLDS}, got {args.resplits}")
     index = scan_dataset(args.data, {"covid": "infected", "pneumonia": "infected"})
     cuts = [("own", index)] if not args.resplits else \
-        [(f"resplit{k}", resplit(index, args.data / "manifest.csv", k)) for k in range(args.resplits)]
+        [(f"resplit{k}", resplit(index, k)) for k in range(args.resplits)]
     settings = list(itertools.product(args.augment, args.freeze, args.lr_schedule))
     runs = []
     for split, idx in cuts:

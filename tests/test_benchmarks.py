@@ -70,7 +70,7 @@ def test_selection_resplits_keep_patients_apart_and_cover_every_image_once_as_te
     own_label = {p: y for items in index.splits.values() for p, y in items}
     tested = []
     for k in range(selection.FOLDS):
-        cut = selection.resplit(index, CXR_REAL / "manifest.csv", k)
+        cut = selection.resplit(index, k)
         groups = {s: {patient[str(Path(p).resolve())] for p in cut.paths(s)} for s in cut.splits}
         assert not groups["train"] & groups["test"] and not groups["validation"] & groups["test"]
         assert not groups["train"] & groups["validation"]
