@@ -7,7 +7,10 @@ machine's resources, the ASHA rungs and a disk estimate. Exit code 2 when anythi
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import warnings
+from pathlib import Path
 from typing import TextIO
 
 from covid_tune import plan as plan_mod
@@ -76,23 +79,67 @@ def _weights(spec: Spec, problems: list[str]) -> list[str]:
             + (f"; missing for {', '.join(missing)}" if missing else "")]
 
 
+def local_resources() -> dict[str, float]:
+    """The CPUs (this process may use) and GPUs (torch sees) of this machine."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
+
+
+def resource_problems(spec: Spec) -> list[str]:
+    """A trial size this machine cannot hold (a local Ray would wait forever); none when joining a cluster,
+    whose autoscaler may still add nodes (Ray's own check, :func:`covid_tune.cluster.check_resources`, runs
+    at start). Checked before anything is written."""
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        return []
+    have = local_resources()
+    return [f"{key}={want:g} but this machine has {have[name]:g} {name}(s); use --set {key}={have[name]:g} or "
+            "run on a cluster (--address)"
+            for name, key, want in (("CPU", "resources.cpus", spec.resources.cpus),
+                                    ("GPU", "resources.gpu", spec.resources.gpu)) if want > have[name]]
+
+
 def _resources(spec: Spec, n_trials: int, problems: list[str]) -> list[str]:
     if spec.ray.address or os.environ.get("RAY_ADDRESS"):
         return [f"resources: {spec.resources.cpus:g} CPU, {spec.resources.gpu:g} GPU per trial; the cluster's "
                 "own resources are checked when the sweep starts"]
-    import torch
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    have = {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
-    for name, key, want in (("CPU", "resources.cpus", spec.resources.cpus), ("GPU", "resources.gpu", spec.resources.gpu)):
-        if want > have[name]:
-            problems.append(f"{key}={want:g} but this machine has {have[name]:g} {name}(s); use --set "
-                            f"{key}={have[name]:g} or run on a cluster (--address)")
-    if any(want > have[n] for n, want in (("CPU", spec.resources.cpus), ("GPU", spec.resources.gpu))):
+    have = local_resources()
+    lacking = resource_problems(spec)
+    problems += lacking
+    if lacking:
         return [f"resources: {spec.resources.cpus:g} CPU, {spec.resources.gpu:g} GPU per trial; this machine has "
                 f"{have['CPU']:g} CPU, {have['GPU']:g} GPU"]
     return ["resources: " + resources_text(spec.resources.cpus, spec.resources.gpu, have, n_trials,
                                            spec.ray.max_concurrent).replace("(Ray:", "(this machine:")]
+
+
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def address_problem(address: str | None) -> str | None:
+    """Why the Ray address (``--address``, ``ray.address`` or ``RAY_ADDRESS``) cannot be joined, found
+    without Ray: a Ray Client (``ray://``) address, or a HOST:PORT nothing answers at within
+    :data:`ADDRESS_TIMEOUT_S` (``ray.init`` would retry it for minutes). None: try it (``auto`` is left to Ray)."""
+    import socket
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return None
+    if address.startswith("ray://"):
+        return (f"--address {address}: Ray Client (ray://) addresses are not supported; submit the sweep as a job "
+                "instead (ray job submit --address http://HEAD:8265 -- python -m covid_tune.run SPEC), or run it on "
+                "the head node with --address auto")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        return (f"--address {address}: no Ray cluster answers there ({exc.strerror or type(exc).__name__ or exc}); "
+                "start one (ray start --head), check the head's HOST:PORT, or leave out --address and RAY_ADDRESS "
+                "to start Ray locally")
+    return None
 
 
 def state_bytes(hp: HParams, num_classes: int) -> tuple[int, int]:
@@ -112,7 +159,8 @@ def state_bytes(hp: HParams, num_classes: int) -> tuple[int, int]:
     return model_bytes, model_bytes + factor * trainable
 
 
-def _disk(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> list[str]:
+def disk_estimate(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> tuple[int, list[str]]:
+    """About how many bytes the sweep writes under its output folder at most, and the parts (text)."""
     from covid_tune.cache import node_memory_bytes
 
     keep = min(spec.trainer.epochs, spec.scheduler.keep_checkpoints + 1)  # the best k and the latest
@@ -128,11 +176,65 @@ def _disk(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int)
     synth = 0
     if spec.data.synthetic is not None:
         synth = n_images * spec.data.synthetic.image_size ** 2  # PNG, at most about one byte a pixel
-    total = ckpt + best + cache + synth
     parts = [f"ray/ checkpoints up to {fmt_bytes(ckpt)} (at most {keep} per trial)", f"best/ {fmt_bytes(best)}"]
     parts += [f"cache/ up to {fmt_bytes(cache)}"] if cache else []
     parts += [f"synthetic-data/ about {fmt_bytes(synth)}"] if synth else []
+    return ckpt + best + cache + synth, parts
+
+
+def _disk(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> list[str]:
+    total, parts = disk_estimate(spec, plan, num_classes, n_images)
     return [f"disk: about {fmt_bytes(total)} under {spec.output_dir}: " + ", ".join(parts)]
+
+
+def data_size(spec: Spec) -> tuple[int, int] | None:
+    """Number of classes and images of the spec's data, from the spec (synthetic) or a listing of the
+    tree (no image decoded); None where the tree cannot be read (its problems are reported elsewhere)."""
+    from covid_tune.data import DatasetError, scan_dataset
+    from covid_tune.report import dataset_root
+
+    if spec.data.synthetic is not None:
+        s = spec.data.synthetic
+        return len({spec.data.class_map.get(c, c) for c in s.classes}), len(s.classes) * (s.train + s.validation + s.test)
+    try:
+        with warnings.catch_warnings():  # skipped entries are named by the real scan
+            warnings.simplefilter("ignore")
+            index = scan_dataset(dataset_root(spec), spec.data.class_map, "skip", verify=False)
+    except DatasetError:
+        return None
+    return len(index.classes), sum(len(v) for v in index.splits.values())
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def disk_problem(spec: Spec, needed: int) -> str | None:
+    """Why the output folder's filesystem cannot take ``needed`` bytes (the pre-flight estimate, less what
+    the folder already holds: a resumed sweep or a kept cache), or None."""
+    out = spec.output_dir
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return None  # no folder to ask (reported as an output problem)
+    already = _bytes_under(out) if out.is_dir() else 0
+    need = needed - already
+    if free >= need:
+        return None
+    return (f"not enough disk space: the sweep needs about {fmt_bytes(need)} under {out} (pre-flight estimate "
+            f"{fmt_bytes(needed)}" + (f", less {fmt_bytes(already)} already there" if already else "")
+            + f") but its filesystem has {fmt_bytes(free)} free; free some space, or choose another output folder "
+            "(--output) or fewer trials")
 
 
 def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwrite: bool = False,
@@ -150,6 +252,15 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     lines.append("scheduler: " + scheduler_text(sched.asha, sched.metric, sched.mode, rungs, spec.trainer.epochs)
                  + per_level)
     lines += _disk(spec, plan, len(classes) or 2, n_images)
+    from covid_tune.output_dir import location_problem
+
+    where = location_problem(spec)
+    problems += [where] if where else []
+    if not where and n_images:
+        full = disk_problem(spec, disk_estimate(spec, plan, len(classes) or 2, n_images)[0])
+        problems += [full] if full else []
+    unreachable = address_problem(spec.ray.address)
+    problems += [unreachable] if unreachable else []
     if exists and not (resume or overwrite):
         problems.append(f"{spec.experiment_path} already holds a sweep named {spec.name!r}; a run needs --resume "
                         "to finish it or --overwrite to start again")

@@ -111,10 +111,31 @@ def save_spec(out: Path, spec: Spec) -> None:
 
 
 def load_saved_spec(out: Path) -> Spec:
+    """The spec saved in ``out/spec.json``, its paths rebased onto ``out``: the output itself, and Tune's
+    storage and the data where they lived under the folder it was written in. A copied or moved output
+    folder thus reads its own trials, never the original's (spec.json stores absolute paths)."""
     path = out / SPEC_FILE
     if not path.is_file():
         raise SpecError(f"{out} is not a covid_tune output folder (no {SPEC_FILE})")
-    return validate(json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SpecError(f"{path} is not valid JSON: {exc}") from None
+    return validate(rebase(raw, out))
+
+
+def rebase(raw: dict, out: Path) -> dict:
+    """A raw saved spec with ``output`` set to ``out``, and ``ray.storage_path`` and ``data.root`` moved along
+    where they were inside the old output folder (other paths, e.g. a data tree elsewhere, are kept)."""
+    if not isinstance(raw, dict) or not raw.get("output"):
+        return raw
+    old, out = Path(raw["output"]), Path(out).resolve()
+    raw = {**raw, "output": str(out)}
+    for section, key in (("ray", "storage_path"), ("data", "root")):
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and "://" not in value and Path(value).is_relative_to(old):
+            raw[section] = {**raw[section], key: str(out / Path(value).relative_to(old))}
+    return raw
 
 
 def dataset_root(spec: Spec) -> Path:

@@ -15,6 +15,8 @@ import time
 _STARTED = time.perf_counter()  # the run's wall clock starts here, before any heavy import
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path
@@ -125,6 +127,12 @@ def _new_console(spec: "Spec", n_trials: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The sweep, from spec to report; returns the exit code (see ``--help``)."""
+    with contextlib.ExitStack() as cleanup:  # the output folder's lock, released however the run ends
+        return _main(argv, cleanup)
+
+
+def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     args = parse_args(argv)
     from covid_tune.spec import SpecError, load_spec  # after --help: these import torch
 
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from covid_tune.console import scheduler_text, resources_text, summary_lines
     from covid_tune.data import DatasetError
     from covid_tune.models import WeightsUnavailable
-    from covid_tune.output_dir import check_output, experiment_exists
+    from covid_tune.output_dir import OutputLock, check_output, experiment_exists
 
     plan = plan_mod.expand(spec)
     if args.dry_run:
@@ -150,6 +158,26 @@ def main(argv: list[str] | None = None) -> int:
                          exists=experiment_exists(spec))
 
     out = spec.output_dir
+    # nothing is written before these pass: the folder itself, this machine's resources, the cluster's
+    # address and the free disk space
+    problems = before_writing(spec, plan)
+    if problems:
+        print("\n".join(f"covid_tune: {p}" for p in problems), file=sys.stderr)
+        return 2
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        from covid_tune import tuning
+
+        try:  # a cluster's nodes size their own object stores: join it before writing anything
+            tuning.connect(spec.ray.address, quiet=not args.verbose)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            print(f"covid_tune: cannot join the Ray cluster at {spec.ray.address or os.environ.get('RAY_ADDRESS')}: "
+                  f"{exc}", file=sys.stderr)
+            return 2
+    lock = cleanup.enter_context(OutputLock(out))
+    problem = lock.acquire()  # one sweep per output folder, from here to the end of the run
+    if problem:
+        print(f"covid_tune: {problem}", file=sys.stderr)
+        return 2
     try:
         problem = check_output(spec, plan, resume=args.resume, overwrite=args.overwrite)
     except OSError as exc:  # a storage URI that cannot be reached (credentials, network, ...)
@@ -237,6 +265,26 @@ def main(argv: list[str] | None = None) -> int:
                  + f"; {timing['outside_trials']:.0%} of {timing['wall_s']:.0f} s outside the trials"
                  + (f"; {early} test evaluation(s) started as their trial ended" if early else ""))
     return 1 if any(t["status"] == "error" for t in trials.values()) else 0
+
+
+def before_writing(spec: Spec, plan: dict) -> list[str]:
+    """Why the sweep cannot start, found before anything is written: an output folder that is no folder
+    of its own (or a file, or not writable), trials larger than this machine, a cluster address nothing
+    answers at, less free disk space than the pre-flight estimate. Empty: go on."""
+    from covid_tune.output_dir import location_problem
+    from covid_tune.preflight import address_problem, data_size, disk_estimate, disk_problem, resource_problems
+
+    where = location_problem(spec)
+    if where:
+        return [where]
+    problems = resource_problems(spec)
+    unreachable = address_problem(spec.ray.address)
+    problems += [unreachable] if unreachable else []
+    size = data_size(spec)
+    if size is not None:
+        full = disk_problem(spec, disk_estimate(spec, plan, max(size[0], 2), size[1])[0])
+        problems += [full] if full else []
+    return problems
 
 
 def record_phases(results_json: Path, phases: dict[str, float], early: int) -> dict:

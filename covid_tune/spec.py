@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
 from covid_tune import models, schedule
 from covid_tune.losses import LOSSES
@@ -26,8 +27,11 @@ class SpecError(ValueError):
     """The spec cannot be used; the message names each key and what is allowed."""
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
 class Spec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     output: Optional[str] = None
     data: DataSpec
     grid: GridSpec
@@ -36,6 +40,16 @@ class Spec(Section):
     resources: ResourcesSpec = ResourcesSpec()
     ray: RaySpec = RaySpec()
     report: ReportSpec = ReportSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        # the name is a folder (runs/<name>, OUTPUT/ray/<name>): "..", "." or a separator would
+        # point it at the working directory or a parent of it, which --overwrite would then delete
+        if not NAME_PATTERN.fullmatch(v):
+            raise ValueError(f"{v!r} cannot name the sweep's folders runs/<name> and ray/<name> (allowed: letters, "
+                             "digits, '_', '-' and '.', not starting with '.'; no '/', no '..')")
+        return v
 
     @model_validator(mode="after")
     def _combinations(self) -> "Spec":

@@ -180,6 +180,8 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        # the restored sweep starts now: the last run's statuses are written again when it ends
+        (spec.output_dir / TRIALS_FILE).unlink(missing_ok=True)
     else:
         sched = spec.scheduler
         scheduler = make_scheduler(spec)
