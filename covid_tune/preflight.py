@@ -264,6 +264,11 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     if exists and not (resume or overwrite):
         problems.append(f"{spec.experiment_path} already holds a sweep named {spec.name!r}; a run needs --resume "
                         "to finish it or --overwrite to start again")
+    elif exists and overwrite:
+        from covid_tune.output_dir import overwrite_problem
+
+        refused = overwrite_problem(spec)
+        problems += [refused] if refused else []
     elif resume and not exists:
         problems.append(f"--resume: no sweep named {spec.name!r} to restore at {spec.experiment_path}")
     print("\n".join(lines), file=out)

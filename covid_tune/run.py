@@ -39,7 +39,7 @@ examples:
 exit codes:
   0  done (or --dry-run found no problem)
   1  at least one trial failed (the report covers the others)
-  2  bad spec, data, weights, resources or output folder: nothing was trained
+  2  bad spec, data, weights, resources, output folder, --address or disk space: nothing was trained
 """
 
 

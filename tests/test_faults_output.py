@@ -108,6 +108,8 @@ def test_overwrite_refuses_an_experiment_the_marker_does_not_list(saved_spec, tm
     assert f"has no {MARKER} marker file" in err and "nothing was deleted" in err and "by hand" in err
     assert ("earlier covid_tune version" in err) == saved_spec
     assert _tree(out) == before
+    rc, err = _main(capsys, _write(tmp_path / "s.yaml", tiny_raw), "--overwrite", "--dry-run")
+    assert rc == 2 and "nothing was deleted" in err
 
 
 def test_overwrite_deletes_the_experiment_the_marker_lists(tmp_path, capsys, tiny_raw) -> None:
