@@ -51,6 +51,10 @@ class DataSpec(Section):
     implies: dict[str, list[str]] = {}
     threshold: Float = Field(0.5, gt=0, lt=1)
     on_bad_file: Literal["error", "skip"] = "error"
+    on_duplicate: Literal["warn", "error", "drop"] = Field(
+        "warn", description="an image of validation or test whose decoded pixels equal one of an earlier split: "
+                            "warn (kept, named in the console and REPORT.md), error (refused before training), "
+                            "drop (removed from the later split)")
     grayscale: bool = True
     augment: bool = True
     num_workers: Int = Field(0, ge=0)
@@ -63,6 +67,9 @@ class DataSpec(Section):
             raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data)")
         if self.implies and self.label_mode != "multi":
             raise ValueError("data.implies needs data.label_mode: multi")
+        if self.synthetic is not None and len({self.class_map.get(c, c) for c in self.synthetic.classes}) < 2:
+            raise ValueError(f"data.class_map merges every class of data.synthetic.classes {self.synthetic.classes} "
+                             "into one; a classifier needs at least two classes")
         return self
 
 
