@@ -78,7 +78,7 @@ def load_model(model_dir: Path):
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     try:
         model.load_state_dict(state)
-    except Exception as exc:  # RuntimeError for missing/unexpected keys or shapes, TypeError/AttributeError for non-dicts
+    except Exception as exc:  # RuntimeError: missing/unexpected keys or shapes; TypeError etc.: not a dict
         first = str(exc).strip().splitlines()
         raise TargetError(f"{pt}: does not fit {MODEL_META} ({meta['backbone']}, {len(meta['classes'])} classes): "
                           f"{first[0] if first else type(exc).__name__}") from None
