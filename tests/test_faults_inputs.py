@@ -251,8 +251,9 @@ def test_on_duplicate_error_keeps_an_earlier_cache(tmp_path: Path, capsys) -> No
     old = tmp_path / "out" / "cache" / "old.npy"
     old.parent.mkdir(parents=True)
     old.write_bytes(b"x")
-    rc, _, _ = run(capsys, write_spec(tmp_path, {"root": str(root), "on_duplicate": "error"}))
-    assert rc == 2 and sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["cache", "old.npy"]
+    rc, _, err = run(capsys, write_spec(tmp_path, {"root": str(root), "on_duplicate": "error"}))
+    assert rc == 2 and "(test image also in train)" in err
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["cache", "old.npy"]
 
 
 def test_on_duplicate_drop_removes_them_from_the_later_split(tmp_path: Path) -> None:
