@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 from torchvision.transforms import functional as TF
 
-from covid_tune.data import SPLITS, DatasetIndex, decode_image
+from covid_tune.data import SPLITS, DatasetIndex, Duplicates, decode_image, match_duplicates
 
 CACHE_VERSION = 1
 _CHUNK = 1 << 20
@@ -190,3 +190,56 @@ def node_memory_bytes(n_images: int, image_size: int, grayscale: bool = True) ->
     """Bytes of the decoded cache of ``n_images`` (what one node holds once, in Ray's object store)."""
     return n_images * (1 if grayscale else 3) * stored_size(image_size) ** 2
 
+
+
+# --- exact duplicates across splits ---------------------------------------------------------
+
+def pixel_digest(image: np.ndarray) -> str:
+    """Digest of one decoded image's pixels (``(C, S, S)`` uint8): equal digests mean equal pixels."""
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+
+
+def _digest_files(paths: Sequence[str], image_size: int, grayscale: bool, workers: int | None) -> list[str]:
+    def one(path: str) -> str:
+        return pixel_digest(decode_resized(path, image_size, grayscale))
+
+    with ThreadPoolExecutor(workers or _workers()) as pool:
+        return list(pool.map(one, paths))
+
+
+def find_duplicates(index: DatasetIndex, image_size: int, grayscale: bool, decoded: DecodedSplits | None = None,
+                    cache_dir: str | Path | None = None, store: bool = False,
+                    workers: int | None = None) -> Duplicates:
+    """Images of validation or test whose decoded pixels (at the cache's size, ``stored_size(image_size)``)
+    equal an image of an earlier split.
+
+    Each split's pixels come from, in order: ``decoded`` (no work beyond hashing), the split's file in
+    ``cache_dir`` when its key is there already, a new file there (``store``: the decode is kept for the
+    next run), else a decode in memory that is hashed and dropped."""
+    digests = {}
+    for split in SPLITS:
+        paths = index.paths(split)
+        if decoded is not None and split in decoded.arrays:
+            arr = decoded[split]
+        elif cache_dir is not None and (store or cache_file(Path(cache_dir), split, image_size, grayscale,
+                                                           cache_key(paths, image_size, grayscale, workers)).is_file()):
+            arr = build_split(paths, image_size, grayscale, cache_dir, split, workers)[0]
+        else:
+            digests[split] = _digest_files(paths, image_size, grayscale, workers)
+            continue
+        digests[split] = [pixel_digest(a) for a in arr]
+    how = (f"blake2b of the decoded pixels at {stored_size(image_size)} px "
+           f"({'grayscale' if grayscale else 'RGB'}), as the decoded cache holds them")
+    return match_duplicates(index, digests, how)
+
+
+def keep_rows(decoded: DecodedSplits, old: DatasetIndex, new: DatasetIndex) -> DecodedSplits:
+    """``decoded`` for ``new``, an index with some images of ``old`` left out (data.on_duplicate: drop);
+    a split that lost rows is an in-memory copy (its file on disk still holds every image)."""
+    arrays, files = dict(decoded.arrays), dict(decoded.files)
+    for split, arr in decoded.arrays.items():
+        kept = set(new.paths(split))
+        if len(kept) != len(old.paths(split)):
+            arrays[split] = np.asarray(arr)[[p in kept for p in old.paths(split)]]
+            files.pop(split, None)
+    return DecodedSplits(arrays, decoded.image_size, decoded.grayscale, dict(decoded.keys), files)

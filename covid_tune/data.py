@@ -44,6 +44,7 @@ class DatasetIndex:
     splits: dict[str, list[tuple[str, int]]]  # split -> [(path, label index)]
     original_classes: list[str]
     skipped: list[str] = field(default_factory=list)
+    duplicates: "Duplicates | None" = None  # set by the sweep's driver once the decoded pixels are compared
 
     def paths(self, split: str) -> list[str]:
         return [p for p, _ in self.splits[split]]
@@ -140,8 +141,120 @@ def scan_dataset(root: str | Path, class_map: dict[str, str] | None = None, on_b
         warnings.warn(f"skipping {len(bad)} bad file(s) in {root}:\n" + "\n".join(bad[:20]), stacklevel=2)
     if problems:
         raise DatasetError(root, problems)
-    return DatasetIndex(root=root, classes=classes, splits=splits, original_classes=all_classes,
-                        skipped=[b.split(": ", 1)[0] for b in bad])
+    index = DatasetIndex(root=root, classes=classes, splits=splits, original_classes=all_classes,
+                         skipped=[b.split(": ", 1)[0] for b in bad])
+    problems = class_problems(index, class_map)
+    if problems:
+        raise DatasetError(root, problems)
+    return index
+
+
+def class_problems(index: DatasetIndex, class_map: dict[str, str] | None = None) -> list[str]:
+    """Splits that a classifier cannot use: fewer than two classes with images, or a class with none."""
+    problems = []
+    for split, items in index.splits.items():
+        present = sorted({index.classes[y] for _, y in items})
+        if len(present) < 2:
+            how = (f" (folders {index.original_classes} merged by data.class_map)"
+                   if class_map and len(index.original_classes) > len(index.classes) else "")
+            problems.append(f"split {split!r} has images of {len(present)} class(es) {present}{how}; "
+                            "a classifier needs at least two classes with images in every split")
+        else:
+            empty = [c for c in index.classes if c not in present]
+            if empty:
+                problems.append(f"split {split!r} has no images of class(es) {empty} (classes with images: {present})")
+    return problems
+
+
+# (later split, earlier split): an image of the later one whose pixels equal one of the earlier leaks into it
+DUPLICATE_PAIRS = (("validation", "train"), ("test", "train"), ("test", "validation"))
+DUPLICATE_ACTIONS = ("warn", "error", "drop")
+
+
+@dataclass
+class Duplicates:
+    """Images of a later split whose decoded pixels equal an image of an earlier split (``data.on_duplicate``).
+
+    ``pairs[(later, earlier)]`` lists ``(later path, earlier path)``, relative to ``root``; ``action`` is what
+    the sweep did with them: warn (kept), error (refused) or drop (removed from the later split)."""
+
+    root: Path
+    pairs: dict[tuple[str, str], list[tuple[str, str]]]
+    action: str = "warn"
+    how: str = ""  # what was compared, for the record
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.pairs.values())
+
+    def count(self, later: str, earlier: str) -> int:
+        return len(self.pairs.get((later, earlier), []))
+
+    def summary(self) -> str:
+        """``3 test images also in train, 1 validation image also in train`` (or that there are none)."""
+        parts = [f"{n} {later} image{'s' if n != 1 else ''} also in {earlier}"
+                 for (later, earlier) in DUPLICATE_PAIRS if (n := self.count(later, earlier))]
+        return ", ".join(parts) if parts else "no image of validation or test is also in an earlier split"
+
+    def examples(self, per_pair: int = 3) -> list[str]:
+        """A few ``later = earlier`` path pairs of each kind."""
+        lines = []
+        for key in DUPLICATE_PAIRS:
+            found = self.pairs.get(key, [])
+            lines += [f"{a} = {b}" for a, b in found[:per_pair]]
+            if len(found) > per_pair:
+                lines.append(f"... and {len(found) - per_pair} more {key[0]} image(s) also in {key[1]}")
+        return lines
+
+    def later_paths(self) -> dict[str, set[str]]:
+        """Relative paths per later split that have a copy in an earlier split (what ``drop`` removes)."""
+        out: dict[str, set[str]] = {}
+        for (later, _), found in self.pairs.items():
+            out.setdefault(later, set()).update(a for a, _ in found)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"root": str(self.root), "action": self.action, "compared": self.how, "summary": self.summary(),
+                "pairs": [{"split": later, "also_in": earlier, "images": [list(p) for p in found]}
+                          for (later, earlier), found in self.pairs.items() if found]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Duplicates":
+        return cls(Path(d["root"]), {(g["split"], g["also_in"]): [tuple(p) for p in g["images"]] for g in d["pairs"]},
+                   d.get("action", "warn"), d.get("compared", ""))
+
+
+def match_duplicates(index: DatasetIndex, digests: dict[str, Sequence[str]], how: str = "") -> Duplicates:
+    """Pair up images of later splits with an earlier split's image of the same pixel digest (one per split,
+    in index order); the first earlier image with that digest is named."""
+    rel = _relative_to(index.root)
+    pairs = {}
+    for later, earlier in DUPLICATE_PAIRS:
+        seen: dict[str, str] = {}
+        for p, d in zip(index.paths(earlier), digests[earlier]):
+            seen.setdefault(d, p)
+        found = [(rel(p), rel(seen[d])) for p, d in zip(index.paths(later), digests[later]) if d in seen]
+        if found:
+            pairs[(later, earlier)] = found
+    return Duplicates(index.root, pairs, how=how)
+
+
+def _relative_to(root: Path):
+    def rel(p: str) -> str:
+        return Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else p
+    return rel
+
+
+def drop_duplicates(index: DatasetIndex, dups: Duplicates) -> DatasetIndex:
+    """``index`` without the later-split copies in ``dups``; a split left unusable is a DatasetError."""
+    drop, rel = dups.later_paths(), _relative_to(index.root)
+    splits = {s: [(p, y) for p, y in items if rel(p) not in drop.get(s, set())] for s, items in index.splits.items()}
+    out = DatasetIndex(index.root, index.classes, splits, index.original_classes, index.skipped, dups)
+    problems = class_problems(out)
+    if problems:
+        raise DatasetError(index.root, [f"after data.on_duplicate: drop removed {dups.summary()}: {p}"
+                                        for p in problems])
+    return out
 
 
 def check_implies(classes: Sequence[str], implies: dict[str, list[str]]) -> None:

@@ -84,9 +84,20 @@ def check_weights(backbone: str, weights: str) -> None:
                 f"at {path} (set TORCH_HOME to use another cache folder), give a state_dict file as "
                 f"trainer.weights, or use trainer.weights=none.")
         return
-    if not Path(weights).is_file():
-        raise WeightsUnavailable(f"trainer.weights: file {weights} does not exist "
-                                 f"(expected a state_dict of the torchvision {backbone} model)")
+    problem = weights_file_problem(Path(weights), backbone)
+    if problem:
+        raise WeightsUnavailable(problem)
+
+
+def weights_file_problem(path: Path, backbone: str) -> str | None:
+    """Why ``trainer.weights: PATH`` cannot be a state_dict file (a folder, nothing there), or None."""
+    if path.is_dir():
+        return (f"trainer.weights: {path} is a directory, expected a state_dict file (.pt/.pth) "
+                f"of the torchvision {backbone} model")
+    if not path.is_file():
+        return (f"trainer.weights: file {path} does not exist "
+                f"(expected a state_dict of the torchvision {backbone} model)")
+    return None
 
 
 def _load_pretrained(net: nn.Module, backbone: str, weights: "str | Mapping[str, torch.Tensor]") -> None:

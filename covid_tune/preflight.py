@@ -52,7 +52,33 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
               for split, c in counts.items()]
     if index.skipped:
         lines.append(f"  {len(index.skipped)} unreadable file(s) left out (data.on_bad_file: skip)")
+    lines += _duplicates(spec, index, problems)
     return lines, index.classes, sum(sum(c.values()) for c in counts.values())
+
+
+def _duplicates(spec: Spec, index, problems: list[str]) -> list[str]:
+    """Report lines on images of validation/test whose decoded pixels equal an earlier split's (read from
+    the decoded cache when it is there, else decoded in memory: nothing is written); problems appended."""
+    from covid_tune.cache import find_duplicates
+    from covid_tune.data import DatasetError, drop_duplicates
+
+    dups = find_duplicates(index, spec.data.image_size, spec.data.grayscale,
+                           cache_dir=spec.output_dir / "cache" if spec.data.cache else None, store=False)
+    action = spec.data.on_duplicate
+    if not dups.total:
+        return [f"  duplicates: {dups.summary()} (decoded pixels compared)"]
+    lines = [f"  duplicates: {dups.summary()} (data.on_duplicate: {action}"
+             + {"warn": ", kept", "drop": ", removed from the later split at run time", "error": ""}[action] + ")"]
+    lines += [f"    {e}" for e in dups.examples(5)]
+    if action == "error":
+        problems.append(f"data.on_duplicate: error and {dups.summary()} (listed above; warn keeps them, drop removes "
+                        "them from the later split)")
+    elif action == "drop":
+        try:
+            drop_duplicates(index, dups)
+        except DatasetError as exc:
+            problems += exc.problems
+    return lines
 
 
 def _weights(spec: Spec, problems: list[str]) -> list[str]:

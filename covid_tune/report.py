@@ -19,16 +19,18 @@ from covid_tune import plan as plan_mod
 from covid_tune import results as results_mod
 from covid_tune import report_sections as sections
 from covid_tune import stats
-from covid_tune.data import DatasetError, scan_dataset
+from covid_tune.data import DatasetError, Duplicates, drop_duplicates, scan_dataset
 # the tables, importable from here as before (``from covid_tune.report import metric_table``)
 from covid_tune.report_sections import CSV_COLUMNS, flat_row, metric_table, paths_line  # noqa: F401
 from covid_tune.spec import TRAINER_AXES, Spec, SpecError, validate
 
 SPEC_FILE = "spec.json"
+DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report
 SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Test"))
 
 
-def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict) -> Path:
+def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
+                 data_checks: dict | None = None) -> Path:
     """Write REPORT.md, results.csv, results.json and figures under ``out/report``."""
     from covid_tune import figures
 
@@ -59,6 +61,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md = [f"# {spec.name}", "",
           f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
           + "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()) + ".",
+          *sections.duplicates_lines(data_checks),
           f"Best epoch per configuration chosen by `{spec.scheduler.metric}`"
           + {"best": "", "ema": " smoothed by an EMA (alpha 0.5)", "mean3": " averaged with its neighbouring epochs"}[
               spec.scheduler.select]
@@ -110,6 +113,20 @@ def save_spec(out: Path, spec: Spec) -> None:
     (out / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
 
 
+def save_data_checks(out: Path, duplicates) -> None:
+    """Record the data checks (a :class:`~covid_tune.data.Duplicates`, or None when none ran) in the output."""
+    if duplicates is not None:
+        (out / DATA_CHECKS_FILE).write_text(json.dumps({"duplicates": duplicates.to_dict()}, indent=1))
+
+
+def load_data_checks(out: Path) -> dict | None:
+    """``data-checks.json`` of an output folder; None when absent or unreadable (older sweeps)."""
+    try:
+        return json.loads((out / DATA_CHECKS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def load_saved_spec(out: Path) -> Spec:
     """The spec saved in ``out/spec.json``, its paths rebased onto ``out``: the output itself, and Tune's
     storage and the data where they lived under the folder it was written in. A copied or moved output
@@ -143,6 +160,16 @@ def dataset_root(spec: Spec) -> Path:
     return Path(spec.data.root) if spec.data.root else spec.output_dir / "synthetic-data"
 
 
+def sweep_index(spec: Spec, checks: dict | None = None):
+    """The data a sweep used, read again: the scanned tree less the duplicates that ``data.on_duplicate:
+    drop`` removed (as recorded in ``data-checks.json``)."""
+    index = scan_dataset(dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+    dups = (checks or {}).get("duplicates")
+    if dups and dups.get("action") == "drop":
+        index = drop_duplicates(index, Duplicates.from_dict(dups))
+    return index
+
+
 def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None, index=None) -> Path:
     """Collect trials, export and evaluate best checkpoints (default: here, with the spec's ``report``
     settings), write the report. Returns REPORT.md."""
@@ -150,15 +177,16 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
         def evaluator(dirs, idx):
             return results_mod.evaluate_locally(dirs, idx, spec.report.model_dump())
     plan = plan_mod.expand(spec)
+    checks = load_data_checks(out)
     if index is None:
-        index = scan_dataset(dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+        index = sweep_index(spec, checks)
     if spec.remote_storage:
         results_mod.download_experiment(spec)
     trials_path = out / results_mod.TRIALS_FILE
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
                                 status, evaluator, rule=spec.scheduler.select)
-    return write_report(out, spec, rows, index.classes, index.counts())
+    return write_report(out, spec, rows, index.classes, index.counts(), checks)
 
 
 def main(argv: list[str] | None = None) -> int:

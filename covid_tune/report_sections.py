@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from covid_tune import results as results_mod
 from covid_tune import stats
+from covid_tune.data import Duplicates
 from covid_tune.losses import LOSS_LABELS
 from covid_tune.spec import TRAINER_AXES, Spec
 
@@ -205,3 +206,20 @@ def shortcut_section(rows: list[dict], label_mode: str) -> list[str]:
     else:
         md += ["No model stays far above the majority-class rate with the lungs hidden.", ""]
     return md
+
+
+def duplicates_lines(checks: dict | None) -> list[str]:
+    """REPORT.md's line on images shared across splits (``data-checks.json``); none without the record."""
+    d = (checks or {}).get("duplicates")
+    if not d:
+        return []
+    dups = Duplicates.from_dict(d)
+    if not dups.total:
+        return ["", "Duplicates across splits: none (decoded pixels compared)."]
+    effect = {"warn": "kept (`data.on_duplicate: warn`): validation and test scores include images the models "
+                      "trained on",
+              "drop": "removed from the later split before training (`data.on_duplicate: drop`); the counts "
+                      "above are after removal"}.get(dups.action, f"`data.on_duplicate: {dups.action}`")
+    examples = "; ".join(f"`{e}`" if " = " in e else e for e in dups.examples(2))
+    return ["", f"**Duplicates across splits** (identical decoded pixels): {dups.summary()}; {effect}. "
+                f"E.g. {examples}."]

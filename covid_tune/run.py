@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path
 from typing import TYPE_CHECKING  # noqa: E402
@@ -101,7 +102,56 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
     index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
     check_implies(index.classes, spec.data.implies)
     pretrained = load_all(spec.grid.backbone, spec.trainer.weights, spec.trainer.weights_download)
-    return index, prepare_cache(spec, index), pretrained
+    with _removed_on_error(spec.output_dir / "cache"):  # a refusal leaves no cache files of this run behind
+        decoded = prepare_cache(spec, index)
+        index, decoded = check_duplicates(spec, index, decoded)
+    return index, decoded, pretrained
+
+
+def check_duplicates(spec: Spec, index: DatasetIndex, decoded: DecodedSplits | None
+                     ) -> tuple[DatasetIndex, DecodedSplits | None]:
+    """Compare the decoded pixels of validation and test with the earlier splits and apply
+    ``data.on_duplicate``: warn (kept), error (DatasetError listing them), drop (removed from the later
+    split). The finding is ``index.duplicates`` of the index returned."""
+    from covid_tune.cache import find_duplicates, keep_rows
+    from covid_tune.data import DatasetError, drop_duplicates
+
+    dups = find_duplicates(index, spec.data.image_size, spec.data.grayscale, decoded,
+                           spec.output_dir / "cache" if spec.data.cache else None, store=True)
+    dups.action = spec.data.on_duplicate
+    if dups.total and dups.action == "error":
+        raise DatasetError(index.root, [f"{a} = {b} ({later} image also in {earlier})"
+                                        for (later, earlier), found in dups.pairs.items() for a, b in found]
+                           + [f"(data.on_duplicate: error; {dups.summary()}; warn keeps them, drop removes them "
+                              "from the later split)"])
+    if dups.total and dups.action == "drop":
+        kept = drop_duplicates(index, dups)
+        return kept, keep_rows(decoded, index, kept) if decoded is not None else None
+    index.duplicates = dups
+    return index, decoded
+
+
+@contextlib.contextmanager
+def _removed_on_error(folder: Path):
+    """On an exception, remove the files (and the folders) created under ``folder`` and its missing parents
+    since entering: what this run wrote there before a refusal."""
+    top = folder
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    before = set(folder.rglob("*")) if folder.exists() else set()
+    existed = top.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(top, ignore_errors=True)
+        elif folder.exists():
+            for path in sorted(set(folder.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
 
 
 def prepare_cache(spec: Spec, index: DatasetIndex) -> DecodedSplits | None:
@@ -200,9 +250,12 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         print(f"covid_tune: {exc}", file=sys.stderr)
         return 2
     lap("cache")  # data checked (generated if synthetic), weights resolved, decoded cache built or read back
+    dups = index.duplicates
     _log(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
-         f"({', '.join(index.classes)}); output: {out}")
+         f"({', '.join(index.classes)}); output: {out}"
+         + (f"; duplicates: {dups.summary()} ({_duplicate_action(dups.action)})" if dups and dups.total else ""))
     report_mod.save_spec(out, spec)
+    report_mod.save_data_checks(out, dups)
 
     from covid_tune import results as results_mod
     from covid_tune import tuning  # Ray is imported only when a sweep really runs
@@ -261,6 +314,8 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     rows = report_mod.load_rows(out)
     for line in summary_lines(rows, spec.scheduler.metric, spec.scheduler.mode, path, out, time.time() - start):
         console.line(line)
+    if dups and dups.total:
+        console.line(f"data: {dups.summary()} ({_duplicate_action(dups.action)})")
     console.line("phases: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
                  + f"; {timing['outside_trials']:.0%} of {timing['wall_s']:.0f} s outside the trials"
                  + (f"; {early} test evaluation(s) started as their trial ended" if early else ""))
@@ -285,6 +340,11 @@ def before_writing(spec: Spec, plan: dict) -> list[str]:
         full = disk_problem(spec, disk_estimate(spec, plan, max(size[0], 2), size[1])[0])
         problems += [full] if full else []
     return problems
+
+
+def _duplicate_action(action: str) -> str:
+    return {"warn": "kept, data.on_duplicate: warn", "drop": "removed from the later split, data.on_duplicate: drop"
+            }.get(action, f"data.on_duplicate: {action}")
 
 
 def record_phases(results_json: Path, phases: dict[str, float], early: int) -> dict:

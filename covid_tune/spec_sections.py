@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from covid_tune import models, schedule
 from covid_tune.losses import LOSSES
@@ -14,6 +14,17 @@ from covid_tune.losses import LOSSES
 TRAINER_AXES = ("optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
 METRICS = ("val_acc", "val_f1", "val_loss")
 
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true/false as 1/0 wherever a number is expected (`resources.cpus=true`)
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+# every number of a spec: like int/float, but a YAML true/false is refused instead of read as 1/0
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 
 
 class Section(BaseModel):
@@ -24,25 +35,29 @@ class SyntheticSpec(Section):
     """A generated dataset (written under ``OUTPUT/synthetic-data``) instead of a folder."""
 
     classes: list[str] = Field(default=["infected", "normal"], min_length=2)
-    train: int = Field(60, ge=1, description="images per class in train")
-    validation: int = Field(20, ge=1)
-    test: int = Field(20, ge=1)
-    image_size: int = Field(64, ge=16, le=512)
-    seed: int = 0
+    train: Int = Field(60, ge=1, description="images per class in train")
+    validation: Int = Field(20, ge=1)
+    test: Int = Field(20, ge=1)
+    image_size: Int = Field(64, ge=16, le=512)
+    seed: Int = 0
 
 
 class DataSpec(Section):
     root: Optional[str] = None
     synthetic: Optional[SyntheticSpec] = None
     class_map: dict[str, str] = {}
-    image_size: int = Field(224, ge=16, le=1024)
+    image_size: Int = Field(224, ge=16, le=1024)
     label_mode: Literal["single", "multi"] = "single"
     implies: dict[str, list[str]] = {}
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: Float = Field(0.5, gt=0, lt=1)
     on_bad_file: Literal["error", "skip"] = "error"
+    on_duplicate: Literal["warn", "error", "drop"] = Field(
+        "warn", description="an image of validation or test whose decoded pixels equal one of an earlier split: "
+                            "warn (kept, named in the console and REPORT.md), error (refused before training), "
+                            "drop (removed from the later split)")
     grayscale: bool = True
     augment: bool = True
-    num_workers: int = Field(0, ge=0)
+    num_workers: Int = Field(0, ge=0)
     cache: bool = Field(True, description="decode + resize every image once into OUTPUT/cache (uint8), "
                                           "augment as tensors on the trial's device; false = PIL DataLoader")
 
@@ -52,6 +67,9 @@ class DataSpec(Section):
             raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data)")
         if self.implies and self.label_mode != "multi":
             raise ValueError("data.implies needs data.label_mode: multi")
+        if self.synthetic is not None and len({self.class_map.get(c, c) for c in self.synthetic.classes}) < 2:
+            raise ValueError(f"data.class_map merges every class of data.synthetic.classes {self.synthetic.classes} "
+                             "into one; a classifier needs at least two classes")
         return self
 
 
@@ -65,16 +83,16 @@ class GridSpec(Section):
     backbone: list[str] = Field(min_length=1)
     freeze: Union[list[str], dict[str, list[str]]] = ["none"]
     loss: list[str] = Field(default=["ce"], min_length=1)
-    seed: list[int] = Field(default=[0], min_length=1)
+    seed: list[Int] = Field(default=[0], min_length=1)
     # the same bounds as the trainer keys they replace
     optimizer: Optional[list[Literal["sgd", "adam"]]] = None
-    lr: Optional[list[Annotated[float, Field(gt=0)]]] = None
+    lr: Optional[list[Annotated[Float, Field(gt=0)]]] = None
     lr_schedule: Optional[list[Literal["constant", "cosine"]]] = None
-    momentum: Optional[list[Annotated[float, Field(ge=0, lt=1)]]] = None
-    weight_decay: Optional[list[Annotated[float, Field(ge=0)]]] = None
-    batch_size: Optional[list[Annotated[int, Field(ge=1)]]] = None
-    head_hidden: Optional[list[Annotated[int, Field(ge=0)]]] = None
-    dropout: Optional[list[Annotated[float, Field(ge=0, lt=1)]]] = None
+    momentum: Optional[list[Annotated[Float, Field(ge=0, lt=1)]]] = None
+    weight_decay: Optional[list[Annotated[Float, Field(ge=0)]]] = None
+    batch_size: Optional[list[Annotated[Int, Field(ge=1)]]] = None
+    head_hidden: Optional[list[Annotated[Int, Field(ge=0)]]] = None
+    dropout: Optional[list[Annotated[Float, Field(ge=0, lt=1)]]] = None
 
     _wrap = field_validator("*", mode="before")(_as_list)
 
@@ -108,28 +126,28 @@ def _known(names: list[str], allowed: list[str], what: str) -> list[str]:
 
 
 class TrainerSpec(Section):
-    epochs: int = Field(24, ge=1, description="max epochs per trial (ASHA's max_t unless scheduler.max_t)")
+    epochs: Int = Field(24, ge=1, description="max epochs per trial (ASHA's max_t unless scheduler.max_t)")
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(1e-3, gt=0)
+    lr: Float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine: epoch e (from 0) trains at lr * (1 + cos(pi * e / epochs)) / 2, so the "
                                 "last epochs change the weights little and their validation scores settle")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(40, ge=1)
-    head_hidden: int = Field(240, ge=0)
-    dropout: float = Field(0.5, ge=0, lt=1)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0)
+    batch_size: Int = Field(40, ge=1)
+    head_hidden: Int = Field(240, ge=0)
+    dropout: Float = Field(0.5, ge=0, lt=1)
     weights: str = Field("none", description="none | imagenet | path to a torchvision state_dict")
     weights_download: Literal["auto", "never"] = Field(
         "auto", description="auto = download missing ImageNet weights into $TORCH_HOME/hub/checkpoints (on the "
                             "driver, once); never = use only files already there (so does COVID_TUNE_OFFLINE=1)")
-    focal_alpha: Optional[float] = Field(0.25, gt=0, lt=1)
-    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: Optional[Float] = Field(0.25, gt=0, lt=1)
+    focal_gamma: Float = Field(2.0, ge=0)
     feature_cache: Literal["auto", "on", "off"] = Field(
         "auto", description="configurations with a frozen prefix train the layers after it on the prefix's "
                             "outputs, computed once; auto = only where exact (data.augment false), on = also "
                             "with augmentation (outputs of unaugmented images)")
-    feature_cache_gb: float = Field(2.0, ge=0, description="the most memory (GB) one trial's cached prefix outputs "
+    feature_cache_gb: Float = Field(2.0, ge=0, description="the most memory (GB) one trial's cached prefix outputs "
                                                            "may take; over it the prefix runs every step")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast + channels_last on CUDA, float32 on CPU")
@@ -149,15 +167,15 @@ class SchedulerSpec(Section):
     metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"
     mode: Optional[Literal["min", "max"]] = None
     asha: bool = True
-    grace_period: Union[int, dict[str, int]] = Field(
+    grace_period: Union[Int, dict[str, Int]] = Field(
         1, description="epochs before ASHA's first cut; or {freeze_level: epochs}, one per freeze level of the grid")
-    reduction_factor: float = Field(2.0, gt=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    reduction_factor: Float = Field(2.0, gt=1)
+    keep_checkpoints: Int = Field(2, ge=1)
     # Ray's hedges against cutting late bloomers (ASHAScheduler's own arguments)
-    brackets: int = Field(1, ge=1, description="ASHA brackets (>1: asynchronous HyperBand); trials are dealt "
+    brackets: Int = Field(1, ge=1, description="ASHA brackets (>1: asynchronous HyperBand); trials are dealt "
                                                "to brackets at random, bracket s makes its first cut at "
                                                "grace_period * reduction_factor**s")
-    max_t: Optional[int] = Field(None, ge=1, description="ASHA's last possible cut (default trainer.epochs); "
+    max_t: Optional[Int] = Field(None, ge=1, description="ASHA's last possible cut (default trainer.epochs); "
                                                          "below it needs stop_last_trials: false")
     stop_last_trials: bool = Field(True, description="false: trials that pass ASHA's last rung (max_t) train on "
                                                      "to trainer.epochs")
@@ -177,8 +195,8 @@ class SchedulerSpec(Section):
 
 
 class ResourcesSpec(Section):
-    cpus: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpus: Float = Field(1.0, gt=0)
+    gpu: Float = Field(0.0, ge=0)
 
     @field_validator("gpu")
     @classmethod
@@ -191,25 +209,25 @@ class ResourcesSpec(Section):
 class RaySpec(Section):
     address: Optional[str] = None
     storage_path: Optional[str] = None
-    max_failures: int = Field(0, ge=0)
-    max_concurrent: Optional[int] = Field(None, ge=1)
+    max_failures: Int = Field(0, ge=0)
+    max_concurrent: Optional[Int] = Field(None, ge=1)
 
 
 class ShortcutSpec(Section):
     """Test accuracy with the lung field (a central box) hidden, and with only it kept."""
 
     enabled: bool = True
-    box_width: float = Field(0.6, gt=0, lt=1, description="the central box's share of the crop's width")
-    box_height: float = Field(0.7, gt=0, lt=1, description="the central box's share of the crop's height")
-    margin: float = Field(0.1, ge=0, lt=1, description="flag a model when the lower end of the 95% interval of "
+    box_width: Float = Field(0.6, gt=0, lt=1, description="the central box's share of the crop's width")
+    box_height: Float = Field(0.7, gt=0, lt=1, description="the central box's share of the crop's height")
+    margin: Float = Field(0.1, ge=0, lt=1, description="flag a model when the lower end of the 95% interval of "
                                                        "its accuracy with lungs hidden exceeds the "
                                                        "majority-class rate by more than this")
 
 
 class GradCamSpec(Section):
-    per_class: int = Field(4, ge=0, le=32, description="test images per class shown with their Grad-CAM map "
+    per_class: Int = Field(4, ge=0, le=32, description="test images per class shown with their Grad-CAM map "
                                                        "(0 = no Grad-CAM)")
-    seed: int = 0
+    seed: Int = 0
 
 
 def _on_off(value: Any) -> Any:

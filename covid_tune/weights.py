@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from covid_tune.models import WeightsUnavailable, get_backbone, imagenet_weights_file
+from covid_tune.models import WeightsUnavailable, get_backbone, imagenet_weights_file, weights_file_problem
 
 OFFLINE_ENV = "COVID_TUNE_OFFLINE"
 DOWNLOAD_MODES = ("auto", "never")
@@ -79,9 +79,9 @@ def load_weights(backbone: str, weights: str, download: str = "auto", progress: 
             _download(backbone, imagenet_url(backbone), path, progress)
     else:
         path = Path(weights)
-        if not path.is_file():
-            raise WeightsUnavailable(f"trainer.weights: file {weights} does not exist "
-                                     f"(expected a state_dict of the torchvision {backbone} model)")
+        problem = weights_file_problem(path, backbone)
+        if problem:
+            raise WeightsUnavailable(problem)
     state = _read(path, backbone)
     check_state_dict(state, backbone, str(path))
     return state
