@@ -78,7 +78,6 @@ def check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str |
         for sub in ("best", "report"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "trials.json").unlink(missing_ok=True)
-    record_experiment(spec)
     return None
 
 
@@ -235,6 +234,8 @@ class OutputLock:
                 break
         self.created = []
         if self.fd is not None:
+            # a run waiting on this file locks a new one when it is gone (acquire's inode check)
+            (self.out / LOCK).unlink(missing_ok=True)
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 

@@ -198,7 +198,7 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     from covid_tune.console import scheduler_text, resources_text, summary_lines
     from covid_tune.data import DatasetError
     from covid_tune.models import WeightsUnavailable
-    from covid_tune.output_dir import OutputLock, check_output, experiment_exists
+    from covid_tune.output_dir import OutputLock, check_output, experiment_exists, record_experiment
 
     plan = plan_mod.expand(spec)
     if args.dry_run:
@@ -254,6 +254,8 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     _log(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
          f"({', '.join(index.classes)}); output: {out}"
          + (f"; duplicates: {dups.summary()} ({_duplicate_action(dups.action)})" if dups and dups.total else ""))
+    if not args.resume:
+        record_experiment(spec)  # Tune creates the experiment next: --overwrite may delete it later
     report_mod.save_spec(out, spec)
     report_mod.save_data_checks(out, dups)
 
