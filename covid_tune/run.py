@@ -154,12 +154,16 @@ class StopSignals:
         return signal.Signals(self.signum).name if self.signum else ""
 
     def install(self) -> None:
+        """Handle SIGINT and SIGTERM here; call again after ``ray.init``, whose core worker installs
+        its own SIGTERM handler (it aborts the driver)."""
         if threading.current_thread() is not threading.main_thread():
             return  # signal.signal works in the main thread only (a caller's own thread keeps its handling)
-        self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        if not self._saved:
+            self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._saved[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            self._saved.setdefault(sig, previous)
 
     def uninstall(self) -> None:
         for sig, handler in self._saved.items():
@@ -263,6 +267,7 @@ def _main(argv: list[str] | None, stop: StopSignals) -> int:
         try:
             tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained),
                            quiet=not args.verbose)
+            stop.install()  # Ray's core worker took SIGTERM over
             sched = spec.scheduler
             console.header(spec.name, out,
                            resources_text(spec.resources.cpus, spec.resources.gpu, tuning.cluster_resources(),

@@ -29,6 +29,18 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 ENV.pop("RAY_ADDRESS", None)
 
 
+def _psutil():
+    """psutil: installed, or the copy Ray ships in ray/thirdparty_files (Ray puts it on its own path)."""
+    try:
+        import psutil
+    except ImportError:
+        import importlib.util
+
+        sys.path.append(str(Path(importlib.util.find_spec("ray").origin).parent / "thirdparty_files"))
+        import psutil
+    return psutil
+
+
 def sweep_spec(tmp_path: Path, epochs: int, train: int = 400, data_root: Path | None = None) -> Path:
     """Two tiny-CNN trials (two seeds), no ASHA, 32 px; ``train`` images set how long an epoch takes."""
     raw = shrink({"name": "faults", "grid": {"backbone": ["tiny_cnn"], "freeze": ["none"], "loss": ["ce"],
@@ -58,7 +70,7 @@ class Driver:
         return self.log.read_text()
 
     def tree(self) -> list:
-        import psutil
+        psutil = _psutil()
 
         try:
             return psutil.Process(self.proc.pid).children(recursive=True)
@@ -74,7 +86,7 @@ class Driver:
 
     def kill(self) -> None:
         """SIGKILL the driver, then every process of its tree recorded just before (Ray's own)."""
-        import psutil
+        psutil = _psutil()
 
         left = self.tree()
         if self.proc.poll() is None:
