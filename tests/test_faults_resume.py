@@ -23,8 +23,6 @@ import yaml
 
 from conftest import REPO, shrink
 
-pytestmark = pytest.mark.slow
-
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 ENV.pop("RAY_ADDRESS", None)
 
@@ -152,6 +150,7 @@ def assert_each_epoch_once(experiment: Path, epochs: int | None = None) -> None:
 # case 2: SIGINT / SIGTERM
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_cuts_the_sweep_it_is_never_reported_as_finished(tmp_path: Path, sig: int) -> None:
     epochs = 8
@@ -206,6 +205,7 @@ def test_a_signal_cuts_the_sweep_it_is_never_reported_as_finished(tmp_path: Path
 # case 3: SIGKILL of the driver at several moments, then --resume
 
 
+@pytest.mark.slow
 def test_resume_after_kills_at_many_moments_trains_every_epoch_once(tmp_path: Path) -> None:
     epochs = 10
     spec = sweep_spec(tmp_path, epochs)
@@ -273,6 +273,7 @@ class _Touch:
         return (os.system, (f"touch {self.path}",))
 
 
+@pytest.mark.slow
 def test_a_tampered_tuner_pickle_is_refused_and_never_loaded(finished: Path, tmp_path: Path) -> None:
     out = finished.parent / "out"
     tuner = out / "ray" / "faults" / "tuner.pkl"
@@ -291,6 +292,7 @@ def test_a_tampered_tuner_pickle_is_refused_and_never_loaded(finished: Path, tmp
     assert (out / "spec.json").read_bytes() == spec_json and (out / "trials.json").is_file()
 
 
+@pytest.mark.slow
 def test_tune_state_without_covid_tunes_record_is_refused(finished: Path) -> None:
     out = finished.parent / "out"
     record = out / "state-digest.json"
@@ -311,6 +313,7 @@ def test_tune_state_without_covid_tunes_record_is_refused(finished: Path) -> Non
     assert proc.returncode == 2 and f"{planted} was not written by covid_tune's run" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path) -> None:
     from covid_tune.synthetic import make_synthetic
 
@@ -332,3 +335,68 @@ def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path) -> No
         extra.unlink()
     assert proc.returncode == 2 and f"the files under {data.resolve()}" in proc.stderr, proc.stderr
     assert (out / "spec.json").read_bytes() == spec_json  # nothing rewritten
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces, without Ray
+
+
+def test_rows_after_the_restored_checkpoint_are_dropped() -> None:
+    from covid_tune.resume import keep_rows_upto
+
+    lines = "".join(json.dumps({"epoch": e, "training_iteration": e}) + "\n" for e in (1, 2, 3, 4))
+    assert keep_rows_upto(lines, 2, csv_header=False) == "".join(lines.splitlines(True)[:2])
+    assert keep_rows_upto(lines, 4, csv_header=False) is None  # nothing after it: left as it is
+    assert keep_rows_upto(lines + '{"epoch": 5, "tr', 4, csv_header=False) == lines  # a line cut off by a kill
+    csv_text = "epoch,val_loss\n1,0.5\n2,0.4\n3,0.3\n"
+    assert keep_rows_upto(csv_text, 1, csv_header=True) == "epoch,val_loss\n1,0.5\n"
+    assert keep_rows_upto(csv_text, 0, csv_header=True) == "epoch,val_loss\n"
+
+
+def test_without_asha_no_trial_is_said_to_be_stopped_by_asha() -> None:
+    import io
+
+    from covid_tune.console import SweepConsole
+
+    stream = io.StringIO()
+    console = SweepConsole(total=2, max_epochs=8, metric="val_loss", mode="min", rungs=[4], asha=False, stream=stream)
+    console.started("a")
+    console.result("a", 4, 0.5)
+    console.completed("a")
+    console.completed("b", epoch=8)  # a restored trial that had reported its last epoch: no new result here
+    text = stream.getvalue()
+    assert "ASHA" not in text and "ended before its last epoch" in text
+    assert "done  b  epoch 8/8" in text and "epoch 0/8" not in text
+
+
+def test_a_dash_in_the_report_says_why() -> None:
+    from covid_tune.report_sections import interrupted_banner, missing
+
+    assert missing({"status": "error"}) == "- (failed)"
+    assert missing({"status": "interrupted", "epochs_trained": 4, "epochs_max": 10}) == \
+        "- (interrupted at epoch 4/10)"
+    assert missing({"status": "interrupted", "epochs_trained": 0, "epochs_max": 10}) == "- (not started)"
+    assert missing({"status": "ok", "epochs_trained": 10, "epochs_max": 10}) == "- (not evaluated)"
+    rows = [{"config_id": "a", "status": "ok"},
+            {"config_id": "b", "status": "interrupted", "epochs_trained": 3, "epochs_max": 6}]
+    assert interrupted_banner(rows)[0].startswith("INTERRUPTED: 1 of 2 configuration(s) did not finish: "
+                                                  "`b` (interrupted at epoch 3/6)")
+    assert interrupted_banner(rows[:1]) == []
+
+
+def test_trials_cut_by_a_signal_are_interrupted_not_ok() -> None:
+    from types import SimpleNamespace
+
+    from covid_tune.tuning import trial_outcomes
+
+    plan = {c: SimpleNamespace(epochs=6) for c in ("done", "cut", "pending", "failed")}
+    grid = [SimpleNamespace(config={"config_id": "done"}, metrics={"epoch": 6}, error=None),
+            SimpleNamespace(config={"config_id": "cut"}, metrics={"epoch": 3}, error=None),
+            SimpleNamespace(config=None, metrics={}, error=None),  # a pending trial: Tune has no config for it
+            SimpleNamespace(config={"config_id": "failed"}, metrics={"epoch": 2}, error=RuntimeError("boom\nmore"))]
+    got = trial_outcomes(plan, grid, {"done": "ok"}, interrupted=True)
+    assert {c: t["status"] for c, t in got.items()} == {"done": "ok", "cut": "interrupted", "pending": "interrupted",
+                                                        "failed": "error"}
+    assert got["cut"]["epochs"] == 3 and got["pending"]["epochs"] == 0 and got["failed"]["error"] == "boom"
+    # no signal: a trial that reported its last epoch is ok even if Tune's callback was not seen
+    assert trial_outcomes(plan, grid[:1], {}, interrupted=False)["done"]["status"] == "ok"
