@@ -89,6 +89,7 @@ class SweepConsole:
     metric: str
     mode: str
     rungs: list[int] = field(default_factory=list)
+    asha: bool = True  # False: no trial is ever said to be stopped by ASHA
     stream: TextIO | None = None
     live: bool | None = None
     epoch_every_s: float = 30.0
@@ -170,9 +171,12 @@ class SweepConsole:
         self._draw_status()
         self.stream.flush()
 
-    def completed(self, cid: str) -> None:
-        """A trial ended without error: stopped by ASHA before the last epoch, or done."""
+    def completed(self, cid: str, epoch: int | None = None) -> None:
+        """A trial ended without error: stopped by ASHA before the last epoch, or done. ``epoch``: its
+        last reported epoch as Tune has it (a restored trial may end with no new result seen here)."""
         t = self.trials.pop(cid, None) or _Trial(started=self.clock())
+        if epoch is not None and int(epoch) > t.epoch:
+            t.epoch = int(epoch)
         kind = "done" if t.epoch >= self.max_epochs else "stop"
         self.ended[cid] = (kind, t.epoch)
         detail = f"epoch {t.epoch}/{self.max_epochs} {self.metric} {self._num(t.value)}"
@@ -180,7 +184,10 @@ class SweepConsole:
             detail += f" (best {self._num(t.best)} at epoch {t.best_epoch})"
         if kind == "stop":
             rung = next((i for i, r in enumerate(self.rungs, 1) if r == t.epoch), None)
-            detail += f"; stopped by ASHA at rung {rung} (epoch {t.epoch})" if rung else "; stopped early"
+            if not self.asha:
+                detail += "; ended before its last epoch"
+            else:
+                detail += f"; stopped by ASHA at rung {rung} (epoch {t.epoch})" if rung else "; stopped early"
         self._event(kind, cid, f"{detail}; {len(self.ended)}/{self.total} done, {self.eta_text()}")
 
     def failed(self, cid: str, error: str) -> None:

@@ -64,6 +64,9 @@ def check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str |
             return (f"--resume: the spec differs from the one {out} was started with ({out / report_mod.SPEC_FILE}): "
                     "the trial grid or training settings changed. Resume with the same spec and --set "
                     "options, or pass --overwrite to start again")
+        problem = resume_unchanged(spec)
+        if problem:
+            return problem
         # trials.json stays until the restored sweep really starts (tuning.run_sweep): a refused
         # --resume leaves the folder as it was
         return None
@@ -244,3 +247,10 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+def resume_unchanged(spec: Spec) -> str | None:
+    """Why --resume must stop: Tune's state files (unpickled on restore) or the data are not those
+    covid_tune recorded (:mod:`covid_tune.resume_guard`); None when both are."""
+    from covid_tune import report as report_mod
+    from covid_tune import resume_guard
+
+    return resume_guard.check_state(spec) or resume_guard.check_data(spec, report_mod.dataset_root(spec))

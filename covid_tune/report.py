@@ -58,7 +58,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     f1_name = "macro F1" if spec.data.label_mode == "single" else "support-weighted F1"
     acc_name = "accuracy" if spec.data.label_mode == "single" else "exact-match accuracy"
     n_seeds = max(Counter(r["group"] for r in flat).values(), default=0)
-    md = [f"# {spec.name}", "",
+    md = sections.interrupted_banner(rows) + [f"# {spec.name}", "",
           f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
           + "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()) + ".",
           *sections.duplicates_lines(data_checks),
@@ -77,7 +77,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
           "", paths_line(flat), ""]
     pct = sections.pct
     ci_rows = [[f["config_id"], pct(f["test_acc"]), f"[{pct(f['test_acc_ci_low'])}, {pct(f['test_acc_ci_high'])}]",
-                (r.get("eval") or {}).get("test", {}).get("n", "-")] for f, r in zip(flat, rows)]
+                (r.get("eval") or {}).get("test", {}).get("n", "-")] if f["test_acc"] is not None
+               else [f["config_id"], sections.missing(f), "-", "-"] for f, r in zip(flat, rows)]
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
@@ -88,7 +89,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     problems = [r for r in flat if r["status"] not in ("ok",)]
     if problems:
         md += ["## Incomplete configurations", ""]
-        md += [f"- `{r['config_id']}`: {r['status']}" for r in problems] + [""]
+        md += [f"- `{r['config_id']}`: " + ("error" if r["status"] == "error" else sections.missing_reason(r))
+               for r in problems] + [""]
     md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
     md += figures.cam_markdown(cams, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
@@ -185,7 +187,7 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
     trials_path = out / results_mod.TRIALS_FILE
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
-                                status, evaluator, rule=spec.scheduler.select)
+                                status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)
     return write_report(out, spec, rows, index.classes, index.counts(), checks)
 
 

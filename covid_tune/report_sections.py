@@ -50,10 +50,42 @@ def pct(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
-def _cell(values: list) -> str:
+UNFINISHED = ("interrupted", "incomplete", "not started")  # statuses of a configuration that did not end
+
+
+def missing_reason(row: dict) -> str:
+    """Why a configuration (a result row or its flat row) has no value to show: ``failed``,
+    ``interrupted at epoch 4/10``, ``not started`` or ``not evaluated``."""
+    status = row.get("status")
+    if status == "error":
+        return "failed"
+    if status == "not started" or (status in UNFINISHED and not row.get("epochs_trained")):
+        return "not started"
+    if status in UNFINISHED:
+        return f"interrupted at epoch {row.get('epochs_trained')}/{row.get('epochs_max')}"
+    return "not evaluated"
+
+
+def missing(row: dict) -> str:
+    """A table cell with no value: ``-`` and the reason."""
+    return f"- ({missing_reason(row)})"
+
+
+def interrupted_banner(rows: list[dict]) -> list[str]:
+    """REPORT.md's first lines when some configuration did not end (none otherwise)."""
+    cut = [r for r in rows if r.get("status") in UNFINISHED]
+    if not cut:
+        return []
+    names = ", ".join(f"`{r['config_id']}` ({missing_reason(r)})" for r in cut)
+    return [f"INTERRUPTED: {len(cut)} of {len(rows)} configuration(s) did not finish: {names}. This report covers "
+            "only the epochs trained so far; `python -m covid_tune.run SPEC --resume` (the same spec and options) "
+            "finishes them.", ""]
+
+
+def _cell(values: list, members: list[dict] | None = None) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
-        return "-"
+        return missing(members[0]) if members else "-"
     if len(values) == 1:
         return pct(vals[0])
     mean, std = results_mod.mean_std(vals)
@@ -82,7 +114,7 @@ def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: di
         cells += [LOSS_LABELS.get(first["loss"], first["loss"])] if show_loss else []
         cells += [f"{first[a]:g}" if isinstance(first[a], float) else first[a] for a in axes]
         cells += [_epochs_cell(members)]
-        cells += [_cell([m[f"{p}_{key}"] for m in members]) for p in ("train", "val", "test")]
+        cells += [_cell([m[f"{p}_{key}"] for m in members], members) for p in ("train", "val", "test")]
         cells += [vs_best.get(first["group"], "-")] if vs_best is not None else []
         lines.append(cells)
     headers = ["Sr #", "Backbone", "Layers"] + (["Loss"] if show_loss else []) + axes + ["Epochs", "Train", "Validation", "Test"]

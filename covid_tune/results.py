@@ -199,9 +199,12 @@ def evaluator_for(explain: dict) -> Callable[..., dict]:
 
 def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIndex, metric: str, mode: str,
              out_dir: Path, trial_status: dict[str, dict] | None = None,
-             evaluator: Evaluator = evaluate_locally, rule: str = "best") -> list[dict]:
+             evaluator: Evaluator = evaluate_locally, rule: str = "best", asha: bool = True) -> list[dict]:
     """One row per planned configuration: best epoch (by ``metric`` smoothed by ``rule``), its validation
-    score under that rule (``select_score``), exported checkpoint, train/val/test metrics."""
+    score under that rule (``select_score``), exported checkpoint, train/val/test metrics.
+
+    ``stopped_early`` (ASHA cut it) only with ``asha``: a trial cut short otherwise is "interrupted"
+    (trials.json) or "incomplete" (no trials.json), never stopped by ASHA."""
     records = collect(experiment)
     rows, to_eval = [], []
     for sr, (cid, hp) in enumerate(plan.items(), 1):
@@ -225,7 +228,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
             row["node_ip"] = last.get("node_ip")
             row["node_id"] = last.get("node_id")
             row.update({k: last.get(k) for k in MODE_KEYS})
-            row["stopped_early"] = status == "ok" and 0 < len(rec.history) < hp.epochs
+            row["stopped_early"] = asha and status == "ok" and 0 < len(rec.history) < hp.epochs
             target = export_best(rec, hp, index.classes, metric, mode, out_dir, rule=rule)
             if target is not None:
                 row["best_epoch"] = json.loads((target / "model.json").read_text())["epoch"]

@@ -50,6 +50,7 @@ class ResumeFromLastReport(tune.Callback):
         try:
             _save_logged_rows(trial)
             _catch_up_checkpoint(trial)
+            _truncate_to_checkpoint(trial)
         except Exception as exc:  # noqa: BLE001 - never stop a sweep over this repair
             print(f"covid_tune: could not check trial {trial}'s last checkpoint: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
@@ -180,3 +181,126 @@ def _catch_up_checkpoint(trial) -> bool:
           + (f"; the checkpoints of reported epoch(s) {lost} are gone, they are trained again" if lost
              else ", its last reported one") + f"), not {was} as Tune's state had it", file=sys.stderr)
     return True
+
+
+def _restored_epoch(trial) -> int:
+    """The epoch the trial will resume after: the one its restore checkpoint holds (its metrics.json,
+    written with the state, so the checkpoint alone says it), 0 when it starts from scratch."""
+    current = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
+    if current is None:
+        return 0
+    fs = trial.storage.storage_filesystem
+    with fs.open_input_stream(f"{current.checkpoint.path}/{_metrics_file()}") as f:
+        return int(json.loads(f.read())["epoch"])
+
+
+def _metrics_file() -> str:
+    from covid_tune.checkpoints import METRICS_FILE
+
+    return METRICS_FILE
+
+
+def keep_rows_upto(text: str, epoch: int, csv_header: bool) -> str | None:
+    """``text`` (result.json lines, or progress.csv with its header) without the rows of epochs after
+    ``epoch`` (and what follows the first of them); None when nothing is dropped."""
+    import csv
+    import io
+
+    lines = text.splitlines(keepends=True)
+    start = 1 if csv_header and lines else 0
+    column = None
+    if csv_header and lines:
+        header = next(csv.reader([lines[0]]), [])
+        column = header.index("epoch") if "epoch" in header else None
+        if column is None:
+            return None
+    for i in range(start, len(lines)):
+        try:
+            if csv_header:
+                value = next(csv.reader(io.StringIO(lines[i])))[column]
+            else:
+                value = json.loads(lines[i]).get("epoch")
+            row_epoch = int(float(value)) if value not in (None, "") else None
+        except (ValueError, IndexError, StopIteration, AttributeError):  # a line cut off when the driver died
+            row_epoch = epoch + 1
+        if row_epoch is not None and row_epoch > epoch:
+            return "".join(lines[:i])
+    return None
+
+
+def _truncate_to_checkpoint(trial) -> list[str]:
+    """Drop from ``trial``'s result.json and progress.csv (on storage and in the driver's staging copy)
+    the rows of epochs after the checkpoint it resumes from: those epochs are trained again and reported
+    anew, so that each epoch appears exactly once whatever moment the driver or the trial died at.
+
+    Rewritten in place (not replaced): Tune's loggers may hold the driver's copies open for appending.
+    Returns the files changed."""
+    import pyarrow.fs
+
+    if trial.status not in ("PENDING", "PAUSED"):
+        return []
+    epoch = _restored_epoch(trial)
+    fs = trial.storage.storage_filesystem
+    changed = []
+    for name, is_csv in (("result.json", False), ("progress.csv", True)):
+        remote = f"{trial.storage.trial_fs_path}/{name}"
+        if fs.get_file_info(remote).type == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(remote) as f:
+                kept = keep_rows_upto(f.read().decode(), epoch, is_csv)
+            if kept is not None:
+                with fs.open_output_stream(remote) as f:
+                    f.write(kept.encode())
+                changed.append(remote)
+        staged = Path(trial.storage.trial_driver_staging_path, name)
+        if staged.is_file() and str(staged) != remote:
+            kept = keep_rows_upto(staged.read_text(), epoch, is_csv)
+            if kept is not None:
+                with staged.open("r+") as f:
+                    f.write(kept)
+                    f.truncate()
+                changed.append(str(staged))
+    if changed:
+        print(f"covid_tune: {trial}: resuming after epoch {epoch} (its checkpoint); the rows of later epochs "
+              "are dropped, those epochs are trained and reported again", file=sys.stderr)
+    return changed
+
+
+class RecordStateDigest(tune.Callback):
+    """Record the SHA-256 of Tune's experiment state files each time Tune writes them
+    (:mod:`covid_tune.resume_guard`), so that a --resume after a killed driver finds them recorded.
+
+    Tune saves its state into the driver's staging folder inside a step, then copies it to storage in
+    the background; ``on_step_end`` comes after the save in the same step, so the staging copies are
+    the exact bytes storage gets next. Hashed again when the experiment ends (its last, forced save).
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def _record(self, trials: list) -> None:
+        from covid_tune import resume_guard
+
+        if not trials:
+            return
+        try:
+            folder = Path(trials[0].storage.experiment_driver_staging_path)
+            changed = {}
+            for path in resume_guard.guarded_files(folder):
+                st = path.stat()
+                if self._seen.get(path.name) != (st.st_mtime, st.st_size):
+                    self._seen[path.name] = (st.st_mtime, st.st_size)
+                    changed[path.name] = resume_guard.sha256_file(path)
+            if changed:
+                resume_guard.record_state(Path(self.output_dir), changed)
+        except OSError as exc:  # never stop a sweep over this record; --resume then refuses, naming the file
+            print(f"covid_tune: could not record the digest of Tune's state: {exc}", file=sys.stderr)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self._record(trials)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._record(trials)
+
+    def __getstate__(self) -> dict:
+        return {"output_dir": self.output_dir, "_seen": {}}

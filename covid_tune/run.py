@@ -2,7 +2,7 @@
 
 spec -> plan -> (data and weights checked) -> Ray Tune trials -> best checkpoints -> test
 evaluation as Ray tasks -> OUTPUT/report/REPORT.md. Exit codes: 0 done, 1 a trial failed,
-2 bad spec, data or weights (nothing started).
+2 bad spec, data or weights (nothing started), 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM.
 
 Only the standard library is imported at the top: ``--help`` and ``--version`` answer without
 loading torch or Ray.
@@ -19,7 +19,9 @@ import contextlib  # noqa: E402
 import os  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path
 from typing import TYPE_CHECKING  # noqa: E402
 
@@ -41,6 +43,8 @@ exit codes:
   0  done (or --dry-run found no problem)
   1  at least one trial failed (the report covers the others)
   2  bad spec, data, weights, resources, output folder, --address or disk space: nothing was trained
+  130, 143  interrupted by SIGINT (Ctrl-C) or SIGTERM: trials.json marks the unfinished trials,
+            no report is written; --resume finishes them
 """
 
 
@@ -173,16 +177,83 @@ def _new_console(spec: "Spec", n_trials: int):
 
     sched = spec.scheduler
     return SweepConsole(total=n_trials, max_epochs=spec.trainer.epochs, metric=sched.metric, mode=sched.mode,
-                        rungs=spec.asha_rung_epochs()[0])
+                        rungs=spec.asha_rung_epochs()[0], asha=sched.asha)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM to the driver: which one came first (the exit code, 128 + its number).
+
+    While Tune's loop runs (``in_tune``, set by ``tuning.run_sweep``) the first one ends it as Tune
+    ends it on Ctrl-C: Tune saves its state (for --resume), stops the trials and returns, and the run
+    ends as interrupted. Otherwise, or at a second signal, KeyboardInterrupt unwinds the run through its
+    ``finally`` blocks (Ray shut down). Tune's own SIGINT handler is switched off so that this one
+    always sees the signal; Tune's loop is ended through its SIGUSR1 handler, the same function.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.in_tune = False
+        self._saved: dict[int, object] = {}
+        self._env: str | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        return 128 + self.signum if self.signum else None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM here; call again after ``ray.init``, whose core worker installs
+        its own SIGTERM handler (it aborts the driver)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal works in the main thread only (a caller's own thread keeps its handling)
+        if not self._saved:
+            self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(sig, self._handle)
+            self._saved.setdefault(sig, previous)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+        if self._env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+
+    def _handle(self, signum: int, frame) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        tune_stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if first and self.in_tune and callable(tune_stop):
+            tune_stop(signum, frame)
+            return
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     """The sweep, from spec to report; returns the exit code (see ``--help``)."""
-    with contextlib.ExitStack() as cleanup:  # the output folder's lock, released however the run ends
-        return _main(argv, cleanup)
+    stop = StopSignals()
+    stop.install()
+    try:
+        with contextlib.ExitStack() as cleanup:  # the output folder's lock, released however the run ends
+            return _main(argv, stop, cleanup)
+    except KeyboardInterrupt:
+        if stop.signum is None:
+            stop.signum = signal.SIGINT
+        print(f"covid_tune: interrupted by {stop.name}; --resume finishes the sweep where Tune's state allows",
+              file=sys.stderr)
+        return stop.exit_code
+    finally:
+        stop.uninstall()
 
 
-def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
+def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitStack) -> int:
     args = parse_args(argv)
     from covid_tune.spec import SpecError, load_spec  # after --help: these import torch
 
@@ -258,6 +329,10 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         record_experiment(spec)  # Tune creates the experiment next: --overwrite may delete it later
     report_mod.save_spec(out, spec)
     report_mod.save_data_checks(out, dups)
+    if not args.resume:
+        from covid_tune import resume_guard
+
+        resume_guard.record_data(spec, report_mod.dataset_root(spec))  # a --resume must find the same data
 
     from covid_tune import results as results_mod
     from covid_tune import tuning  # Ray is imported only when a sweep really runs
@@ -270,6 +345,7 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
         try:
             tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained),
                            quiet=not args.verbose)
+            stop.install()  # Ray's core worker took SIGTERM over
             sched = spec.scheduler
             console.header(spec.name, out,
                            resources_text(spec.resources.cpus, spec.resources.gpu, tuning.cluster_resources(),
@@ -281,13 +357,17 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
             evaluations = tuning.start_evaluations(spec, plan, index, shared, weights)
             lap("ray_start")
             trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, console=console,
-                                      ray_output=args.verbose, pretrained=weights, evaluations=evaluations)
+                                      ray_output=args.verbose, pretrained=weights, evaluations=evaluations,
+                                      stop=stop)
             lap("trials")
         except (FileNotFoundError, ValueError) as exc:
             console.close()
             print(f"covid_tune: {exc}", file=sys.stderr)
             return 2
         console.close()
+        if stop.signum:
+            print(interrupted_text(stop.name, trials, args.spec), file=sys.stderr)
+            return stop.exit_code
         _log(f"trials finished in {phases['trials']:.0f} s; evaluating best checkpoints")
         if evaluations is not None:
             evaluations.wait()  # what the trials' last minutes left to do
@@ -311,6 +391,7 @@ def _main(argv: list[str] | None, cleanup: contextlib.ExitStack) -> int:
     finally:
         if evaluations is not None:
             evaluations.close()
+        tuning.disconnect()  # also on SIGINT/SIGTERM: a Ray this driver started leaves no process behind
     early = evaluations.early if evaluations is not None else 0
     timing = record_phases(path.parent / "results.json", phases, early)
     rows = report_mod.load_rows(out)
@@ -347,6 +428,13 @@ def before_writing(spec: Spec, plan: dict) -> list[str]:
 def _duplicate_action(action: str) -> str:
     return {"warn": "kept, data.on_duplicate: warn", "drop": "removed from the later split, data.on_duplicate: drop"
             }.get(action, f"data.on_duplicate: {action}")
+def interrupted_text(signame: str, trials: dict[str, dict], spec_path: Path) -> str:
+    """The message of a sweep a signal cut: which trials are unfinished, how far they got, what next."""
+    cut = [f"{cid} (epoch {t.get('epochs', 0)}/{t.get('epochs_max', '?')})" for cid, t in trials.items()
+           if t["status"] == "interrupted"]
+    return (f"covid_tune: interrupted by {signame}: {len(cut)} of {len(trials)} trial(s) unfinished"
+            + (f": {', '.join(cut)}" if cut else "") + "; trials.json marks them, no report was written. "
+            f"`python -m covid_tune.run {spec_path} --resume` finishes them")
 
 
 def record_phases(results_json: Path, phases: dict[str, float], early: int) -> dict:

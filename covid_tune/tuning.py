@@ -24,7 +24,8 @@ from covid_tune.engine import HParams
 # EvaluateFinishedTrials stays importable from here: Tuners pickled before it moved (--resume) name this module
 from covid_tune.evaluation import EvaluateFinishedTrials, Evaluations, evaluate_remote  # noqa: F401
 from covid_tune.results import TRIALS_FILE, download_experiment
-from covid_tune.resume import ResumeFromLastReport
+from covid_tune import resume_guard
+from covid_tune.resume import RecordStateDigest, ResumeFromLastReport
 from covid_tune.spec import Spec
 from covid_tune.trainable import release_feature_stores, train_trial
 from covid_tune.weights import load_all, state_nbytes
@@ -71,7 +72,9 @@ class LiveView(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         if self.console is not None:
-            self.console.completed(self._cid(trial))
+            # a restored trial that had reported its last epoch ends without a new result: its epoch
+            # is the one Tune restored with it
+            self.console.completed(self._cid(trial), (trial.last_result or {}).get("epoch"))
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         if self.console is not None:
@@ -87,6 +90,34 @@ class LiveView(tune.Callback):
 
     def __getstate__(self) -> dict:
         return {"console": None, "metric": self.metric}
+
+
+class TrialOutcomes(tune.Callback):
+    """Which trials really ended (``ok`` or ``error``), by config id: Tune marks every trial it stops
+    at an interruption (Ctrl-C) TERMINATED too, so its statuses cannot tell a finished trial from a cut one.
+
+    Trials a restored sweep finds TERMINATED ended in an earlier run. Added after the Tuner is made
+    (never pickled with it)."""
+
+    def __init__(self) -> None:
+        self.ended: dict[str, str] = {}
+        self._restored = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if not self._restored:
+            self._restored = True
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR"):
+                    self.ended[trial.config.get("config_id")] = "ok" if trial.status == "TERMINATED" else "error"
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.ended[trial.config.get("config_id")] = "ok"
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.ended[trial.config.get("config_id")] = "error"
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self.ended.pop(trial.config.get("config_id"), None)
 
 
 def _error_text(trial) -> str:
@@ -123,12 +154,14 @@ def _trial_dirname(trial) -> str:
     return f"{trial.trial_id}_{trial.config.get('config_id', 'trial')}"
 
 
-def _use_console(tuner, view, verbose: int) -> None:
-    """Give a (restored) Tuner this run's live view and Tune verbosity (its run config was pickled)."""
+def _use_console(tuner, view, verbose: int, extra: list | None = None) -> None:
+    """Give a (restored) Tuner this run's live view, Tune verbosity and ``extra`` callbacks (its run
+    config was pickled; these are added after tuner.pkl is written, so never pickled with it)."""
     run_config = tuner._local_tuner.get_run_config()
     run_config.verbose = verbose
-    run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, LiveView)] \
-        + ([view] if view is not None else [])
+    fresh = ([view] if view is not None else []) + list(extra or [])
+    run_config.callbacks = [c for c in (run_config.callbacks or [])
+                            if not isinstance(c, (LiveView, TrialOutcomes, RecordStateDigest))] + fresh
 
 
 def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
@@ -146,7 +179,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
               decoded: "DecodedSplits | ray.ObjectRef | None" = None,
               resume: bool = False, console=None, ray_output: bool = True,
               pretrained: "dict[str, ray.ObjectRef] | None" = None,
-              evaluations: "Evaluations | None" = None) -> dict[str, dict]:
+              evaluations: "Evaluations | None" = None, stop=None) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
 
     ``decoded`` is the decoded-image cache (``run.prepare_cache``) or its reference from :func:`share`;
@@ -157,7 +190,11 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     ``evaluations`` (:func:`start_evaluations`) starts each trial's test evaluation as it ends
     (a new sweep only: a restored one keeps the callbacks it was started with).
 
-    Returns and writes to ``OUTPUT/trials.json`` each trial's status ("ok" or "error") and error.
+    ``stop`` (``run.StopSignals``) is told while Tune's loop runs (``in_tune``), so that SIGINT/SIGTERM
+    end it the way Tune ends it on Ctrl-C (state saved for --resume); its ``signum`` says whether one came.
+
+    Returns and writes to ``OUTPUT/trials.json`` each planned trial's status ("ok", "error", or
+    "interrupted": cut short or never started), error, epochs reported and planned.
     """
     states: dict[str, dict] = {}
     if pretrained is None:
@@ -179,10 +216,14 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")
+        problem = resume_guard.check_state(spec)  # also checked before anything is written (output_dir)
+        if problem:
+            raise ValueError(problem)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         # the restored sweep starts now: the last run's statuses are written again when it ends
         (spec.output_dir / TRIALS_FILE).unlink(missing_ok=True)
     else:
+        (spec.output_dir / resume_guard.STATE_DIGEST_FILE).unlink(missing_ok=True)  # a new sweep's record
         sched = spec.scheduler
         scheduler = make_scheduler(spec)
         tuner = tune.Tuner(
@@ -207,16 +248,19 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                    else []),
             ),
         )
-    _use_console(tuner, view, verbose)
+        resume_guard.record_experiment(spec)  # tuner.pkl, written once, just now
+    outcomes = TrialOutcomes()
+    _use_console(tuner, view, verbose, [outcomes, RecordStateDigest(str(spec.output_dir))])
+    if stop is not None:
+        stop.in_tune = True
     try:
         grid = tuner.fit()
     finally:
+        if stop is not None:
+            stop.in_tune = False
         release_feature_stores(spec.name)  # the sweep's shared feature caches
-    trials = {}
-    for result in grid:
-        cid = result.config["config_id"]
-        trials[cid] = {"status": "error" if result.error else "ok",
-                       "error": str(result.error).splitlines()[0][:500] if result.error else None}
+        resume_guard.record_experiment(spec)  # the state Tune saved last
+    trials = trial_outcomes(plan, grid, outcomes.ended, interrupted=bool(stop is not None and stop.signum))
     (spec.output_dir / TRIALS_FILE).write_text(json.dumps(trials, indent=2))
     if spec.remote_storage:
         download_experiment(spec)
@@ -224,6 +268,36 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     if failed:
         print(f"covid_tune: {len(failed)} trial(s) failed: {', '.join(failed)}", file=sys.stderr)
     return trials
+
+
+def trial_outcomes(plan: dict[str, HParams], grid, ended: dict[str, str], interrupted: bool) -> dict[str, dict]:
+    """Each planned trial's status, error and epochs. A trial is "ok" only where Tune completed it
+    (:class:`TrialOutcomes`), or, in a run no signal cut, where it reported its last epoch; else it is
+    "interrupted" (a pending trial has no config in the ResultGrid yet: it counts 0 epochs)."""
+    results = {}
+    for result in grid:
+        cid = (result.config or {}).get("config_id")
+        if cid is not None:
+            results[cid] = result
+    trials = {}
+    for cid, hp in plan.items():
+        result = results.get(cid)
+        epochs = int((result.metrics or {}).get("epoch") or 0) if result is not None else 0
+        error = result.error if result is not None else None
+        if error:
+            status = "error"
+        elif cid in ended:
+            status = ended[cid]
+        else:
+            status = "ok" if not interrupted and epochs >= hp.epochs else "interrupted"
+        trials[cid] = {"status": status, "error": str(error).splitlines()[0][:500] if error else None,
+                       "epochs": epochs, "epochs_max": hp.epochs}
+    return trials
+
+
+def disconnect() -> None:
+    """Leave Ray; a Ray this driver started (no --address) stops with it, its processes included."""
+    ray.shutdown()
 
 
 def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,

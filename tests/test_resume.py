@@ -29,7 +29,7 @@ def test_training_result_takes_a_checkpoint_and_metrics(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["current_checkpoint_index", "trial_fs_path", "trial_driver_staging_path",
-                                  "storage_filesystem"])
+                                  "experiment_driver_staging_path", "storage_filesystem"])
 def test_storage_context_has(name: str) -> None:
     from ray.train._internal.storage import StorageContext
 
@@ -59,3 +59,20 @@ def test_callback_hooks_the_repair_overrides() -> None:
     for hook in ("on_step_begin", "on_trial_recover"):
         assert hook in vars(tune.Callback), f"tune.Callback.{hook} is gone"
         assert hook in vars(ResumeFromLastReport)
+
+
+def test_tune_state_files_the_resume_guard_covers() -> None:
+    """covid_tune.resume_guard hashes every top-level file of the experiment folder; these are the names
+    Tune's restore reads (and unpickles) in the installed Ray."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    assert _TUNER_PKL == "tuner.pkl"
+    assert TuneController.CKPT_FILE_TMPL == "experiment_state-{}.json"
+    assert BasicVariantGenerator.CKPT_FILE_TMPL == "basic-variant-state-{}.json"
+    # the signal path: Tune ends its loop on SIGUSR1, and leaves SIGINT alone when told to
+    from ray.tune import tune as tune_run
+
+    source = inspect.getsource(tune_run._setup_signal_catching)
+    assert "TUNE_DISABLE_SIGINT_HANDLER" in source and "SIGUSR1" in source
