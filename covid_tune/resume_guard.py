@@ -72,7 +72,7 @@ def record_state(output_dir: Path, digests: dict[str, str]) -> None:
                        "files": known})
 
 
-def record_experiment(spec: Spec) -> None:
+def record_experiment_state(spec: Spec) -> None:
     """Record the digests of the experiment folder's guarded files as they are now (a local folder)."""
     if spec.remote_storage:
         return

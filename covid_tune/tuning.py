@@ -248,7 +248,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                    else []),
             ),
         )
-        resume_guard.record_experiment(spec)  # tuner.pkl, written once, just now
+        resume_guard.record_experiment_state(spec)  # tuner.pkl, written once, just now
     outcomes = TrialOutcomes()
     _use_console(tuner, view, verbose, [outcomes, RecordStateDigest(str(spec.output_dir))])
     if stop is not None:
@@ -259,7 +259,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         if stop is not None:
             stop.in_tune = False
         release_feature_stores(spec.name)  # the sweep's shared feature caches
-        resume_guard.record_experiment(spec)  # the state Tune saved last
+        resume_guard.record_experiment_state(spec)  # the state Tune saved last
     trials = trial_outcomes(plan, grid, outcomes.ended, interrupted=bool(stop is not None and stop.signum))
     (spec.output_dir / TRIALS_FILE).write_text(json.dumps(trials, indent=2))
     if spec.remote_storage:

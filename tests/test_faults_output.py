@@ -20,6 +20,7 @@ import yaml
 
 from conftest import REPO
 from covid_tune import run
+from covid_tune.resume_guard import record_experiment_state
 from covid_tune.output_dir import LOCK, MARKER, OutputLock, record_experiment
 from covid_tune.report import load_saved_spec, save_spec
 from covid_tune.spec import validate
@@ -95,6 +96,7 @@ def _fake_sweep(out: Path, spec_raw: dict, marker: bool, saved_spec: bool = True
         save_spec(out, spec)
     if marker:
         record_experiment(spec)
+        record_experiment_state(spec)  # as Tune's callback does: --resume finds the state it recorded
     return experiment
 
 
