@@ -1,4 +1,4 @@
-"""How long ``python -m covid_tune.run --help`` takes, side by side with importing what a sweep needs.
+"""How long ``covid-tune run --help`` takes, side by side with importing what a sweep needs.
 
     python benchmarks/cli_help.py [--repeat 5]
 
@@ -30,8 +30,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
-    help_s = median_s([sys.executable, "-m", "covid_tune.run", "--help"], args.repeat)
-    heavy_s = median_s([sys.executable, "-c", "import covid_tune.spec, covid_tune.plan, covid_tune.report"], args.repeat)
+    help_s = median_s([sys.executable, "-m", "covid_tune", "run", "--help"], args.repeat)
+    heavy_s = median_s([sys.executable, "-c", "import covid_tune.spec.load, covid_tune.spec.plan, covid_tune.report.build"], args.repeat)
     print(f"--help: {help_s:.2f} s; importing spec/plan/report (torch, pandas): {heavy_s:.2f} s; "
           f"ratio {heavy_s / help_s:.1f}x (median of {args.repeat})")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from covid_tune.data import DatasetIndex
-from covid_tune.synthetic import make_synthetic
+from covid_tune.data.dataset import DatasetIndex
+from covid_tune.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 CXR_REAL = (REPO / ".." / "shared" / "cxr-real").resolve()

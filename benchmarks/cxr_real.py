@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results
     if path is None:
         extra = ["--set", f"data.root={args.data.resolve()}"] if args.data else []
-        subprocess.run([sys.executable, "-m", "covid_tune.run", str(REPO / "sweeps" / "cxr-real.yaml"),
+        subprocess.run([sys.executable, "-m", "covid_tune", "run", str(REPO / "sweeps" / "cxr-real.yaml"),
                         "--output", str(args.output), "--overwrite", *extra], check=True, cwd=REPO)
         path = args.output / "report" / "results.json"
     results = json.loads(path.read_text())

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from covid_tune import engine
-from covid_tune.data import DatasetIndex
-from covid_tune.loaders import TensorLoader
+from covid_tune.engine import training as engine
+from covid_tune.data.dataset import DatasetIndex
+from covid_tune.data.loaders import TensorLoader
 
 from common import PEAK_BF16, Sizes, timed
 
@@ -18,7 +18,7 @@ def flops_per_image(backbone: str, size: int) -> float:
     """Training FLOPs per image: the forward pass counted by torch's FlopCounterMode, times 3 (fwd + bwd)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from covid_tune.models import create_model
+    from covid_tune.models.registry import create_model
 
     model = create_model(backbone, 2, head_hidden=240).eval()
     counter = FlopCounterMode(display=False)
@@ -61,7 +61,7 @@ def gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, compiled: bo
     """(training images/s, warm-up seconds) of one backbone on the GPU path: uint8 split on the GPU, tensor
     augmentation, bf16 autocast, channels_last, all layers trainable; ``compiled``: the model's forward
     under torch.compile as ``trainer.compile: on`` does it (the warm-up then includes compiling)."""
-    from covid_tune.models import create_model
+    from covid_tune.models.registry import create_model
 
     torch.manual_seed(0)
     batch = batch or s.gpu_batch
@@ -87,7 +87,7 @@ def gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, compiled: bo
 def course_gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, index: DatasetIndex, workers: int) -> float:
     """Training images/s of one backbone the course's way on the same GPU: PIL DataLoader with
     ``workers`` processes (decode + augmentation every epoch), float32, default memory format."""
-    from covid_tune.models import create_model
+    from covid_tune.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model(backbone, 2, head_hidden=240).to(device)

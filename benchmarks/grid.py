@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from covid_tune.data import DatasetIndex, scan_dataset
-from covid_tune.engine import TrainingRun
-from covid_tune.loaders import SHUFFLE_STREAM, epoch_generator
+from covid_tune.data.dataset import DatasetIndex, scan_dataset
+from covid_tune.engine.training import TrainingRun
+from covid_tune.data.loaders import SHUFFLE_STREAM, epoch_generator
 
 from common import CPU, log, quiet, Sizes, split_sizes, subset
 
@@ -45,7 +45,7 @@ def grid_raw(root: Path, class_map: dict, s: Sizes, out: Path) -> dict:
 
 
 class SeededOrder(torch.utils.data.Sampler):
-    """A DataLoader sampler with :class:`covid_tune.loaders.TensorLoader`'s epoch order."""
+    """A DataLoader sampler with :class:`covid_tune.data.loaders.TensorLoader`'s epoch order."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -69,11 +69,11 @@ def best_of(histories: dict[str, list[dict]]) -> tuple[str, int, float]:
 
 def bench_grid(root: Path, class_map: dict, s: Sizes, work: Path, cores: int, ray_start_s: float) -> dict:
     """The course's way vs covid_tune on the same grid."""
-    from covid_tune import plan as plan_mod
-    from covid_tune import results as results_mod
-    from covid_tune import run as run_mod
-    from covid_tune import tuning
-    from covid_tune.spec import validate
+    from covid_tune.spec import plan as plan_mod
+    from covid_tune.results import collect as results_mod
+    from covid_tune.cli import run as run_mod
+    from covid_tune.sweep import tuning
+    from covid_tune.spec.load import validate
 
     if split_sizes(s.grid_train, s.grid_val):
         root, class_map = subset_tree(scan_dataset(root, class_map), split_sizes(s.grid_train, s.grid_val),

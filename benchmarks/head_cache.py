@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from covid_tune import cache as cache_mod
-from covid_tune.data import DatasetIndex
-from covid_tune.engine import HParams, TrainingRun
+from covid_tune.data import cache as cache_mod
+from covid_tune.data.dataset import DatasetIndex
+from covid_tune.engine.hparams import HParams
+from covid_tune.engine.training import TrainingRun
 
 from common import CPU, log, Sizes, subset, timed
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from covid_tune import cache as cache_mod
-from covid_tune import engine
-from covid_tune.data import DatasetIndex, scan_dataset
-from covid_tune.loaders import TensorLoader
-from covid_tune.synthetic import make_synthetic
+from covid_tune.data import cache as cache_mod
+from covid_tune.engine import training as engine
+from covid_tune.data.dataset import DatasetIndex, scan_dataset
+from covid_tune.data.loaders import TensorLoader
+from covid_tune.data.synthetic import make_synthetic
 
 from common import machine, Sizes, subset, timed
 

@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from common import (CXR_REAL, FULL, QUICK, TARGETS, goal, load_data, log, machine, quiet, table,  # noqa: E402,F401
                     timed, verdict)
-from covid_tune.data import scan_dataset  # noqa: E402
+from covid_tune.data.dataset import scan_dataset  # noqa: E402
 from gpu import bench_gpu, flops_per_image  # noqa: E402,F401
 from grid import bench_grid, best_of  # noqa: E402,F401
 from head_cache import bench_head_cache  # noqa: E402
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             log("GPU")
             res["results"]["gpu"] = bench_gpu(s, index, cores)
         if parts & {"tune_overhead", "grid"}:
-            from covid_tune import tuning
+            from covid_tune.sweep import tuning
 
             # Ray runs its workers at nice 15; on a machine shared with other jobs that alone would
             # slow the Tune side down, so both sides compete for the CPU on equal terms here

@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from covid_tune import cache as cache_mod
-from covid_tune.data import DatasetIndex
-from covid_tune.engine import HParams, TrainingRun
+from covid_tune.data import cache as cache_mod
+from covid_tune.data.dataset import DatasetIndex
+from covid_tune.engine.hparams import HParams
+from covid_tune.engine.training import TrainingRun
 
 from common import CPU, log, quiet, REPO, Sizes, split_sizes, subset, timed
 
@@ -36,7 +37,7 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path, tag: str = ""
     """
     from ray import tune
 
-    from covid_tune.trainable import train_trial
+    from covid_tune.sweep.trainable import train_trial
 
     if split_sizes(s.overhead_train, s.overhead_val):
         index = subset(index, split_sizes(s.overhead_train, s.overhead_val))
@@ -133,7 +134,7 @@ def bench_outside(work: Path) -> dict:
     import subprocess
 
     out = work / "demo"
-    cmd = [sys.executable, "-m", "covid_tune.run", str(REPO / "sweeps" / "demo.yaml"), "--output", str(out),
+    cmd = [sys.executable, "-m", "covid_tune", "run", str(REPO / "sweeps" / "demo.yaml"), "--output", str(out),
            "--overwrite"]
     with open(work / "demo.log", "wb") as log_file:
         wall, proc = timed(lambda: subprocess.run(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT))

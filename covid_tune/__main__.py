@@ -1,7 +1,7 @@
-"""``python -m covid_tune SPEC ...`` is ``python -m covid_tune.run SPEC ...`` (also ``--version``, ``--help``)."""
+"""``python -m covid_tune SPEC ...`` is ``covid-tune run SPEC ...`` (also ``--version``, ``--help``)."""
 
 import sys
 
-from covid_tune.run import main
+from covid_tune.cli.run import main
 
 sys.exit(main())

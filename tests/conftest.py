@@ -51,8 +51,8 @@ def tiny_raw(tmp_path: Path) -> dict:
 @pytest.fixture(scope="module")
 def index(request, tmp_path_factory):
     """A scanned synthetic tree sized by the test module's ``SYNTHETIC`` dict (counts, image_size)."""
-    from covid_tune.data import scan_dataset
-    from covid_tune.synthetic import make_synthetic
+    from covid_tune.data.dataset import scan_dataset
+    from covid_tune.data.synthetic import make_synthetic
 
     sizes = request.module.SYNTHETIC
     root = make_synthetic(tmp_path_factory.mktemp(request.module.__name__) / "d", counts=sizes["counts"],
@@ -63,7 +63,7 @@ def index(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def decoded(request, index):
     """``index``'s train and validation splits decoded at the module's ``SYNTHETIC["decoded_size"]``."""
-    from covid_tune.cache import build_decoded_cache
+    from covid_tune.data.cache import build_decoded_cache
 
     return build_decoded_cache(index, request.module.SYNTHETIC["decoded_size"], True, splits=("train", "validation"))
 

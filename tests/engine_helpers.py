@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from covid_tune.engine import HParams
+from covid_tune.engine.hparams import HParams
 
 CPU = torch.device("cpu")
 # a tiny CNN at 32 px, nothing frozen, no augmentation: each test replaces what it is about

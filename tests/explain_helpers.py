@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from covid_tune import plan as plan_mod
-from covid_tune import report as report_mod
-from covid_tune.engine import TrainingRun
-from covid_tune.data import scan_dataset
-from covid_tune.spec import validate
-from covid_tune.trainable import save_checkpoint
+from covid_tune.spec import plan as plan_mod
+from covid_tune.report import build as report_mod
+from covid_tune.engine.training import TrainingRun
+from covid_tune.data.dataset import scan_dataset
+from covid_tune.spec.load import validate
+from covid_tune.sweep.trainable import save_checkpoint
 
 
 def fake_sweep(raw: dict, epochs: int | None = None) -> Path:
@@ -21,7 +21,7 @@ def fake_sweep(raw: dict, epochs: int | None = None) -> Path:
     report_mod.save_spec(out, spec)
     root = report_mod.dataset_root(spec)
     if spec.data.synthetic is not None:
-        from covid_tune.synthetic import make_synthetic
+        from covid_tune.data.synthetic import make_synthetic
 
         s = spec.data.synthetic
         make_synthetic(root, s.classes, {"train": s.train, "validation": s.validation, "test": s.test},
@@ -50,8 +50,8 @@ def make_corner_marker_data(root: Path, counts: dict[str, int], size: int = 32, 
     import numpy as np
     from PIL import Image
 
-    from covid_tune.data import SPLITS
-    from covid_tune.synthetic import synthetic_image
+    from covid_tune.data.dataset import SPLITS
+    from covid_tune.data.synthetic import synthetic_image
 
     for s_i, split in enumerate(SPLITS):
         for c_i, cls in enumerate(("marked", "plain")):

@@ -59,10 +59,10 @@ def _loaded(module: str, watched: tuple[str, ...]) -> list[str]:
 
 def test_importing_the_engine_loads_neither_ray_nor_yaml() -> None:
     out = _loaded("engine", ("ray", "yaml", "pydantic"))
-    assert out == [], f"import covid_tune.engine loaded {out}"
+    assert out == [], f"import covid_tune.engine.training loaded {out}"
 
 
 @pytest.mark.parametrize("module", ["results", "report"])
 def test_reading_results_loads_no_ray(module: str) -> None:
-    # a finished sweep's folder is read as plain files (covid_tune.report on a laptop without a cluster)
+    # a finished sweep's folder is read as plain files (covid_tune.report.build on a laptop without a cluster)
     assert _loaded(module, ("ray",)) == [], f"import covid_tune.{module} loaded Ray"

@@ -59,7 +59,7 @@ def test_help_names_every_benchmark() -> None:
 def test_selection_resplits_keep_patients_apart_and_cover_every_image_once_as_test() -> None:
     import pandas as pd
 
-    from covid_tune.data import scan_dataset
+    from covid_tune.data.dataset import scan_dataset
 
     spec = importlib.util.spec_from_file_location("bench_selection_t", REPO / "benchmarks" / "selection.py")
     selection = importlib.util.module_from_spec(spec)

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from covid_tune import cache
-from covid_tune import run as run_mod
-from covid_tune.data import eval_transform, load_image, scan_dataset
-from covid_tune.loaders import TensorLoader
-from covid_tune.spec import validate
+from covid_tune.data import cache
+from covid_tune.cli import run as run_mod
+from covid_tune.data.dataset import eval_transform, load_image, scan_dataset
+from covid_tune.data.loaders import TensorLoader
+from covid_tune.spec.load import validate
 
 # odd, non-square sizes on purpose: both crops' rounding is exercised
 SHAPES = [(40, 30), (31, 47), (33, 33), (64, 50)]
@@ -176,9 +176,12 @@ def test_memory_per_node_figure() -> None:
 def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -> None:
     """Through Ray: the trials read the decoded cache, fc_only trains on features, and every checkpoint
     holds exactly its epoch's state although the next epoch starts training while it is reported."""
-    from covid_tune import engine, plan as plan_mod, results, tuning
-    from covid_tune.run import prepare
-    from covid_tune.checkpoints import METRICS_FILE, STATE_FILE
+    from covid_tune.engine import training as engine
+    from covid_tune.spec import plan as plan_mod
+    from covid_tune.results import collect as results
+    from covid_tune.sweep import tuning
+    from covid_tune.cli.run import prepare
+    from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
 
     raw = {**tiny_raw, "trainer": {**tiny_raw["trainer"], "epochs": 3, "dropout": 0.3},
            "scheduler": {**tiny_raw["scheduler"], "asha": False, "keep_checkpoints": 3}}

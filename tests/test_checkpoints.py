@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from covid_tune import results
-from covid_tune.checkpoints import FrozenPartMismatch, is_slim
-from covid_tune.data import DatasetIndex, scan_dataset
-from covid_tune.synthetic import make_synthetic
-from covid_tune.engine import HParams, TrainingRun, build_model
-from covid_tune.models import load_exported, trained_state
-from covid_tune.trainable import save_checkpoint
+from covid_tune.results import collect as results
+from covid_tune.engine.checkpoints import FrozenPartMismatch, is_slim
+from covid_tune.data.dataset import DatasetIndex, scan_dataset
+from covid_tune.data.synthetic import make_synthetic
+from covid_tune.engine.hparams import HParams
+from covid_tune.engine.training import TrainingRun
+from covid_tune.models.registry import build_model
+from covid_tune.models.registry import load_exported
+from covid_tune.models.freeze import trained_state
+from covid_tune.sweep.trainable import save_checkpoint
 
 CPU = torch.device("cpu")
 # block1 frozen: a frozen BatchNorm (must not move) and unfrozen ones (their statistics must be saved);
@@ -124,7 +127,7 @@ def test_export_of_slim_checkpoint_is_a_full_model(index: DatasetIndex, tmp_path
 
 def test_frozen_digest_sums_every_frozen_tensor() -> None:
     """The digest (count, sum |x|, sum x^2) over exactly the frozen part, as one float64 vector would give."""
-    from covid_tune.checkpoints import frozen_digest
+    from covid_tune.engine.checkpoints import frozen_digest
 
     model = build_model(HP, 2)
     trained = trained_state(model).keys()

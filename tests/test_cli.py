@@ -12,7 +12,7 @@ from conftest import REPO, load_sweep
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covid_tune.run", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "covid_tune", "run", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -79,7 +79,7 @@ def test_missing_imagenet_weights_exits_2_with_the_file_to_place(tmp_path: Path,
     spec = tmp_path / "w.yaml"
     spec.write_text(yaml.safe_dump(raw))
     env_home = tmp_path / "torch-home"
-    proc = subprocess.run([sys.executable, "-m", "covid_tune.run", str(spec)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec)], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**__import__("os").environ, "TORCH_HOME": str(env_home),
                                                        "COVID_TUNE_OFFLINE": "1"})  # online it would download
     assert proc.returncode == 2

@@ -164,12 +164,12 @@ def sweep_spec(tmp_path: Path, name: str, epochs: int, lrs=(0.01, 0.001), seeds=
 
 
 class Driver:
-    """``python -m covid_tune.run SPEC --address ...`` in its own session, output to a log file."""
+    """``covid-tune run SPEC --address ...`` in its own session, output to a log file."""
 
     def __init__(self, cluster: LoopbackCluster, spec: Path, *args: str, log: Path) -> None:
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "covid_tune.run", str(spec), "--address", cluster.address, *args],
+            [sys.executable, "-m", "covid_tune", "run", str(spec), "--address", cluster.address, *args],
             cwd=REPO, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def tail(self, n: int = 6000) -> str:
@@ -261,11 +261,11 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
     import ray
     from ray._private import ray_constants
 
-    from covid_tune import cluster as cluster_mod
-    from covid_tune import tuning
-    from covid_tune.data import scan_dataset
-    from covid_tune.synthetic import make_synthetic
-    from covid_tune.spec import validate
+    from covid_tune.sweep import cluster as cluster_mod
+    from covid_tune.sweep import tuning
+    from covid_tune.data.dataset import scan_dataset
+    from covid_tune.data.synthetic import make_synthetic
+    from covid_tune.spec.load import validate
 
     raw = yaml.safe_load(sweep_spec(tmp_path, "probe", epochs=1).read_text())
     spec = validate(raw)
@@ -416,10 +416,10 @@ def test_killed_driver_resumes_without_losing_or_repeating_epochs(cluster, tmp_p
 
     # a checkpoint left half-written (a process killed while writing it) is never read back as a
     # result: the report skips it, naming it, and picks the best epoch among the others
-    from covid_tune import plan as plan_mod
-    from covid_tune import results
-    from covid_tune.data import scan_dataset
-    from covid_tune.spec import load_spec
+    from covid_tune.spec import plan as plan_mod
+    from covid_tune.results import collect as results
+    from covid_tune.data.dataset import scan_dataset
+    from covid_tune.spec.load import load_spec
 
     cid = sorted(after)[0]
     broken_epoch, broken = max(results.collect(experiment)[cid].checkpoints.items())
@@ -479,7 +479,7 @@ def test_a_failed_experiment_state_sync_is_one_warning_line() -> None:
     """Tune logs a racing state sync with a whole traceback; the quiet console makes it one line."""
     import logging
 
-    from covid_tune.cluster import _quiet_ray
+    from covid_tune.sweep.cluster import _quiet_ray
 
     class Keep(logging.Handler):
         def __init__(self) -> None:

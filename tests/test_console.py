@@ -14,16 +14,16 @@ import pytest
 import yaml
 
 from conftest import REPO, write_image
-from covid_tune import plan as plan_mod
-from covid_tune import schedule
-from covid_tune.console import SweepConsole, best_row, disk_usage, last_line, summary_lines
-from covid_tune.spec import SpecError, validate
+from covid_tune.spec import plan as plan_mod
+from covid_tune.engine import schedule
+from covid_tune.cli.console import SweepConsole, best_row, disk_usage, last_line, summary_lines
+from covid_tune.spec.load import SpecError, validate
 
 EVENT = re.compile(r"^\[\s*(\S+)\] (start|epoch|stop|done|FAIL|retry)\s+(\S+)(?:  (.*))?$")
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covid_tune.run", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "covid_tune", "run", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -103,7 +103,7 @@ def test_asha_rungs_are_rays() -> None:
 def test_param_space_resolves_to_the_plan(tiny_raw) -> None:
     from ray.tune.search.variant_generator import generate_variants
 
-    from covid_tune import tuning
+    from covid_tune.sweep import tuning
 
     tiny_raw["grid"]["lr"] = [0.01, 0.001]
     spec = validate(tiny_raw)
@@ -138,8 +138,8 @@ def test_summary_names_best_configuration_report_and_disk(tmp_path: Path) -> Non
 
 
 def test_report_headings_and_rows_tell_configurations_apart() -> None:
-    from covid_tune.figures import markdown
-    from covid_tune.report import metric_table
+    from covid_tune.report.figures import markdown
+    from covid_tune.report.sections import metric_table
 
     base = {"group": None, "backbone": "tiny_cnn", "layers": "Only FC", "loss": "ce", "seed": 0, "optimizer": "sgd",
             "lr_schedule": "constant", "momentum": 0.9, "weight_decay": 0.0, "batch_size": 16, "head_hidden": 16,
@@ -290,7 +290,7 @@ SIGTERM_NOISE = [  # a trial actor's stderr as CI forwarded it once, stopped by 
 def test_a_stopping_workers_sigterm_traceback_stays_off_the_console() -> None:
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
-    from covid_tune.cluster import filter_worker_logs, without_sigterm_tracebacks
+    from covid_tune.sweep.cluster import filter_worker_logs, without_sigterm_tracebacks
 
     other = ["Exception ignored in: <function f>", "Traceback (most recent call last):", "ValueError: x",
              "SystemExit: 2"]  # not Ray's handler: a traceback of ours or the user's, kept
@@ -311,8 +311,8 @@ def test_a_stopping_workers_sigterm_traceback_stays_off_the_console() -> None:
 
 
 def test_summary_best_is_the_reports_best_configuration_over_seeds() -> None:
-    from covid_tune.console import best_line
-    from covid_tune.stats import best_group
+    from covid_tune.cli.console import best_line
+    from covid_tune.results.stats import best_group
 
     def row(cid: str, group: str, score: float, test: float) -> dict:
         return {"config_id": cid, "group": group, "status": "ok", "best_epoch": 3, "select_score": score,

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_image
-from covid_tune.data import DatasetError, check_implies, encode_targets, load_image, scan_dataset
-from covid_tune.synthetic import make_synthetic
+from covid_tune.data.dataset import DatasetError, check_implies, encode_targets, load_image, scan_dataset
+from covid_tune.data.synthetic import make_synthetic
 
 SPLITS = ("train", "validation", "test")
 

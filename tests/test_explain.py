@@ -14,11 +14,11 @@ import torchvision
 from scipy.stats import binomtest
 
 from conftest import load_sweep, parse_markdown_table, shrink, write_image
-from covid_tune import explain
-from covid_tune import predict as predict_mod
-from covid_tune.data import scan_dataset
-from covid_tune.engine import HParams
-from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, create_model, save_exported
+from covid_tune.engine import explain
+from covid_tune.cli import predict as predict_mod
+from covid_tune.data.dataset import scan_dataset
+from covid_tune.engine.hparams import HParams
+from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model, save_exported
 from explain_helpers import fake_sweep, make_corner_marker_data
 
 CLASSES = ["infected", "normal"]
@@ -69,7 +69,7 @@ def test_grad_cam_maps_have_the_input_size_and_are_not_constant(backbone: str, f
 
 
 def test_report_spec_section_is_validated() -> None:
-    from covid_tune.spec import SpecError, validate
+    from covid_tune.spec.load import SpecError, validate
 
     base = {"name": "x", "data": {"synthetic": {}}, "grid": {"backbone": ["tiny_cnn"]}}
     spec = validate(base)
@@ -232,7 +232,7 @@ def test_centre_signal_data_is_not_flagged(centre_sweep: Path) -> None:
 
 @pytest.mark.slow
 def test_grad_cam_of_a_trained_model_in_predict(centre_sweep: Path) -> None:
-    from covid_tune.models import load_exported
+    from covid_tune.models.registry import load_exported
 
     model, meta = load_exported(centre_sweep / "best" / "tiny_cnn-fc_only-ce-s0")
     files = sorted((centre_sweep / "synthetic-data" / "test").rglob("*.png"))[::5]

@@ -18,10 +18,10 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, write_image
-from covid_tune import predict as predict_mod
-from covid_tune import run as run_mod
-from covid_tune.engine import HParams
-from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, create_model, save_exported
+from covid_tune.cli import predict as predict_mod
+from covid_tune.cli import run as run_mod
+from covid_tune.engine.hparams import HParams
+from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model, save_exported
 
 CLASSES = ["infected", "normal"]
 
@@ -59,12 +59,12 @@ def images(tmp_path: Path) -> Path:
 def test_predict_truncated_model_pt_is_one_message_and_exit_2_without_traceback(model: Path, images: Path) -> None:
     data = (model / "model.pt").read_bytes()
     (model / "model.pt").write_bytes(data[: len(data) // 2])
-    proc = subprocess.run([sys.executable, "-m", "covid_tune.predict", str(model), str(images)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "predict", str(model), str(images)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("covid_tune.predict: ")
+    assert len(lines) == 1 and lines[0].startswith("covid_tune: ")
     assert "model.pt: not a readable PyTorch state_dict" in lines[0] and "truncated" in lines[0]
 
 
@@ -257,7 +257,7 @@ def test_on_duplicate_error_keeps_an_earlier_cache(tmp_path: Path, capsys) -> No
 
 
 def test_on_duplicate_drop_removes_them_from_the_later_split(tmp_path: Path) -> None:
-    from covid_tune.spec import load_spec
+    from covid_tune.spec.load import load_spec
 
     root = make_tree(tmp_path / "data")
     add_duplicates(root)
@@ -267,7 +267,7 @@ def test_on_duplicate_drop_removes_them_from_the_later_split(tmp_path: Path) -> 
     assert index.duplicates.action == "drop" and index.duplicates.total == 2
     assert len(decoded["validation"]) == 8 and len(decoded["train"]) == 8
     # the kept rows are the pixels of the kept files
-    from covid_tune.cache import decode_resized
+    from covid_tune.data.cache import decode_resized
 
     kept = index.paths("validation")
     assert np.array_equal(decoded["validation"][3], decode_resized(kept[3], 32, True))
@@ -284,8 +284,8 @@ def test_drop_that_empties_a_class_is_exit_2(tmp_path: Path, capsys) -> None:
 
 
 def test_duplicates_without_the_cache_match_those_with_it(tmp_path: Path) -> None:
-    from covid_tune.cache import build_decoded_cache, find_duplicates
-    from covid_tune.data import scan_dataset
+    from covid_tune.data.cache import build_decoded_cache, find_duplicates
+    from covid_tune.data.dataset import scan_dataset
 
     root = make_tree(tmp_path / "data")
     add_duplicates(root)
@@ -300,10 +300,10 @@ def test_duplicates_without_the_cache_match_those_with_it(tmp_path: Path) -> Non
 
 
 def test_report_line_and_rebuild_use_the_recorded_duplicates(tmp_path: Path) -> None:
-    from covid_tune import report as report_mod
-    from covid_tune.cache import find_duplicates
-    from covid_tune.data import Duplicates, scan_dataset
-    from covid_tune.report_sections import duplicates_lines
+    from covid_tune.report import build as report_mod
+    from covid_tune.data.cache import find_duplicates
+    from covid_tune.data.dataset import Duplicates, scan_dataset
+    from covid_tune.report.sections import duplicates_lines
 
     root = make_tree(tmp_path / "data")
     add_duplicates(root)
@@ -316,7 +316,7 @@ def test_report_line_and_rebuild_use_the_recorded_duplicates(tmp_path: Path) -> 
     assert "`test/covid/copy.png = train/covid/covid_0.png`" in text and "data.on_duplicate: warn" in text
     assert duplicates_lines(None) == []
     # a rebuilt report evaluates on what the sweep used: with drop recorded, the copies are left out
-    from covid_tune.spec import load_spec
+    from covid_tune.spec.load import load_spec
 
     spec = load_spec(write_spec(tmp_path, {"root": str(root), "on_duplicate": "drop"}))
     assert sum(len(v) for v in report_mod.sweep_index(spec, checks).splits.values()) == 26  # warn: kept
@@ -332,7 +332,7 @@ def test_sweep_with_duplicates_names_them_in_console_and_report(tmp_path: Path) 
     root = make_tree(tmp_path / "data")
     add_duplicates(root)
     spec = write_spec(tmp_path, {"root": str(root)}, report={"shortcut_check": False, "gradcam": {"per_class": 0}})
-    proc = subprocess.run([sys.executable, "-m", "covid_tune.run", str(spec)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec)], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     both = proc.stdout + proc.stderr
@@ -357,7 +357,7 @@ def test_boolean_where_a_number_belongs_is_exit_2_naming_the_key(tmp_path: Path,
 
 
 def test_numbers_still_pass(tmp_path: Path) -> None:
-    from covid_tune.spec import load_spec
+    from covid_tune.spec.load import load_spec
 
     root = make_tree(tmp_path / "data", n=1)
     spec = load_spec(write_spec(tmp_path, {"root": str(root)}), ["resources.cpus=2", "trainer.lr=1", "grid.seed=[0,1]"])

@@ -19,15 +19,15 @@ import pytest
 import yaml
 
 from conftest import REPO
-from covid_tune import run
-from covid_tune.resume_guard import record_experiment_state
-from covid_tune.output_dir import LOCK, MARKER, OutputLock, record_experiment
-from covid_tune.report import load_saved_spec, save_spec
-from covid_tune.spec import validate
+from covid_tune.cli import run
+from covid_tune.sweep.resume_guard import record_experiment_state
+from covid_tune.cli.output_dir import LOCK, MARKER, OutputLock, record_experiment
+from covid_tune.report.build import load_saved_spec, save_spec
+from covid_tune.spec.load import validate
 
 
 def _main(capsys, *argv) -> tuple[int, str]:
-    """``covid_tune.run.main`` in this process (no Ray starts in these cases): exit code and stderr."""
+    """``covid_tune.cli.run.main`` in this process (no Ray starts in these cases): exit code and stderr."""
     rc = run.main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
@@ -204,14 +204,14 @@ def test_report_of_a_copied_and_moved_folder_reads_its_own_trials(tmp_path, tiny
     raw["trainer"]["epochs"] = 1
     spec = _write(tmp_path / "s.yaml", raw)
     original = Path(raw["output"])
-    proc = subprocess.run([sys.executable, "-m", "covid_tune.run", str(spec)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec)], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     copied = tmp_path / "copied"
     shutil.copytree(original, copied)
     shutil.rmtree(original)  # a copy whose original is gone = a moved folder
     shutil.rmtree(copied / "report")
-    proc = subprocess.run([sys.executable, "-m", "covid_tune.report", str(copied)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "report", str(copied)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

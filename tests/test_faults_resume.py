@@ -1,7 +1,7 @@
 """Issue 27, cases 2-5: an interrupted sweep is never reported as finished, a resume trains every epoch
 exactly once whatever moment the driver died at, and --resume refuses Tune state or data that changed.
 
-The sweeps run ``python -m covid_tune.run`` as a subprocess (its own session, local Ray). A driver killed
+The sweeps run ``covid-tune run`` as a subprocess (its own session, local Ray). A driver killed
 with SIGKILL leaves the Ray processes it started: the test records the driver's process tree first and
 kills exactly those processes afterwards (never ``ray stop``).
 """
@@ -61,7 +61,7 @@ class Driver:
 
     def __init__(self, spec: Path, *args: str, log: Path) -> None:
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "covid_tune.run", str(spec), *args], cwd=REPO, env=ENV,
+        self.proc = subprocess.Popen([sys.executable, "-m", "covid_tune", "run", str(spec), *args], cwd=REPO, env=ENV,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:
@@ -179,7 +179,7 @@ def test_a_signal_cuts_the_sweep_it_is_never_reported_as_finished(tmp_path: Path
         return
 
     # a report rebuilt from the cut sweep says so first, with each unfinished trial and why it has no value
-    proc = subprocess.run([sys.executable, "-m", "covid_tune.report", str(out)], cwd=REPO, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "report", str(out)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = report.read_text()
@@ -247,19 +247,19 @@ def test_resume_after_kills_at_many_moments_trains_every_epoch_once(tmp_path: Pa
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A finished two-trial sweep of one epoch on an image folder (not synthetic: --set data.root applies)."""
-    from covid_tune.synthetic import make_synthetic
+    from covid_tune.data.synthetic import make_synthetic
 
     tmp = tmp_path_factory.mktemp("finished")
     data = make_synthetic(tmp / "data", ["infected", "normal"], {"train": 16, "validation": 6, "test": 6}, 36, 0)
     spec = sweep_spec(tmp, epochs=1, data_root=data)
-    proc = subprocess.run([sys.executable, "-m", "covid_tune.run", str(spec)], cwd=REPO, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return spec
 
 
 def resume(spec: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covid_tune.run", str(spec), "--resume", *args], cwd=REPO, env=ENV,
+    return subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec), "--resume", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -315,7 +315,7 @@ def test_tune_state_without_covid_tunes_record_is_refused(finished: Path) -> Non
 
 @pytest.mark.slow
 def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path) -> None:
-    from covid_tune.synthetic import make_synthetic
+    from covid_tune.data.synthetic import make_synthetic
 
     out = finished.parent / "out"
     data = finished.parent / "data"
@@ -342,7 +342,7 @@ def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path) -> No
 
 
 def test_rows_after_the_restored_checkpoint_are_dropped() -> None:
-    from covid_tune.resume import keep_rows_upto
+    from covid_tune.sweep.ray_internals import keep_rows_upto
 
     lines = "".join(json.dumps({"epoch": e, "training_iteration": e}) + "\n" for e in (1, 2, 3, 4))
     assert keep_rows_upto(lines, 2, csv_header=False) == "".join(lines.splitlines(True)[:2])
@@ -356,7 +356,7 @@ def test_rows_after_the_restored_checkpoint_are_dropped() -> None:
 def test_without_asha_no_trial_is_said_to_be_stopped_by_asha() -> None:
     import io
 
-    from covid_tune.console import SweepConsole
+    from covid_tune.cli.console import SweepConsole
 
     stream = io.StringIO()
     console = SweepConsole(total=2, max_epochs=8, metric="val_loss", mode="min", rungs=[4], asha=False, stream=stream)
@@ -370,7 +370,7 @@ def test_without_asha_no_trial_is_said_to_be_stopped_by_asha() -> None:
 
 
 def test_a_dash_in_the_report_says_why() -> None:
-    from covid_tune.report_sections import interrupted_banner, missing
+    from covid_tune.report.sections import interrupted_banner, missing
 
     assert missing({"status": "error"}) == "- (failed)"
     assert missing({"status": "interrupted", "epochs_trained": 4, "epochs_max": 10}) == \
@@ -387,7 +387,7 @@ def test_a_dash_in_the_report_says_why() -> None:
 def test_trials_cut_by_a_signal_are_interrupted_not_ok() -> None:
     from types import SimpleNamespace
 
-    from covid_tune.tuning import trial_outcomes
+    from covid_tune.sweep.tuning import trial_outcomes
 
     plan = {c: SimpleNamespace(epochs=6) for c in ("done", "cut", "pending", "failed")}
     grid = [SimpleNamespace(config={"config_id": "done"}, metrics={"epoch": 6}, error=None),

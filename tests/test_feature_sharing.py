@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from covid_tune.data import scan_dataset
-from covid_tune.synthetic import make_synthetic
-from covid_tune.trainable import FEATURES_ACTOR, FEATURES_NAMESPACE, _from_arrays, _to_arrays, release_feature_stores
+from covid_tune.data.dataset import scan_dataset
+from covid_tune.data.synthetic import make_synthetic
+from covid_tune.sweep.trainable import FEATURES_ACTOR, FEATURES_NAMESPACE, _from_arrays, _to_arrays, release_feature_stores
 from engine_helpers import TINY_HP as TINY
 
 
@@ -24,8 +24,8 @@ def test_features_travel_as_arrays_bit_for_bit() -> None:
 def test_two_trials_with_the_same_prefix_compute_it_once(tmp_path) -> None:
     import ray
 
-    from covid_tune.engine import TrainingRun
-    from covid_tune.trainable import RayFeatureStore
+    from covid_tune.engine.training import TrainingRun
+    from covid_tune.sweep.trainable import RayFeatureStore
 
     index = scan_dataset(make_synthetic(tmp_path / "d", counts={"train": 16, "validation": 8, "test": 2},
                                         image_size=36))

@@ -13,14 +13,16 @@ import torch
 from torch.nn import functional as F
 
 from engine_helpers import CPU, SYNTHETIC, TINY_HP  # noqa: F401  (SYNTHETIC sizes conftest's index/decoded)
-from covid_tune import augment as A
-from covid_tune.cache import build_decoded_cache
-from covid_tune.data import eval_transform, load_image
-from covid_tune.engine import (COMPILE_MIN_STEPS, TrainingRun, feature_cache_mode, resolve_compile,
-                               resolve_precision, train_one_epoch)
-from covid_tune.loaders import FeatureLoader, TensorLoader, epoch_generator
-from covid_tune.losses import build_loss
-from covid_tune.models import IMAGENET_MEAN, IMAGENET_STD, SplitForward, create_model, split_frozen_prefix
+from covid_tune.data import augment as A
+from covid_tune.data.cache import build_decoded_cache
+from covid_tune.data.dataset import eval_transform, load_image
+from covid_tune.engine.training import (COMPILE_MIN_STEPS, TrainingRun, resolve_compile, resolve_precision,
+                                        train_one_epoch)
+from covid_tune.engine.features import feature_cache_mode
+from covid_tune.data.loaders import FeatureLoader, TensorLoader, epoch_generator
+from covid_tune.engine.losses import build_loss
+from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model, split_frozen_prefix
+from covid_tune.models.freeze import SplitForward
 
 HP = TINY_HP
 LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
@@ -141,7 +143,7 @@ def test_tensor_path_validation_equals_pil_path(index, decoded) -> None:
     # training order differs (DataLoader vs seeded permutation); the data do not
     assert set(a) == set(b) and math.isfinite(b["train_loss"])
     fresh_plain, fresh_fast = TrainingRun(HP, index, CPU), TrainingRun(HP, index, CPU, decoded=decoded)
-    from covid_tune.engine import evaluate
+    from covid_tune.engine.training import evaluate
     ra = evaluate(fresh_plain.model, fresh_plain.val_loader, fresh_plain.loss_fn, CPU, "single", 0.5, 2)
     rb = evaluate(fresh_fast.model, fresh_fast.val_loader, fresh_fast.loss_fn, CPU, "single", 0.5, 2)
     assert ra.loss == rb.loss and np.array_equal(ra.y_pred, rb.y_pred)
@@ -271,7 +273,7 @@ def test_no_grad_prefix_gives_the_same_outputs_and_gradients(backbone: str, leve
 
 
 def test_prefix_split_covers_the_network_for_every_level() -> None:
-    from covid_tune.models import backbone_names, freeze_level_names
+    from covid_tune.models.registry import backbone_names, freeze_level_names
     x = torch.randn(1, 3, 32, 32)
     for b in backbone_names():
         for level in freeze_level_names(b):
@@ -373,7 +375,7 @@ def test_request_stop_ends_an_epoch_in_another_thread(index, decoded, monkeypatc
     """What the trainable does when Tune stops a trial while the next epoch already trains."""
     import threading
 
-    from covid_tune.engine import EpochInterrupted
+    from covid_tune.engine.training import EpochInterrupted
 
     run = TrainingRun(replace(HP, batch_size=2), index, CPU, decoded=decoded)
     batches, go_on = [], threading.Event()
@@ -459,8 +461,8 @@ def test_test_evaluation_reads_the_decoded_cache_with_the_pil_paths_numbers(inde
     the cache does not hold, from the files) and gets exactly what decoding every file again gives."""
     from dataclasses import asdict
 
-    from covid_tune import results
-    from covid_tune.models import save_exported
+    from covid_tune.results import collect as results
+    from covid_tune.models.registry import save_exported
 
     hp = replace(HP, freeze="block1", augment=False)
     run = TrainingRun(hp, index, CPU, decoded=decoded)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from covid_tune.losses import LOSSES, FocalLoss, build_loss
+from covid_tune.engine.losses import LOSSES, FocalLoss, build_loss
 
 
 def focal_reference(x: torch.Tensor, y: torch.Tensor, alpha: float | None, gamma: float) -> torch.Tensor:

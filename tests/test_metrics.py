@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from covid_tune.metrics import (bootstrap_ci, confusion_matrix, multi_label_metrics, multilabel_confusion,
+from covid_tune.engine.metrics import (bootstrap_ci, confusion_matrix, multi_label_metrics, multilabel_confusion,
                                 single_label_metrics)
 
 

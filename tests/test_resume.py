@@ -1,4 +1,4 @@
-"""The private Ray Tune names covid_tune.resume relies on, checked against the installed Ray.
+"""The private Ray Tune names covid_tune.sweep.ray_internals relies on, checked against the installed Ray.
 
 These fail by name on a Ray version that moves or renames them (pyproject pins the tested range);
 tests/test_cluster.py exercises the repair itself (driver SIGKILL, --resume).
@@ -54,7 +54,7 @@ def test_trial_metadata_has_a_checkpoint_manager_and_a_cache_to_invalidate() -> 
 def test_callback_hooks_the_repair_overrides() -> None:
     from ray import tune
 
-    from covid_tune.resume import ResumeFromLastReport
+    from covid_tune.sweep.ray_internals import ResumeFromLastReport
 
     for hook in ("on_step_begin", "on_trial_recover"):
         assert hook in vars(tune.Callback), f"tune.Callback.{hook} is gone"
@@ -62,7 +62,7 @@ def test_callback_hooks_the_repair_overrides() -> None:
 
 
 def test_tune_state_files_the_resume_guard_covers() -> None:
-    """covid_tune.resume_guard hashes every top-level file of the experiment folder; these are the names
+    """covid_tune.sweep.resume_guard hashes every top-level file of the experiment folder; these are the names
     Tune's restore reads (and unpickles) in the installed Ray."""
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.impl.tuner_internal import _TUNER_PKL

@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from covid_tune import results, schedule
-from covid_tune.selection import pick_epoch, score_at, smooth
-from covid_tune.spec import SpecError, asha_rungs, validate
-from covid_tune.tuning import make_scheduler
+from covid_tune.results import collect as results
+from covid_tune.engine import schedule
+from covid_tune.results.selection import pick_epoch, score_at, smooth
+from covid_tune.spec.load import SpecError, asha_rungs, validate
+from covid_tune.sweep.tuning import make_scheduler
 
 # a noisy validation curve: a lone spike at epoch 3, a steady plateau at epochs 6-8
 CURVE = [0.60, 0.62, 0.80, 0.64, 0.70, 0.76, 0.78, 0.77, 0.70]

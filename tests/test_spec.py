@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from covid_tune.spec import SpecError, apply_overrides, load_spec, validate
+from covid_tune.spec.load import SpecError, apply_overrides, load_spec, validate
 
 TOP_LEVEL_KEYS = ("name", "output", "data", "grid", "trainer", "scheduler", "resources", "ray")
 TRAINER_KEYS = ("epochs", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout",
@@ -477,7 +477,7 @@ def test_repeated_freeze_level_in_mapping_is_rejected(tiny_raw):
 @pytest.mark.parametrize("value", ["on", "off", "auto"])
 def test_on_off_keys_accept_bare_yaml_on_off(tiny_raw, key, value):
     # YAML reads a bare on/off as a bool; --set parses its value as YAML too
-    from covid_tune.plan import expand
+    from covid_tune.spec.plan import expand
     raw = apply_overrides(tiny_raw, [f"trainer.{key}={value}"])
     assert getattr(validate(raw).trainer, key) == value
     assert {getattr(hp, key) for hp in expand(validate(raw)).values()} == {value}
@@ -489,7 +489,7 @@ def test_compile_rejects_other_values_naming_them(tiny_raw):
 
 
 def test_feature_cache_budget_reaches_the_plan_and_rejects_negatives(tiny_raw):
-    from covid_tune.plan import expand
+    from covid_tune.spec.plan import expand
 
     raw = apply_overrides(tiny_raw, ["trainer.feature_cache_gb=0.5"])
     assert {hp.feature_cache_gb for hp in expand(validate(raw)).values()} == {0.5}

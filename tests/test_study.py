@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 from conftest import CXR_REAL, REPO, load_sweep, needs_cxr_real, parse_markdown_table, shrink
-from covid_tune.plan import expand
-from covid_tune.spec import validate
+from covid_tune.spec.plan import expand
+from covid_tune.spec.load import validate
 
 PART1_LAYERS = {
     "vgg16": ["Only FC layers unfrozen", "Conv blocks 1-3 frozen", "Conv blocks 1-2 frozen", "Entire network unfrozen"],
@@ -29,7 +29,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def dry_run_rows(spec: str) -> list[list[str]]:
-    proc = run_cli("covid_tune.run", f"sweeps/{spec}", "--dry-run")
+    proc = run_cli("run", f"sweeps/{spec}", "--dry-run")
     # the grid is listed even though the pre-flight fails: the course data is not in this repository
     assert proc.returncode == 2 and "data folder does not exist" in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")][2:]
@@ -86,7 +86,7 @@ def part2_run(tmp_path_factory) -> Path:
     raw["grid"].update(backbone=["tiny_cnn"], seed=[0, 1])
     path = tmp / "part2.yaml"
     path.write_text(yaml.safe_dump(raw))
-    proc = run_cli("covid_tune.run", str(path))
+    proc = run_cli("run", str(path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return Path(raw["output"])
 
@@ -139,7 +139,7 @@ def test_real_data_per_source_accuracy(tmp_path: Path) -> None:
     raw["scheduler"].update(grace_period=1, brackets=1, max_t=None)  # one epoch: no room for the full sweep's hedges
     path = tmp_path / "real.yaml"
     path.write_text(yaml.safe_dump(raw))
-    proc = run_cli("covid_tune.run", str(path))
+    proc = run_cli("run", str(path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = Path(raw["output"]) / "report"
     row = json.loads((report / "results.json").read_text())["rows"][0]

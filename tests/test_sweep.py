@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from conftest import REPO, load_sweep, parse_markdown_table, shrink
-from covid_tune.models import load_exported
+from covid_tune.models.registry import load_exported
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def demo_run(tmp_path_factory) -> Path:
     raw["data"]["synthetic"].update(train=40, validation=16, test=16)
     spec_path = tmp / "demo.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
-    proc = run_cli("covid_tune.run", str(spec_path))
+    proc = run_cli("run", str(spec_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return Path(raw["output"])
 
@@ -121,8 +121,8 @@ def test_history_and_figures(demo_run: Path) -> None:
 
 
 def test_phase_times_and_evaluations_started_as_trials_ended(demo_run: Path, tmp_path: Path) -> None:
-    from covid_tune.data import scan_dataset
-    from covid_tune.results import evaluate_export
+    from covid_tune.data.dataset import scan_dataset
+    from covid_tune.results.collect import evaluate_export
 
     data = json.loads((demo_run / "report" / "results.json").read_text())
     timing = data["timing"]
@@ -148,7 +148,7 @@ def test_phase_times_and_evaluations_started_as_trials_ended(demo_run: Path, tmp
 def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path: Path) -> None:
     """The test evaluation ran as Ray tasks; predict (no Ray) gives the same labels and probabilities."""
     out_csv = tmp_path / "pred.csv"
-    proc = run_cli("covid_tune.predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
+    proc = run_cli("predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = proc.stderr.split("# model ", 1)[1].split()[0]
     metas = {d.name: json.loads((d / "model.json").read_text()) for d in (demo_run / "best").iterdir()}
@@ -166,7 +166,7 @@ def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path
 def test_report_rebuilds_from_output_folder(demo_run: Path) -> None:
     before = pd.read_csv(demo_run / "report" / "results.csv")
     (demo_run / "report" / "REPORT.md").unlink()
-    proc = run_cli("covid_tune.report", str(demo_run))
+    proc = run_cli("report", str(demo_run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = pd.read_csv(demo_run / "report" / "results.csv")
     pd.testing.assert_frame_equal(before, after)
@@ -175,6 +175,6 @@ def test_report_rebuilds_from_output_folder(demo_run: Path) -> None:
 
 def test_rerun_without_resume_refuses_to_overwrite(demo_run: Path) -> None:
     spec = demo_run.parent / "demo.yaml"
-    proc = run_cli("covid_tune.run", str(spec))
+    proc = run_cli("run", str(spec))
     assert proc.returncode == 2
     assert "--resume" in proc.stderr and "--overwrite" in proc.stderr

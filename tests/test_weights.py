@@ -28,9 +28,10 @@ import torchvision.models as tvm
 import yaml
 
 from conftest import REPO, shrink
-from covid_tune import weights as weights_mod
-from covid_tune.models import TinyCNN, WeightsUnavailable
-from covid_tune.weights import load_weights
+from covid_tune.models import weights as weights_mod
+from covid_tune.models.backbones import TinyCNN
+from covid_tune.models.registry import WeightsUnavailable
+from covid_tune.models.weights import load_weights
 
 ENTRY = tvm.ResNet18_Weights.IMAGENET1K_V1
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
@@ -119,8 +120,8 @@ def cached(home: Path) -> list[str]:
 
 def test_first_use_downloads_into_torch_home_then_the_cache_needs_no_network(
         served, server, torch_home, tmp_path, monkeypatch, capfd) -> None:
-    from covid_tune.run import prepare
-    from covid_tune.spec import load_spec
+    from covid_tune.cli.run import prepare
+    from covid_tune.spec.load import load_spec
 
     path, state = served
     point_weights_at(monkeypatch, server.url(path.name))
@@ -213,7 +214,7 @@ def test_a_wrong_state_dict_file_is_one_clear_message(served, tmp_path, kind) ->
 
 
 def test_a_state_dict_file_is_read_and_checked(served, tmp_path) -> None:
-    from covid_tune.models import create_model
+    from covid_tune.models.registry import create_model
 
     path, state = served
     assert same_state(load_weights("resnet18", str(path)), state)
@@ -257,7 +258,7 @@ def hanging_server():
                                   "wrong-file"])
 def test_without_weights_the_run_stops_before_training_exit_2_in_seconds(
         served, tmp_path, torch_home, monkeypatch, capsys, hanging_server, case) -> None:
-    from covid_tune.run import main
+    from covid_tune.cli.run import main
 
     path, _ = served
     args = []
@@ -299,9 +300,9 @@ def test_a_resumed_sweep_builds_its_trials_from_this_run_s_references(
     pickled one would hold the previous run's, gone with its Ray session); without references given,
     run_sweep resolves the weights on the driver itself. No Ray is started: Tune's entry points are
     replaced by recorders."""
-    from covid_tune import tuning
-    from covid_tune.plan import expand
-    from covid_tune.spec import load_spec
+    from covid_tune.sweep import tuning
+    from covid_tune.spec.plan import expand
+    from covid_tune.spec.load import load_spec
 
     path, state = served
     point_weights_at(monkeypatch, server.url(path.name))
@@ -338,7 +339,7 @@ DRIVER = """
 import sys
 from torchvision.models import ResNet18_Weights
 ResNet18_Weights.IMAGENET1K_V1.value.url = sys.argv[1]  # the test's seam: in this driver process only
-from covid_tune.run import main
+from covid_tune.cli.run import main
 sys.exit(main(sys.argv[2:]))
 """
 

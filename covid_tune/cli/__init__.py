@@ -1,0 +1,1 @@
+"""The ``covid-tune`` command: ``run``, ``report``, ``predict``; pre-flight, output folder, live console."""

@@ -1,0 +1,1 @@
+"""Engine side: image folders, the decoded-image cache, augmentation on tensors, loaders, synthetic data."""

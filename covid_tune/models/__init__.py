@@ -1,0 +1,1 @@
+"""Engine side: the backbone registry, freeze levels and the frozen-prefix split, pretrained weights."""

@@ -1,0 +1,208 @@
+"""Model registry: backbones with a replaced head and named freeze levels, and a trial's model step.
+
+``create_model(name, num_classes, freeze=..., weights=...)`` builds any backbone of
+:data:`covid_tune.models.backbones.BACKBONES`; the freeze level is applied by :class:`covid_tune.models.freeze.Classifier`
+(frozen parameters, frozen BatchNorm kept in eval mode). :func:`build_trial_model` is the model step
+of a :class:`~covid_tune.engine.training.TrainingRun`: seeded build, device and memory format, frozen-prefix split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from covid_tune.models.backbones import BACKBONES, Backbone, FreezeLevel, TinyCNN  # noqa: F401  (importable from here)
+from covid_tune.models.freeze import (Classifier, PrefixSplit, SplitForward, count_trainable,  # noqa: F401
+                               split_stages, trained_state)
+from covid_tune.engine.hparams import HParams, seed_everything
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be had (missing, offline, download failed, wrong file)."""
+
+
+def backbone_names() -> list[str]:
+    """Every registered backbone, sorted."""
+    return sorted(BACKBONES)
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look up a backbone; the error lists every valid name."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; choose one of: {', '.join(backbone_names())}") from None
+
+
+def freeze_level_names(name: str) -> list[str]:
+    """The freeze levels ``name`` declares, in the registry's order."""
+    return list(get_backbone(name).freeze_levels)
+
+
+def freeze_label(backbone: str, level: str) -> str:
+    """How reports word a freeze level."""
+    return get_backbone(backbone).freeze_levels[level].label
+
+
+# --- building ------------------------------------------------------------------------------
+
+def make_head(in_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+    """The course's head: Linear -> ReLU -> Dropout -> Linear, or one Linear when hidden is 0."""
+    if hidden <= 0:
+        return nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(hidden, num_classes))
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """Where torchvision's weights API caches this backbone's ImageNet file (TORCH_HOME aware)."""
+    weights = get_backbone(backbone).imagenet_weights
+    if weights is None:
+        raise WeightsUnavailable(f"backbone {backbone!r} has no ImageNet weights; use weights: none")
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights().url)
+
+
+def check_weights(backbone: str, weights: str) -> None:
+    """Whether pretrained weights are on disk here, without downloading (a quick pre-flight check)."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        path = imagenet_weights_file(backbone)
+        if not path.is_file():
+            url = get_backbone(backbone).imagenet_weights().url
+            raise WeightsUnavailable(
+                f"ImageNet weights for {backbone} are not on this machine. Place the file {path.name} (from {url}) "
+                f"at {path} (set TORCH_HOME to use another cache folder), give a state_dict file as "
+                f"trainer.weights, or use trainer.weights=none.")
+        return
+    problem = weights_file_problem(Path(weights), backbone)
+    if problem:
+        raise WeightsUnavailable(problem)
+
+
+def weights_file_problem(path: Path, backbone: str) -> str | None:
+    """Why ``trainer.weights: PATH`` cannot be a state_dict file (a folder, nothing there), or None."""
+    if path.is_dir():
+        return (f"trainer.weights: {path} is a directory, expected a state_dict file (.pt/.pth) "
+                f"of the torchvision {backbone} model")
+    if not path.is_file():
+        return (f"trainer.weights: file {path} does not exist "
+                f"(expected a state_dict of the torchvision {backbone} model)")
+    return None
+
+
+def _load_pretrained(net: nn.Module, backbone: str, weights: "str | Mapping[str, torch.Tensor]") -> None:
+    if isinstance(weights, Mapping):  # resolved and checked by the caller (the sweep's driver)
+        state = weights
+    elif weights == "none":
+        return
+    else:  # resolved here, as torchvision would: the cache, else a download (covid_tune.models.weights)
+        from covid_tune.models.weights import load_weights
+
+        state = load_weights(backbone, weights)
+    net.load_state_dict(state)
+
+
+def create_model(name: str, num_classes: int, freeze: str = "none",
+                 weights: "str | Mapping[str, torch.Tensor]" = "none",
+                 head_hidden: int = 240, dropout: float = 0.5) -> Classifier:
+    """Build a registered backbone, load its weights, replace its head and apply a freeze level.
+
+    ``weights``: ``none``, ``imagenet``, a state_dict file, or the backbone's state_dict itself (what
+    a sweep's trials get from the driver, so they never read a file or the network).
+    """
+    spec = get_backbone(name)
+    if freeze not in spec.freeze_levels:
+        raise KeyError(f"backbone {name!r} has no freeze level {freeze!r}; "
+                       f"choose one of: {', '.join(spec.freeze_levels)}")
+    net = spec.build()
+    _load_pretrained(net, name, weights)
+    parent_name, _, attr = spec.head_attr.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
+    head = make_head(old.in_features, num_classes, head_hidden, dropout)
+    if attr.isdigit():
+        parent[int(attr)] = head
+    else:
+        setattr(parent, attr, head)
+    return Classifier(net, spec.freeze_levels[freeze].frozen)
+
+
+def split_frozen_prefix(model: Classifier, backbone: str) -> PrefixSplit:
+    """Split ``model`` (built by :func:`create_model` for ``backbone``) at the end of its frozen prefix.
+
+    Both halves share the model's modules (no copies): training ``rest`` trains the model.
+    A backbone without declared ``stages`` gets an empty prefix.
+    """
+    stages_fn = get_backbone(backbone).stages
+    return split_stages(model, stages_fn(model.net) if stages_fn is not None else [("net", model.net)])
+
+
+# --- the model step of a trial -------------------------------------------------------------
+
+def build_model(hp: HParams, num_classes: int, pretrained: dict | None = None) -> Classifier:
+    """A trial's model as it starts training, on the CPU: :func:`create_model` with ``hp``'s weights
+    (``pretrained``, the backbone's state_dict resolved by the caller, instead of reading ``hp.weights``),
+    right after seeding with ``hp.seed``. The same call gives the same initial state every time, which
+    is where a slim checkpoint's frozen layers come from (:mod:`covid_tune.engine.checkpoints`)."""
+    seed_everything(hp.seed)
+    weights = pretrained if pretrained is not None and hp.weights != "none" else hp.weights
+    return create_model(hp.backbone, num_classes, freeze=hp.freeze, weights=weights,
+                        head_hidden=hp.head_hidden, dropout=hp.dropout)
+
+
+@dataclass(frozen=True)
+class TrialModel:
+    """A trial's model on its device, cut at its frozen prefix.
+
+    ``forward`` runs the prefix without autograd (no activations kept for a backward that never
+    reaches it); it is the model itself when nothing is frozen.
+    """
+
+    model: Classifier
+    split: PrefixSplit
+    forward: nn.Module
+
+    def from_features(self) -> SplitForward:
+        """The layers after the prefix, fed the prefix's outputs (the feature cache)."""
+        return SplitForward(self.model, self.split, from_features=True)
+
+
+def build_trial_model(hp: HParams, num_classes: int, device: torch.device, channels_last: bool = False,
+                      pretrained: dict | None = None) -> TrialModel:
+    """:func:`build_model` moved to ``device`` (NHWC when ``channels_last``) and split at its frozen prefix."""
+    model = build_model(hp, num_classes, pretrained).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    split = split_frozen_prefix(model, hp.backbone)
+    return TrialModel(model, split, SplitForward(model, split) if split else model)
+
+
+# --- exported best checkpoints -------------------------------------------------------------
+
+def save_exported(state_dict: dict, meta: dict, out_dir: Path) -> None:
+    """Write ``model.pt`` (a plain state_dict) and ``model.json`` (how to rebuild and preprocess)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "model.pt.tmp"
+    torch.save(state_dict, tmp)
+    os.replace(tmp, out_dir / "model.pt")
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def load_exported(model_dir: str | Path) -> tuple[Classifier, dict]:
+    """Rebuild a model from ``model.pt`` + ``model.json`` alone, in eval mode."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    model = create_model(meta["backbone"], len(meta["classes"]), freeze=meta["freeze"], weights="none",
+                         head_hidden=meta["head_hidden"], dropout=meta["dropout"])
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval(), meta

@@ -1,0 +1,212 @@
+"""Results -> report: REPORT.md (accuracy and F1 tables), results.csv/json and figures.
+
+``covid-tune report OUTPUT`` rebuilds the report of a finished or interrupted sweep
+from its output folder, without training (missing test evaluations run locally).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from covid_tune.spec import plan as plan_mod
+from covid_tune.results import collect as results_mod
+from covid_tune.report import sections
+from covid_tune.results import stats
+from covid_tune.data.dataset import DatasetError, Duplicates, drop_duplicates, scan_dataset
+# the tables, importable from here as before (``from covid_tune.report.build import metric_table``)
+from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line  # noqa: F401
+from covid_tune.spec.sections import TRAINER_AXES
+from covid_tune.spec.load import Spec, SpecError, validate
+
+SPEC_FILE = "spec.json"
+DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report
+SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Test"))
+
+
+def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
+                 data_checks: dict | None = None) -> Path:
+    """Write REPORT.md, results.csv, results.json and figures under ``out/report``."""
+    from covid_tune.report import figures
+
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    best, comparisons = stats.compare_to_best(rows, spec.scheduler.metric, spec.scheduler.mode)
+    for r in rows:
+        r["vs_best"] = comparisons.get(r["group"])
+    n_val = sum(counts.get("validation", {}).values())
+    stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
+    flat = [flat_row(r) for r in rows]
+    pd.DataFrame(flat, columns=CSV_COLUMNS).to_csv(report_dir / "results.csv", index=False)
+    slim = [{k: v for k, v in r.items() if k not in ("eval", "cam")} | {"eval": _slim_eval(r.get("eval"))}
+            | {"cam": {k: v for k, v in (r.get("cam") or {}).items() if k != "maps"} or None} for r in rows]
+    (report_dir / "results.json").write_text(json.dumps(
+        {"name": spec.name, "data_root": spec.data.root, "classes": classes, "counts": counts, "metric": spec.scheduler.metric,
+         "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
+         "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
+         "seed_agreement": stats.seed_agreement(rows),
+         "rows": slim}, indent=1))
+    figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
+    cams = figures.write_cam_figures(report_dir / "figures", rows, classes)
+
+    show_loss = len({r["loss"] for r in flat}) > 1 or spec.data.label_mode == "multi"
+    f1_name = "macro F1" if spec.data.label_mode == "single" else "support-weighted F1"
+    acc_name = "accuracy" if spec.data.label_mode == "single" else "exact-match accuracy"
+    n_seeds = max(Counter(r["group"] for r in flat).values(), default=0)
+    md = sections.interrupted_banner(rows) + [f"# {spec.name}", "",
+          f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
+          + "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()) + ".",
+          *sections.duplicates_lines(data_checks),
+          f"Best epoch per configuration chosen by `{spec.scheduler.metric}`"
+          + {"best": "", "ema": " smoothed by an EMA (alpha 0.5)", "mean3": " averaged with its neighbouring epochs"}[
+              spec.scheduler.select]
+          + f"; up to {spec.trainer.epochs} epochs"
+          + (", " + sections.asha_text(spec) + "." if spec.scheduler.asha else "."),
+          "",
+          "## Accuracy", "", metric_table(flat, "acc", show_loss, sections.p_cells(comparisons, best)), "",
+          sections.comparison_line(rows, comparisons, best, spec.scheduler.metric), "",
+          "## F1-score", "", metric_table(flat, "f1", show_loss), "",
+          f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
+          "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
+          + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""),
+          "", paths_line(flat), ""]
+    pct = sections.pct
+    ci_rows = [[f["config_id"], pct(f["test_acc"]), f"[{pct(f['test_acc_ci_low'])}, {pct(f['test_acc_ci_high'])}]",
+                (r.get("eval") or {}).get("test", {}).get("n", "-")] if f["test_acc"] is not None
+               else [f["config_id"], sections.missing(f), "-", "-"] for f, r in zip(flat, rows)]
+    md += ["## Test accuracy, 95% bootstrap confidence interval", "",
+           tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
+                    disable_numparse=True), ""]
+    md += sections.stopped_section(stopped)
+    md += sections.per_class_table(rows, classes)
+    md += sections.source_table(rows)
+    md += sections.shortcut_section(rows, spec.data.label_mode)
+    problems = [r for r in flat if r["status"] not in ("ok",)]
+    if problems:
+        md += ["## Incomplete configurations", ""]
+        md += [f"- `{r['config_id']}`: " + ("error" if r["status"] == "error" else sections.missing_reason(r))
+               for r in problems] + [""]
+    md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
+    md += figures.cam_markdown(cams, rows)
+    (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
+    return report_dir / "REPORT.md"
+
+
+def _slim_eval(ev: dict | None) -> dict | None:
+    """The evaluation without per-image outcomes, except the test split's (paired tests need them)."""
+    if not ev:
+        return None
+    return {s: {k: v for k, v in m.items() if k not in ("probs", "files") and (k != "correct" or s == "test")}
+            for s, m in ev.items()}
+
+
+def load_rows(out: Path) -> list[dict]:
+    """The result rows of ``out/report/results.json`` (history, status, test metrics per configuration)."""
+    return json.loads((out / "report" / "results.json").read_text())["rows"]
+
+
+def save_spec(out: Path, spec: Spec) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+
+
+def save_data_checks(out: Path, duplicates) -> None:
+    """Record the data checks (a :class:`~covid_tune.data.dataset.Duplicates`, or None when none ran) in the output."""
+    if duplicates is not None:
+        (out / DATA_CHECKS_FILE).write_text(json.dumps({"duplicates": duplicates.to_dict()}, indent=1))
+
+
+def load_data_checks(out: Path) -> dict | None:
+    """``data-checks.json`` of an output folder; None when absent or unreadable (older sweeps)."""
+    try:
+        return json.loads((out / DATA_CHECKS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_saved_spec(out: Path) -> Spec:
+    """The spec saved in ``out/spec.json``, its paths rebased onto ``out``: the output itself, and Tune's
+    storage and the data where they lived under the folder it was written in. A copied or moved output
+    folder thus reads its own trials, never the original's (spec.json stores absolute paths)."""
+    path = out / SPEC_FILE
+    if not path.is_file():
+        raise SpecError(f"{out} is not a covid_tune output folder (no {SPEC_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SpecError(f"{path} is not valid JSON: {exc}") from None
+    return validate(rebase(raw, out))
+
+
+def rebase(raw: dict, out: Path) -> dict:
+    """A raw saved spec with ``output`` set to ``out``, and ``ray.storage_path`` and ``data.root`` moved along
+    where they were inside the old output folder (other paths, e.g. a data tree elsewhere, are kept)."""
+    if not isinstance(raw, dict) or not raw.get("output"):
+        return raw
+    old, out = Path(raw["output"]), Path(out).resolve()
+    raw = {**raw, "output": str(out)}
+    for section, key in (("ray", "storage_path"), ("data", "root")):
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and "://" not in value and Path(value).is_relative_to(old):
+            raw[section] = {**raw[section], key: str(out / Path(value).relative_to(old))}
+    return raw
+
+
+def dataset_root(spec: Spec) -> Path:
+    """The data folder of a spec: its root, or the synthetic data written under the output."""
+    return Path(spec.data.root) if spec.data.root else spec.output_dir / "synthetic-data"
+
+
+def sweep_index(spec: Spec, checks: dict | None = None):
+    """The data a sweep used, read again: the scanned tree less the duplicates that ``data.on_duplicate:
+    drop`` removed (as recorded in ``data-checks.json``)."""
+    index = scan_dataset(dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+    dups = (checks or {}).get("duplicates")
+    if dups and dups.get("action") == "drop":
+        index = drop_duplicates(index, Duplicates.from_dict(dups))
+    return index
+
+
+def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None, index=None) -> Path:
+    """Collect trials, export and evaluate best checkpoints (default: here, with the spec's ``report``
+    settings), write the report. Returns REPORT.md."""
+    if evaluator is None:
+        def evaluator(dirs, idx):
+            return results_mod.evaluate_locally(dirs, idx, spec.report.model_dump())
+    plan = plan_mod.expand(spec)
+    checks = load_data_checks(out)
+    if index is None:
+        index = sweep_index(spec, checks)
+    if spec.remote_storage:
+        results_mod.download_experiment(spec)
+    trials_path = out / results_mod.TRIALS_FILE
+    status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
+    rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
+                                status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)
+    return write_report(out, spec, rows, index.classes, index.counts(), checks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="covid-tune report",
+                                     description="Rebuild REPORT.md, results.csv/json and figures of a sweep's "
+                                                 "output folder without training.")
+    parser.add_argument("output", type=Path, help="the sweep's output folder (holds spec.json)")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_saved_spec(args.output.resolve())
+        path = build(args.output.resolve(), spec)
+    except (SpecError, DatasetError) as exc:
+        print(f"covid_tune: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

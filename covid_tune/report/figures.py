@@ -1,0 +1,198 @@
+"""Report figures: loss and accuracy curves per configuration, test confusion matrices.
+
+Each PNG carries a digest of what it shows (its data and title, in the PNG's Description text):
+a figure whose digest matches is not drawn again. The sweep draws a configuration's figures as
+soon as its trial is evaluated, while other trials train, and the report then finds them current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FIGURE_VERSION = 1  # part of every digest: bump it when the drawing changes, so old files are redrawn
+
+
+def _digest(*content) -> str:
+    return hashlib.sha256(json.dumps([FIGURE_VERSION, *content], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _current(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a PNG already showing exactly what ``digest`` describes."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.text.get("Description") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def _curve(path: Path, history: list[dict], key: str, title: str) -> None:
+    epochs = [h["epoch"] for h in history]
+    digest = _digest("curve", title, epochs, [[h[f"{s}_{key}"] for h in history] for s in ("train", "val")])
+    if _current(path, digest):
+        return
+    fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=80)
+    for split, style in (("train", "-o"), ("val", "-s")):
+        ax.plot(epochs, [h[f"{split}_{key}"] for h in history], style, ms=3,
+                label="train" if split == "train" else "validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Description": digest})
+    plt.close(fig)
+
+
+def _matrix(ax, cm: np.ndarray, xlabels: list[str], ylabels: list[str], title: str) -> None:
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(xlabels)), xlabels, fontsize=8)
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
+    ax.set_xlabel("predicted", fontsize=8)
+    ax.set_ylabel("true", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black", fontsize=8)
+
+
+def _confusion(path: Path, confusion: list, classes: list[str], label_mode: str, title: str) -> None:
+    cm = np.asarray(confusion)
+    digest = _digest("confusion", title, cm.tolist(), classes, label_mode)
+    if _current(path, digest):
+        return
+    if label_mode == "single":
+        fig, ax = plt.subplots(figsize=(3.2 + 0.4 * len(classes), 3.0 + 0.3 * len(classes)), dpi=80)
+        _matrix(ax, cm, classes, classes, title)
+    else:  # one 2x2 matrix per class, scikit-learn's multilabel_confusion_matrix layout
+        fig, axes = plt.subplots(1, len(classes), figsize=(2.8 * len(classes), 3.0), dpi=80)
+        for ax, c, m in zip(np.atleast_1d(axes), classes, cm):
+            _matrix(ax, m, [f"not {c}", c], [f"not {c}", c], c)
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Description": digest})
+    plt.close(fig)
+
+
+def write_figures(fig_dir: Path, rows: list[dict], classes: list[str], label_mode: str) -> dict[str, dict[str, str]]:
+    """Per configuration: ``<id>_loss.png``, ``<id>_acc.png``, ``<id>_confusion.png`` (test split) and,
+    for multi-label tasks, ``<id>_confusion_train.png`` and ``<id>_confusion_validation.png``.
+
+    Each row needs ``config_id``, ``history``, ``eval`` and ``best_epoch``; current files are kept."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, dict[str, str]] = {}
+    for row in rows:
+        cid, files = row["config_id"], {}
+        if row["history"]:
+            for key, label in (("loss", "loss"), ("acc", "accuracy")):
+                _curve(fig_dir / f"{cid}_{key}.png", row["history"], key, f"{cid}: {label}")
+                files[key] = f"figures/{cid}_{key}.png"
+        # single-label: the test matrix; multi-label: per-class 2x2 matrices for every split
+        splits = ("test",) if label_mode == "single" else ("train", "validation", "test")
+        for split in splits:
+            ev = (row.get("eval") or {}).get(split)
+            if ev:
+                key = "confusion" if split == "test" else f"confusion_{split}"
+                _confusion(fig_dir / f"{cid}_{key}.png", ev["confusion"], classes, label_mode,
+                           f"{cid}: {split} confusion (epoch {row['best_epoch']})")
+                files[key] = f"figures/{cid}_{key}.png"
+        written[cid] = files
+    return written
+
+
+def markdown(figs: dict[str, dict[str, str]], rows: list[dict], axes: tuple[str, ...] = ()) -> list[str]:
+    """REPORT.md's figure section: curves and confusion matrix of each configuration.
+
+    Each heading names backbone, layers, loss, the trainer settings ``axes`` (those that vary) and seed."""
+    lines = ["## Curves and confusion matrices", ""]
+    for row in rows:
+        files = figs.get(row["config_id"], {})
+        if not files:
+            continue
+        settings = "".join(f", {a} {row[a]:g}" if isinstance(row[a], float) else f", {a} {row[a]}" for a in axes)
+        lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}{settings}, seed {row['seed']}", ""]
+        order = ("loss", "acc", "confusion_train", "confusion_validation", "confusion")
+        lines += [" ".join(f"![{k}]({files[k]})" for k in order if k in files), ""]
+    return lines
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------
+
+def display_crop(path: str, image_size: int, grayscale: bool) -> np.ndarray:
+    """The evaluation crop of an image file, unnormalized, as (H, W, 3) floats in [0, 1]."""
+    from torchvision import transforms as T
+
+    from covid_tune.data.dataset import load_image
+
+    crop = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)])(load_image(path, grayscale))
+    return np.asarray(crop, dtype=np.float32) / 255.0
+
+
+def cam_tiles(path: Path, crops: list[np.ndarray], maps: list[np.ndarray], titles: list[str], title: str = "",
+              ncols: int = 4) -> None:
+    """One figure: each crop with its Grad-CAM map overlaid (jet, half transparent) and its title."""
+    n = len(crops)
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.5 * nrows + 0.3), dpi=80, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, crop, m, t in zip(axes.flat, crops, maps, titles):
+        h, w = crop.shape[:2]
+        ax.imshow(crop, extent=(0, w, h, 0))
+        ax.imshow(np.asarray(m, dtype=np.float32), cmap="jet", alpha=0.45, vmin=0, vmax=np.max(m) or 1,
+                  extent=(0, w, h, 0), interpolation="bilinear")
+        ax.set_title(t, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_cam_figures(fig_dir: Path, rows: list[dict], classes: list[str]) -> dict[str, str]:
+    """``<id>_gradcam.png`` per configuration with a Grad-CAM sample (test images whose files still exist)."""
+    import json
+
+    from covid_tune.engine.explain import label_names
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    for row in rows:
+        cam = row.get("cam")
+        if not cam or not row.get("checkpoint"):
+            continue
+        meta = json.loads((Path(row["checkpoint"]).parent / "model.json").read_text())
+        try:
+            crops = [display_crop(p, meta["image_size"], meta["grayscale"]) for p in cam["paths"]]
+        except OSError:  # the data moved since the sweep: no figure rather than no report
+            continue
+        titles = [f"true: {classes[t]}\npred: {label_names(p, classes)}" for t, p in zip(cam["labels"], cam["pred"])]
+        cid = row["config_id"]
+        cam_tiles(fig_dir / f"{cid}_gradcam.png", crops, cam["maps"], titles,
+                  f"{cid}: Grad-CAM of the predicted class (test, epoch {row['best_epoch']})")
+        written[cid] = f"figures/{cid}_gradcam.png"
+    return written
+
+
+def cam_markdown(cams: dict[str, str], rows: list[dict]) -> list[str]:
+    """REPORT.md's Grad-CAM section: one figure per configuration."""
+    if not cams:
+        return []
+    lines = ["## Grad-CAM: where each best checkpoint looks", "",
+             "A fixed, seeded sample of test images per class (true and predicted label on each tile), overlaid with "
+             "the Grad-CAM map of the predicted class (red = most weight). Maps on the lungs are what a radiologist "
+             "would hope for; maps on text, corners or borders suggest a shortcut (see the shortcut check).", ""]
+    for row in rows:
+        if row["config_id"] in cams:
+            lines += [f"### {row['sr']}. {row['config_id']}", "", f"![gradcam]({cams[row['config_id']]})", ""]
+    return lines

@@ -1,0 +1,288 @@
+"""Trials -> results: read Tune's trial folders, pick and export each configuration's best
+checkpoint, evaluate it once, and assemble one result row per configuration.
+
+Reads the experiment folder as files (``params.json``, ``result.json``, ``checkpoint_*/``), so
+it needs no running Ray and works on interrupted sweeps too.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from covid_tune.engine import training as engine
+from covid_tune.results import selection
+from covid_tune.data.cache import DecodedSplits
+from covid_tune.data.dataset import DatasetIndex, encode_targets
+from covid_tune.data.loaders import TensorLoader
+from covid_tune.engine.losses import build_loss
+from covid_tune.engine.metrics import bootstrap_ci
+from covid_tune.engine.explain import explain_split
+from covid_tune.spec.sections import TRAINER_AXES, ReportSpec
+from covid_tune.spec.load import Spec
+from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
+from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
+
+EVAL_FILE = "eval.json"
+TRIALS_FILE = "trials.json"  # written by the sweep: each trial's final status
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1")
+MODE_KEYS = ("decoded_cache", "feature_cache", "augmented", "gpu", "compiled")  # which paths an epoch took (0/1)
+
+
+@dataclass
+class TrialRecord:
+    """What one trial left on disk."""
+
+    config_id: str
+    trial_dir: Path
+    history: list[dict]  # one row per reported epoch (HISTORY_KEYS, MODE_KEYS, time_total_s, hostname, node_ip, node_id)
+    checkpoints: dict[int, Path] = field(default_factory=dict)  # epoch -> checkpoint folder
+    broken: list[str] = field(default_factory=list)  # checkpoints that did not load
+
+
+def _read_history(path: Path) -> list[dict]:
+    rows: dict[int, dict] = {}
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a crash
+            continue
+        if "epoch" in r:
+            rows[int(r["epoch"])] = {k: r.get(k) for k in HISTORY_KEYS + MODE_KEYS
+                                     + ("time_total_s", "hostname", "node_ip", "node_id")}
+    return [rows[e] for e in sorted(rows)]
+
+
+def _checkpoint_epoch(folder: Path) -> int:
+    """The epoch a checkpoint folder holds; raises if the folder is incomplete or unreadable."""
+    metrics = json.loads((folder / METRICS_FILE).read_text())
+    # memory-mapped: reads the archive's index and record headers, which a cut-off file lacks, not every tensor
+    torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return int(metrics["epoch"])
+
+
+def read_trial(config_id: str, trial_dir: Path, result_file: Path | None = None) -> TrialRecord:
+    """One trial folder: its history (from ``result_file``, default the folder's result.json) and the
+    checkpoints that load."""
+    rec = TrialRecord(config_id, trial_dir, _read_history(result_file or trial_dir / "result.json"))
+    for folder in sorted(trial_dir.glob("checkpoint_*")):
+        try:
+            rec.checkpoints[_checkpoint_epoch(folder)] = folder
+        except Exception as exc:
+            rec.broken.append(f"{folder}: {type(exc).__name__}: {exc}")
+    return rec
+
+
+def collect(experiment: Path) -> dict[str, TrialRecord]:
+    """Every trial under a Tune experiment folder, keyed by config id."""
+    records: dict[str, TrialRecord] = {}
+    for params in sorted(Path(experiment).glob("*/params.json")):
+        trial_dir = params.parent
+        try:
+            cid = json.loads(params.read_text()).get("config_id")
+        except json.JSONDecodeError:  # a trial folder Tune was still creating when the sweep stopped
+            continue
+        if cid is None:
+            continue
+        rec = read_trial(cid, trial_dir)
+        if cid in records and len(records[cid].history) >= len(rec.history):
+            continue
+        records[cid] = rec
+    return records
+
+
+def best_epoch(rec: TrialRecord, metric: str, mode: str, rule: str = "best") -> int | None:
+    """The epoch with the best ``metric`` (smoothed by ``rule``, :mod:`covid_tune.results.selection`) among those
+    whose checkpoint exists (earliest on ties)."""
+    return selection.pick_epoch(rec.history, metric, mode, rule, candidates=rec.checkpoints)
+
+
+def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric: str, mode: str,
+                out_dir: Path, pretrained: dict | None = None, rule: str = "best") -> Path | None:
+    """Write ``out_dir/<config_id>/model.pt`` + ``model.json`` for the trial's best epoch (by ``rule``).
+
+    ``pretrained`` (the backbone's state_dict) rebuilds a slim checkpoint's frozen layers; without it
+    they come from ``hp.weights`` as the driver resolves them (torchvision's cache or the file)."""
+    epoch = best_epoch(rec, metric, mode, rule)
+    if epoch is None:
+        return None
+    target = out_dir / rec.config_id
+    meta_path = target / "model.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("epoch") == epoch:
+        return target
+    state = torch.load(rec.checkpoints[epoch] / STATE_FILE, map_location="cpu", weights_only=True)
+    row = next(r for r in rec.history if r["epoch"] == epoch)
+    meta = {
+        **asdict(hp), "config_id": rec.config_id, "classes": classes, "epoch": epoch,
+        "metrics": {k: row[k] for k in HISTORY_KEYS if k != "epoch"},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "preprocess": f"grayscale={hp.grayscale}; Resize(round({hp.image_size}*256/224)); CenterCrop({hp.image_size})",
+        "source_checkpoint": str(rec.checkpoints[epoch]),
+    }
+    (target / EVAL_FILE).unlink(missing_ok=True)
+    # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one
+    save_exported(engine.full_model_state(hp, len(classes), state, pretrained), meta, target)
+    return target
+
+
+def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, device: torch.device,
+                 decoded: DecodedSplits | None):
+    """The split's evaluation crops: from the decoded cache where it holds the split (the same pixels as
+    the PIL path, without decoding every file once more per configuration), else from the files."""
+    if decoded is not None and split in decoded.arrays:
+        targets = encode_targets(index.labels(split), index.classes, meta["label_mode"], meta["implies"])
+        return TensorLoader(decoded[split], targets, meta["image_size"], batch_size, device=device)
+    return engine.make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
+                              grayscale=meta["grayscale"])
+
+
+def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
+                    decoded: DecodedSplits | None = None, explain: dict | None = None) -> dict:
+    """Evaluate an exported model on train (no augmentation), validation and test; cached in eval.json.
+
+    ``decoded`` (the sweep's decoded cache) serves the splits it holds (train and validation).
+    On test it also stores each image's class probabilities (``probs``, ``files``), the shortcut check
+    and the Grad-CAM sample (:mod:`covid_tune.engine.explain`), as ``explain`` (``ReportSpec.model_dump()``,
+    default: the spec's defaults) asks."""
+    model_dir = Path(model_dir)
+    cache = model_dir / EVAL_FILE
+    model, meta = load_exported(model_dir)
+    explain = explain or ReportSpec().model_dump()
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("epoch") == meta["epoch"] and cached.get("explain_settings") == explain:
+            return cached
+    device = engine.default_device()
+    model.to(device)
+    loss_fn = build_loss(meta["loss"], meta["focal_alpha"], meta["focal_gamma"])
+    if decoded is not None:
+        try:
+            decoded.check(index, meta["image_size"], meta["grayscale"])
+        except ValueError:  # made for other settings or another index: decode from the files
+            decoded = None
+    out = {"epoch": meta["epoch"], "splits": {}, "explain_settings": explain}
+    for split in ("train", "validation", "test"):
+        loader = _eval_loader(index, split, meta, batch_size, device, decoded)  # test's is read again below
+        res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"], len(meta["classes"]))
+        correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
+        out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),
+                                "acc_ci95": list(bootstrap_ci(correct)), "correct": correct.astype(int).tolist()}
+    probs, out["shortcut"], out["cam"] = explain_split(model, meta, loader, index.labels("test"), index.paths("test"),
+                                                       device, explain["shortcut_check"], explain["gradcam"])
+    out["splits"]["test"].update(probs=probs, files=index.paths("test"))
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(cache)
+    return out
+
+
+Evaluator = Callable[[list[Path], DatasetIndex], list[dict]]
+
+
+def evaluate_locally(model_dirs: list[Path], index: DatasetIndex, explain: dict | None = None) -> list[dict]:
+    return [evaluate_export(d, index, explain=explain) for d in model_dirs]
+
+
+def evaluator_for(explain: dict) -> Callable[..., dict]:
+    """:func:`evaluate_export` with the spec's ``report`` settings bound (a plain function, for Ray tasks)."""
+    def evaluate(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
+                 decoded: DecodedSplits | None = None) -> dict:
+        return evaluate_export(model_dir, index, batch_size, decoded, explain)
+    return evaluate
+
+
+def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIndex, metric: str, mode: str,
+             out_dir: Path, trial_status: dict[str, dict] | None = None,
+             evaluator: Evaluator = evaluate_locally, rule: str = "best", asha: bool = True) -> list[dict]:
+    """One row per planned configuration: best epoch (by ``metric`` smoothed by ``rule``), its validation
+    score under that rule (``select_score``), exported checkpoint, train/val/test metrics.
+
+    ``stopped_early`` (ASHA cut it) only with ``asha``: a trial cut short otherwise is "interrupted"
+    (trials.json) or "incomplete" (no trials.json), never stopped by ASHA."""
+    records = collect(experiment)
+    rows, to_eval = [], []
+    for sr, (cid, hp) in enumerate(plan.items(), 1):
+        rec = records.get(cid)
+        # no trials.json: the sweep was interrupted before Tune finished
+        status = (trial_status or {}).get(cid, {}).get("status", "incomplete")
+        row = {"sr": sr, "config_id": cid, "group": hp.group, "backbone": hp.backbone, "freeze": hp.freeze,
+               "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed,
+               "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "select_score": None,
+               "stopped_early": False,
+               "status": status if rec else "not started", "checkpoint": None, "history": [],
+               "node": None, "node_ip": None, "node_id": None, **dict.fromkeys(MODE_KEYS)}
+        row.update({k: getattr(hp, k) for k in TRAINER_AXES})
+        if rec is not None:
+            for problem in rec.broken:
+                warnings.warn(f"{cid}: skipping unreadable checkpoint {problem}", stacklevel=2)
+            row["history"] = rec.history
+            row["epochs_trained"] = len(rec.history)
+            last = rec.history[-1] if rec.history else {}
+            row["node"] = last.get("hostname")
+            row["node_ip"] = last.get("node_ip")
+            row["node_id"] = last.get("node_id")
+            row.update({k: last.get(k) for k in MODE_KEYS})
+            row["stopped_early"] = asha and status == "ok" and 0 < len(rec.history) < hp.epochs
+            target = export_best(rec, hp, index.classes, metric, mode, out_dir, rule=rule)
+            if target is not None:
+                row["best_epoch"] = json.loads((target / "model.json").read_text())["epoch"]
+                row["select_score"] = selection.score_at(rec.history, metric, rule, row["best_epoch"])
+                row["checkpoint"] = str(target / "model.pt")
+                to_eval.append((row, target))
+        rows.append(row)
+    sources = source_groups(index, "test")
+    if to_eval:
+        for (row, _), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):
+            row["eval"] = ev["splits"]
+            row["shortcut"], row["cam"] = ev.get("shortcut"), ev.get("cam")
+            if sources is not None:
+                row["test_by_source"] = accuracy_by_group(ev["splits"]["test"]["correct"], sources)
+    return rows
+
+
+def source_groups(index: DatasetIndex, split: str, column: str = "source_dataset") -> list[str] | None:
+    """Each image's ``column`` value from ``ROOT/manifest.csv`` (None when there is no such manifest)."""
+    import pandas as pd
+
+    manifest = index.root / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    table = pd.read_csv(manifest)
+    if column not in table.columns or "file" not in table.columns:
+        return None
+    lookup = dict(zip(table["file"].astype(str), table[column].astype(str)))
+    return [lookup.get(str(Path(p).relative_to(index.root)), "unknown") for p in index.paths(split)]
+
+
+def accuracy_by_group(correct: list[int], groups: list[str]) -> dict[str, dict]:
+    """Accuracy and count of per-sample 0/1 outcomes within each group."""
+    out: dict[str, dict] = {}
+    for g in sorted(set(groups)):
+        hits = [c for c, gg in zip(correct, groups) if gg == g]
+        out[g] = {"n": len(hits), "acc": sum(hits) / len(hits)}
+    return out
+
+
+def download_experiment(spec: Spec) -> Path:
+    """Copy a remote (URI) experiment to ``spec.experiment_dir`` so results can be read as files."""
+    import pyarrow.fs  # comes with ray[tune]; reads s3://, gs://, hdfs:// and file:// alike
+
+    target = spec.experiment_dir
+    target.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(spec.experiment_path, str(target))
+    return target
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(arr) == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

@@ -1,0 +1,1 @@
+"""The sweep spec (YAML + ``--set`` -> a validated, frozen ``Spec``) and its plan (one ``HParams`` per trial)."""

@@ -1,0 +1,243 @@
+"""The sections of a sweep spec (data, grid, trainer, scheduler, resources, ray, report) as frozen
+pydantic models, each checking its own keys; :mod:`covid_tune.spec.load` puts them together, checks what
+spans sections and loads YAML."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from covid_tune.models import registry as models
+from covid_tune.engine import schedule
+from covid_tune.engine.losses import LOSSES
+
+TRAINER_AXES = ("optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
+METRICS = ("val_acc", "val_f1", "val_loss")
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true/false as 1/0 wherever a number is expected (`resources.cpus=true`)
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+# every number of a spec: like int/float, but a YAML true/false is refused instead of read as 1/0
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSpec(Section):
+    """A generated dataset (written under ``OUTPUT/synthetic-data``) instead of a folder."""
+
+    classes: list[str] = Field(default=["infected", "normal"], min_length=2)
+    train: Int = Field(60, ge=1, description="images per class in train")
+    validation: Int = Field(20, ge=1)
+    test: Int = Field(20, ge=1)
+    image_size: Int = Field(64, ge=16, le=512)
+    seed: Int = 0
+
+
+class DataSpec(Section):
+    root: Optional[str] = None
+    synthetic: Optional[SyntheticSpec] = None
+    class_map: dict[str, str] = {}
+    image_size: Int = Field(224, ge=16, le=1024)
+    label_mode: Literal["single", "multi"] = "single"
+    implies: dict[str, list[str]] = {}
+    threshold: Float = Field(0.5, gt=0, lt=1)
+    on_bad_file: Literal["error", "skip"] = "error"
+    on_duplicate: Literal["warn", "error", "drop"] = Field(
+        "warn", description="an image of validation or test whose decoded pixels equal one of an earlier split: "
+                            "warn (kept, named in the console and REPORT.md), error (refused before training), "
+                            "drop (removed from the later split)")
+    grayscale: bool = True
+    augment: bool = True
+    num_workers: Int = Field(0, ge=0)
+    cache: bool = Field(True, description="decode + resize every image once into OUTPUT/cache (uint8), "
+                                          "augment as tensors on the trial's device; false = PIL DataLoader")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.root is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data)")
+        if self.implies and self.label_mode != "multi":
+            raise ValueError("data.implies needs data.label_mode: multi")
+        if self.synthetic is not None and len({self.class_map.get(c, c) for c in self.synthetic.classes}) < 2:
+            raise ValueError(f"data.class_map merges every class of data.synthetic.classes {self.synthetic.classes} "
+                             "into one; a classifier needs at least two classes")
+        return self
+
+
+def _as_list(value: Any) -> Any:
+    return value if value is None or isinstance(value, (list, dict)) else [value]
+
+
+class GridSpec(Section):
+    """Axes whose product is the trial grid. A scalar is a one-value axis."""
+
+    backbone: list[str] = Field(min_length=1)
+    freeze: Union[list[str], dict[str, list[str]]] = ["none"]
+    loss: list[str] = Field(default=["ce"], min_length=1)
+    seed: list[Int] = Field(default=[0], min_length=1)
+    # the same bounds as the trainer keys they replace
+    optimizer: Optional[list[Literal["sgd", "adam"]]] = None
+    lr: Optional[list[Annotated[Float, Field(gt=0)]]] = None
+    lr_schedule: Optional[list[Literal["constant", "cosine"]]] = None
+    momentum: Optional[list[Annotated[Float, Field(ge=0, lt=1)]]] = None
+    weight_decay: Optional[list[Annotated[Float, Field(ge=0)]]] = None
+    batch_size: Optional[list[Annotated[Int, Field(ge=1)]]] = None
+    head_hidden: Optional[list[Annotated[Int, Field(ge=0)]]] = None
+    dropout: Optional[list[Annotated[Float, Field(ge=0, lt=1)]]] = None
+
+    _wrap = field_validator("*", mode="before")(_as_list)
+
+    @field_validator("*")
+    @classmethod
+    def _no_repeats(cls, value: Any) -> Any:
+        # a repeated value would give two trials the same config id
+        lists = value.values() if isinstance(value, dict) else [value] if value is not None else []
+        for values in lists:
+            repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if repeated:
+                raise ValueError(f"repeated value(s) {repeated}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbones(cls, names: list[str]) -> list[str]:
+        return _known(names, models.backbone_names(), "backbone(s)")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_losses(cls, names: list[str]) -> list[str]:
+        return _known(names, list(LOSSES), "loss(es)")
+
+
+def _known(names: list[str], allowed: list[str], what: str) -> list[str]:
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown} (allowed: {', '.join(allowed)})")
+    return names
+
+
+class TrainerSpec(Section):
+    epochs: Int = Field(24, ge=1, description="max epochs per trial (ASHA's max_t unless scheduler.max_t)")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: Float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: epoch e (from 0) trains at lr * (1 + cos(pi * e / epochs)) / 2, so the "
+                                "last epochs change the weights little and their validation scores settle")
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0)
+    batch_size: Int = Field(40, ge=1)
+    head_hidden: Int = Field(240, ge=0)
+    dropout: Float = Field(0.5, ge=0, lt=1)
+    weights: str = Field("none", description="none | imagenet | path to a torchvision state_dict")
+    weights_download: Literal["auto", "never"] = Field(
+        "auto", description="auto = download missing ImageNet weights into $TORCH_HOME/hub/checkpoints (on the "
+                            "driver, once); never = use only files already there (so does COVID_TUNE_OFFLINE=1)")
+    focal_alpha: Optional[Float] = Field(0.25, gt=0, lt=1)
+    focal_gamma: Float = Field(2.0, ge=0)
+    feature_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="configurations with a frozen prefix train the layers after it on the prefix's "
+                            "outputs, computed once; auto = only where exact (data.augment false), on = also "
+                            "with augmentation (outputs of unaugmented images)")
+    feature_cache_gb: Float = Field(2.0, ge=0, description="the most memory (GB) one trial's cached prefix outputs "
+                                                           "may take; over it the prefix runs every step")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast + channels_last on CUDA, float32 on CPU")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the training forward (once per process, reused by every epoch); "
+                            "auto = on CUDA for trials of at least 2,000 steps whose network runs every step, "
+                            "off on CPU")
+
+    @field_validator("feature_cache", "compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+class SchedulerSpec(Section):
+    metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"
+    mode: Optional[Literal["min", "max"]] = None
+    asha: bool = True
+    grace_period: Union[Int, dict[str, Int]] = Field(
+        1, description="epochs before ASHA's first cut; or {freeze_level: epochs}, one per freeze level of the grid")
+    reduction_factor: Float = Field(2.0, gt=1)
+    keep_checkpoints: Int = Field(2, ge=1)
+    # Ray's hedges against cutting late bloomers (ASHAScheduler's own arguments)
+    brackets: Int = Field(1, ge=1, description="ASHA brackets (>1: asynchronous HyperBand); trials are dealt "
+                                               "to brackets at random, bracket s makes its first cut at "
+                                               "grace_period * reduction_factor**s")
+    max_t: Optional[Int] = Field(None, ge=1, description="ASHA's last possible cut (default trainer.epochs); "
+                                                         "below it needs stop_last_trials: false")
+    stop_last_trials: bool = Field(True, description="false: trials that pass ASHA's last rung (max_t) train on "
+                                                     "to trainer.epochs")
+    select: Literal["best", "ema", "mean3"] = Field(
+        "best", description="best-epoch rule on the metric: raw best, best of an EMA (alpha 0.5) or of a centred "
+                            "3-epoch mean; among the kept checkpoints")
+
+    _grace = field_validator("grace_period", mode="before")(lambda v: schedule.parse_grace(v))
+
+    @model_validator(mode="after")
+    def _mode_fits_metric(self) -> "SchedulerSpec":
+        right = "min" if self.metric == "val_loss" else "max"
+        if self.mode is not None and self.mode != right:
+            raise ValueError(f"scheduler.mode {self.mode!r} does not fit metric {self.metric!r} (use {right!r})")
+        object.__setattr__(self, "mode", right)
+        return self
+
+
+class ResourcesSpec(Section):
+    cpus: Float = Field(1.0, gt=0)
+    gpu: Float = Field(0.0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("a fraction of a GPU must be at most 1 (0.25, 0.5, ...); above 1 use whole GPUs")
+        return v
+
+
+class RaySpec(Section):
+    address: Optional[str] = None
+    storage_path: Optional[str] = None
+    max_failures: Int = Field(0, ge=0)
+    max_concurrent: Optional[Int] = Field(None, ge=1)
+
+
+class ShortcutSpec(Section):
+    """Test accuracy with the lung field (a central box) hidden, and with only it kept."""
+
+    enabled: bool = True
+    box_width: Float = Field(0.6, gt=0, lt=1, description="the central box's share of the crop's width")
+    box_height: Float = Field(0.7, gt=0, lt=1, description="the central box's share of the crop's height")
+    margin: Float = Field(0.1, ge=0, lt=1, description="flag a model when the lower end of the 95% interval of "
+                                                       "its accuracy with lungs hidden exceeds the "
+                                                       "majority-class rate by more than this")
+
+
+class GradCamSpec(Section):
+    per_class: Int = Field(4, ge=0, le=32, description="test images per class shown with their Grad-CAM map "
+                                                       "(0 = no Grad-CAM)")
+    seed: Int = 0
+
+
+def _on_off(value: Any) -> Any:
+    # `shortcut_check: false` (or YAML's bare off) turns the whole check off
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class ReportSpec(Section):
+    shortcut_check: ShortcutSpec = ShortcutSpec()
+    gradcam: GradCamSpec = GradCamSpec()
+
+    _switch = field_validator("shortcut_check", mode="before")(_on_off)

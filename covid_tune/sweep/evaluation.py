@@ -1,0 +1,204 @@
+"""Test evaluation of a sweep's best checkpoints on Ray workers: one actor per sweep that exports and
+evaluates each trial's best epoch as the trial ends (reusing the decoded cache in the object store),
+or plain tasks that ship each exported model to a worker on a cluster. :mod:`covid_tune.sweep.tuning`
+decides which, and builds the Tuner that calls back here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray import tune
+
+from covid_tune.data.cache import DecodedSplits
+from covid_tune.data.dataset import DatasetIndex
+from covid_tune.engine.hparams import HParams
+from covid_tune.spec.load import Spec
+
+
+def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], index: DatasetIndex,
+                      **kwargs) -> dict:
+    """``evaluate`` on a copy of an exported model folder written to this worker's disk."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="covid_tune-eval-") as d:
+        for name, blob in files.items():
+            (Path(d) / name).write_bytes(blob)
+        return evaluate(d, index, **kwargs)
+
+
+def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index: DatasetIndex,
+                    cpus: float, gpu: float, ship: bool,
+                    decoded: "DecodedSplits | ray.ObjectRef | None" = None) -> list[dict]:
+    """Run ``evaluate(model_dir, index, decoded=...)`` for each exported model as Ray tasks, where workers are.
+
+    ``decoded`` (the decoded cache; pass :func:`share`'s reference to reuse the sweep's copy) spares
+    each task decoding the splits it holds.
+
+    The exported models live under the driver's output folder. With ``ship``
+    (:func:`covid_tune.sweep.cluster.models_travel`: on a cluster) that folder need not be visible from the workers, so each model's
+    files travel through the object store to a temporary folder on the worker, and the result is
+    cached in the model folder here (``eval.json``), as a local evaluation would.
+    """
+    index_ref = ray.put(index)
+    extra = {} if decoded is None else {"decoded": decoded if isinstance(decoded, ray.ObjectRef) else ray.put(decoded)}
+    if not ship:
+        task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(evaluate)
+        return ray.get([task.remote(str(d), index_ref, **extra) for d in model_dirs])
+    from covid_tune.results.collect import EVAL_FILE
+
+    task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(_evaluate_shipped)
+    refs = []
+    for d in model_dirs:
+        files = {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file() and not f.name.endswith(".tmp")}
+        refs.append(task.remote(evaluate, ray.put(files), index_ref, **extra))
+    outs = ray.get(refs)
+    for d, out in zip(model_dirs, outs):
+        tmp = Path(d) / (EVAL_FILE + ".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(Path(d) / EVAL_FILE)
+    return outs
+
+
+class _Evaluator:
+    """A Ray actor that exports and evaluates best checkpoints, one per node: torch is imported once,
+    the sweep's decoded cache comes zero-copy from the node's object store, and the test split (which
+    trials never read, so it is not in the cache) is decoded once here for every configuration."""
+
+    def __init__(self, index: DatasetIndex, decoded: DecodedSplits | None, cpus: float,
+                 pretrained: "dict[str, ray.ObjectRef] | None" = None, explain: dict | None = None) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))
+        self.index, self.decoded, self._with_test = index, decoded, None
+        self._pretrained = pretrained or {}  # backbone -> reference (the trials' own copy)
+        self._explain = explain  # the spec's report settings: shortcut check, Grad-CAM sample
+
+    def _splits(self) -> DecodedSplits | None:
+        if self.decoded is None or "test" in self.decoded.arrays:
+            return self.decoded
+        if self._with_test is None:
+            from covid_tune.data.cache import build_split
+
+            d = self.decoded
+            test, key, _ = build_split(self.index.paths("test"), d.image_size, d.grayscale, split="test")
+            self._with_test = DecodedSplits({**d.arrays, "test": test}, d.image_size, d.grayscale,
+                                            {**d.keys, "test": key})
+        return self._with_test
+
+    def evaluate(self, model_dir: str) -> dict:
+        from covid_tune.results.collect import evaluate_export
+
+        return evaluate_export(model_dir, self.index, decoded=self._splits(), explain=self._explain)
+
+    def export_and_evaluate(self, rec, hp: HParams, classes: list[str], metric: str, mode: str,
+                            out_dir: Path, figures_dir: Path, label_mode: str) -> tuple[str, dict] | None:
+        """Export the trial's best epoch, evaluate it, and draw its report figures (which the report
+        then finds current)."""
+        from covid_tune.report import figures
+        from covid_tune.results.collect import export_best  # the one best-epoch selection, as the report makes it
+
+        ref = self._pretrained.get(hp.backbone)
+        target = export_best(rec, hp, classes, metric, mode, out_dir, ray.get(ref) if ref is not None else None)
+        if target is None:
+            return None
+        ev = self.evaluate(str(target))
+        row = {"config_id": rec.config_id, "history": rec.history, "eval": ev["splits"], "best_epoch": ev["epoch"]}
+        figures.write_figures(figures_dir, [row], classes, label_mode)
+        return str(target), ev
+
+
+class Evaluations:
+    """The test evaluation of a sweep's best checkpoints, all in one :class:`_Evaluator` actor.
+
+    With ``during_trials``, :meth:`trial_finished` (called by :class:`EvaluateFinishedTrials` as each
+    trial ends) exports that trial's best epoch and evaluates it while the other trials train; the
+    actor then asks Ray for no CPU, so it never holds back a trial (it uses what training leaves idle).
+    Without it (GPU sweeps: an actor holding a GPU share could starve a retried trial), the actor,
+    with a trial's resources, evaluates everything after the trials. :meth:`evaluator` serves the
+    report's evaluation from what is done and evaluates the rest in the same actor.
+    Made by :func:`start_evaluations` for a single-node Ray with local storage.
+    """
+
+    def __init__(self, spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
+                 decoded: "DecodedSplits | ray.ObjectRef | None", during_trials: bool,
+                 pretrained: "dict[str, ray.ObjectRef] | None" = None) -> None:
+        self.spec, self.plan, self.index, self.during_trials = spec, plan, index, during_trials
+        self._pretrained = pretrained
+        self._decoded = decoded if decoded is None or isinstance(decoded, ray.ObjectRef) else ray.put(decoded)
+        self._handle = None
+        self._pending: dict[str, "ray.ObjectRef"] = {}
+        self._done: dict[str, dict] = {}  # model folder -> evaluation
+        self.early = 0  # evaluations started as their trial ended (while others still trained)
+
+    def _actor(self):
+        if self._handle is None:
+            res = self.spec.resources
+            opts = dict(num_cpus=0, num_gpus=0) if self.during_trials else dict(num_cpus=res.cpus, num_gpus=res.gpu)
+            # the decoded cache goes as its reference: the actor maps the object store's copy
+            self._handle = ray.remote(_Evaluator).options(**opts).remote(self.index, self._decoded, res.cpus,
+                                                                          self._pretrained, self.spec.report.model_dump())
+        return self._handle
+
+    def trial_finished(self, trial) -> None:
+        """Export and evaluate a finished trial's best checkpoint (never raises: the report retries)."""
+        from covid_tune.results.collect import read_trial
+
+        try:
+            cid = trial.config["config_id"]
+            rec = read_trial(cid, Path(trial.storage.trial_fs_path),
+                             Path(trial.storage.trial_driver_staging_path) / "result.json")
+            self._pending[cid] = self._actor().export_and_evaluate.remote(
+                rec, self.plan[cid], self.index.classes, self.spec.scheduler.metric, self.spec.scheduler.mode,
+                self.spec.output_dir / "best", self.spec.output_dir / "report" / "figures", self.spec.data.label_mode)
+            self.early += 1
+        except Exception as exc:  # noqa: BLE001
+            print(f"covid_tune: could not start the evaluation of {trial}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+
+    def wait(self) -> None:
+        """Wait for the evaluations started during the trials."""
+        for cid, ref in self._pending.items():
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                print(f"covid_tune: evaluation of {cid} failed, retried for the report: {exc}", file=sys.stderr)
+                continue
+            if out is not None:
+                self._done[out[0]] = out[1]
+        self._pending.clear()
+
+    def evaluator(self, model_dirs: list[Path], index: DatasetIndex) -> list[dict]:
+        """``results.assemble``'s evaluator: finished evaluations of the same epoch, the rest in the actor."""
+        self.wait()
+        out: dict[int, "dict | ray.ObjectRef"] = {}
+        for i, d in enumerate(model_dirs):
+            done = self._done.get(str(d))
+            epoch = json.loads((Path(d) / "model.json").read_text())["epoch"]
+            if done is not None and done.get("epoch") == epoch:
+                out[i] = done
+            else:
+                out[i] = self._actor().evaluate.remote(str(d))
+        return [ray.get(v) if isinstance(v, ray.ObjectRef) else v for _, v in sorted(out.items())]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            ray.kill(self._handle)
+            self._handle = None
+
+
+class EvaluateFinishedTrials(tune.Callback):
+    """Start each trial's test evaluation as soon as it ends (see :class:`Evaluations`)."""
+
+    def __init__(self, evaluations: Evaluations) -> None:
+        self._evaluations: Evaluations | None = evaluations
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        if self._evaluations is not None:
+            self._evaluations.trial_finished(trial)
+
+    def __getstate__(self) -> dict:
+        return {"_evaluations": None}  # actors do not outlive this driver: a restored sweep evaluates after

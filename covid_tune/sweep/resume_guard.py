@@ -1,0 +1,157 @@
+"""What a ``--resume`` must find as covid_tune left it: Tune's state files (Tune unpickles them) and the data.
+
+Tune 2.60's restore (``ray/tune/impl/tuner_internal.py``, ``TuneController.resume`` in
+``ray/tune/execution/tune_controller.py``) unpickles, from the experiment folder's top level:
+``tuner.pkl`` (``pickle.loads``), the newest ``experiment_state-*.json`` (JSON whose non-JSON values are
+embedded cloudpickle blobs, decoded with ``allow_cloudpickle=True``), the search algorithm's
+``basic-variant-state-*.json`` / ``searcher-state-*.pkl`` (``cloudpickle.load``) and the callbacks'
+saved state. Trial folders hold ``params.pkl`` (not read on restore) and checkpoints (read with
+``torch.load(weights_only=True)``). So every regular file at the experiment folder's top level is
+guarded: its SHA-256 is recorded in ``OUTPUT/state-digest.json`` each time Tune writes it during a
+covid_tune run (``resume.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once) and
+when the run ends; ``--resume`` refuses (exit 2) a file whose digest is not among those recorded, an
+unrecorded file, or a folder with no record at all, before Tune reads anything.
+
+The data a sweep started with (``data.root``, ``class_map``, synthetic settings, and a digest of the
+file list: relative paths and sizes) is recorded in ``OUTPUT/data-digest.json`` at the first start;
+``--resume`` with other data is refused the same way.
+
+No Ray here: the check runs before Ray starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from covid_tune.spec.load import Spec
+
+STATE_DIGEST_FILE = "state-digest.json"
+DATA_DIGEST_FILE = "data-digest.json"
+KEEP = 8  # digests kept per file: storage may still hold an older save when the driver is killed mid-copy
+DATA_KEYS = ("root", "class_map", "synthetic")  # the data settings that decide which images and classes
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def guarded_files(folder: Path) -> list[Path]:
+    """The files of an experiment folder that Tune's restore may unpickle (see the module doc)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # a killed driver leaves the old record or the new one, never half of one
+
+
+def record_state(output_dir: Path, digests: dict[str, str]) -> None:
+    """Add ``digests`` (file name -> SHA-256) to ``output_dir/state-digest.json``."""
+    path = Path(output_dir) / STATE_DIGEST_FILE
+    try:
+        known = json.loads(path.read_text()).get("files", {})
+    except (OSError, ValueError):
+        known = {}
+    for name, digest in digests.items():
+        seen = [d for d in known.get(name, []) if d != digest]
+        known[name] = (seen + [digest])[-KEEP:]
+    _write_json(path, {"about": "SHA-256 of the Tune state files covid_tune saw written (--resume checks them)",
+                       "files": known})
+
+
+def record_experiment_state(spec: Spec) -> None:
+    """Record the digests of the experiment folder's guarded files as they are now (a local folder)."""
+    if spec.remote_storage:
+        return
+    files = guarded_files(spec.experiment_dir)
+    if files:
+        record_state(spec.output_dir, {p.name: sha256_file(p) for p in files})
+
+
+def check_state(spec: Spec) -> str | None:
+    """Why Tune's state in ``spec``'s experiment folder must not be restored, or None when every file
+    Tune would unpickle is one covid_tune recorded. Storage URIs are not checked (covid_tune does not
+    own that storage)."""
+    if spec.remote_storage:
+        return None
+    files = guarded_files(spec.experiment_dir)
+    if not files:
+        return None
+    record = Path(spec.output_dir) / STATE_DIGEST_FILE
+    try:
+        known = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return (f"--resume: {record} is missing or unreadable, so nothing says that {files[0]} and the other "
+                "Tune state files are the ones covid_tune wrote; Tune would unpickle them (run code from them). "
+                "Refusing; pass --overwrite to start the sweep again")
+    for path in files:
+        if sha256_file(path) not in known.get(path.name, []):
+            what = "was not written by covid_tune's run" if path.name not in known else "changed"
+            return (f"--resume: {path} {what} since covid_tune last wrote this sweep (its SHA-256 is not in "
+                    f"{record}); Tune would unpickle it (run code from it). Refusing; restore the file, or pass "
+                    "--overwrite to start the sweep again")
+    return None
+
+
+def _data_files(root: Path) -> list[tuple[str, int]]:
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith("."):
+                p = Path(folder, name)
+                out.append((p.relative_to(root).as_posix(), p.stat().st_size))
+    return sorted(out)
+
+
+def data_digest(spec: Spec, root: Path) -> dict:
+    """The data settings and a digest of the files under ``root`` (relative paths and sizes)."""
+    files = _data_files(root)
+    h = hashlib.sha256("".join(f"{p}\t{n}\n" for p, n in files).encode())
+    data = spec.data.model_dump(mode="json")
+    return {"settings": {k: data.get(k) for k in DATA_KEYS}, "root": str(Path(root).resolve()),
+            "files": len(files), "sha256": h.hexdigest(),
+            "folders": sorted({"/".join(p.split("/")[:2]) for p, _ in files if p.count("/") >= 2})}
+
+
+def record_data(spec: Spec, root: Path) -> None:
+    """Record the data the sweep starts with (a new sweep only: a resumed one keeps its first record)."""
+    _write_json(Path(spec.output_dir) / DATA_DIGEST_FILE, data_digest(spec, root))
+
+
+def check_data(spec: Spec, root: Path) -> str | None:
+    """Why ``--resume`` with ``spec``'s data must be refused (other root, classes or files than the sweep
+    started with), or None. A folder without a record (older covid_tune) is not checked."""
+    record = Path(spec.output_dir) / DATA_DIGEST_FILE
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    now = data_digest(spec, root) if Path(root).is_dir() else {"settings": {}, "root": str(root), "files": 0,
+                                                                "sha256": None, "folders": []}
+    changed = [f"data.{k}: {before['settings'].get(k)!r} -> {now['settings'].get(k)!r}" for k in DATA_KEYS
+               if before.get("settings", {}).get(k) != now["settings"].get(k)]
+    if before.get("root") != now["root"]:
+        changed.append(f"data folder {before.get('root')} -> {now['root']}")
+    if not changed and before.get("sha256") != now["sha256"]:
+        changed.append(f"the files under {now['root']} ({before.get('files')} then, {now['files']} now"
+                       + (f"; class folders then {before.get('folders')}, now {now['folders']}"
+                          if before.get("folders") != now["folders"] else "; same names, other sizes or files")
+                       + ")")
+    if changed:
+        return (f"--resume: the data differ from those {spec.output_dir} was started with ({'; '.join(changed)}). "
+                "Resume with the same data, or pass --overwrite to start again")
+    return None
