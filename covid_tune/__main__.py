@@ -1,7 +1,7 @@
-"""``python -m covid_tune SPEC ...`` is ``covid-tune run SPEC ...`` (also ``--version``, ``--help``)."""
+"""``python -m covid_tune COMMAND ...`` is ``covid-tune COMMAND ...``."""
 
 import sys
 
-from covid_tune.cli.run import main
+from covid_tune.cli.main import main
 
 sys.exit(main())

@@ -76,3 +76,16 @@ def test_tune_state_files_the_resume_guard_covers() -> None:
 
     source = inspect.getsource(tune_run._setup_signal_catching)
     assert "TUNE_DISABLE_SIGINT_HANDLER" in source and "SIGUSR1" in source
+def test_tuner_run_config_reads_the_local_tuner(tmp_path) -> None:
+    from ray import tune
+
+    from covid_tune.sweep.ray_internals import tuner_run_config
+
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="x", storage_path=str(tmp_path), verbose=0))
+    assert tuner_run_config(tuner).name == "x"
+
+
+def test_the_worker_output_dispatcher_exists() -> None:
+    from covid_tune.sweep.ray_internals import stdstream_dispatcher
+
+    assert hasattr(stdstream_dispatcher(), "handlers")

@@ -258,7 +258,7 @@ def _combination_problems(raw: dict) -> list[str]:
                 sections[name] = model.model_validate(value)
             except ValidationError:
                 sections[name] = model.model_construct(**value)
-        Spec.__pydantic_decorators__.model_validators["_combinations"].func(Spec.model_construct(**sections))
+        Spec.model_construct(**sections)._combinations()  # the model validator, called as the plain method it is
     except ValueError as exc:
         return str(exc).split("; ")
     except Exception:  # noqa: BLE001 - values too broken to combine; their own errors are reported

@@ -1,2 +1,2 @@
 """The trials on Ray Tune: the only package that imports Ray (cluster, Tuner, trainable, evaluation,
-and ``resume``, the one module with private Ray names)."""
+and ``ray_internals``, the one module with private Ray names)."""

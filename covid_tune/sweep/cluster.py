@@ -80,7 +80,9 @@ def filter_worker_logs(dispatcher=None) -> bool:
     such handler (``log_to_driver`` off, or a Ray whose internals moved)."""
     try:
         if dispatcher is None:
-            from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+            from covid_tune.sweep.ray_internals import stdstream_dispatcher
+
+            dispatcher = stdstream_dispatcher()
         printers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
     except (ImportError, AttributeError, TypeError, ValueError):
         return False

@@ -1,9 +1,11 @@
-"""Resume repair for restored and retried trials: the one place that touches Ray Tune's internals.
+"""The one module that names Ray's private API: resume repair, a restored Tuner's run config, worker logs.
 
 Tune restores a trial from the checkpoint its experiment snapshot names, and that snapshot can lag
 the epochs already reported (see :class:`ResumeFromLastReport`). Mending it needs Tune's private
 bookkeeping: the trial's checkpoint manager (``_checkpoint_results``, ``_latest_checkpoint_result``),
 ``ray.train._internal.session._TrainingResult`` and ``StorageContext.current_checkpoint_index``.
+Two smaller uses live here too: :func:`tuner_run_config` (a restored Tuner's pickled run config,
+given this run's console) and :func:`stdstream_dispatcher` (the workers' forwarded output, filtered).
 Nothing else in covid_tune uses a private Ray name; ``tests/test_resume.py`` checks that each one
 still exists in the installed Ray, so a Ray upgrade that moves them fails there, by name, first.
 """
@@ -304,3 +306,17 @@ class RecordStateDigest(tune.Callback):
 
     def __getstate__(self) -> dict:
         return {"output_dir": self.output_dir, "_seen": {}}
+def tuner_run_config(tuner: tune.Tuner) -> tune.RunConfig:
+    """The run config a (restored) Tuner will use: Tune exposes no setter, and a restored Tuner keeps
+    the callbacks and verbosity it was pickled with."""
+    return tuner._local_tuner.get_run_config()
+
+
+def stdstream_dispatcher():
+    """Ray's dispatcher of the workers' forwarded stdout/stderr (handlers by name), or None where this
+    Ray has none."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher
+    except ImportError:
+        return None
+    return global_worker_stdstream_dispatcher

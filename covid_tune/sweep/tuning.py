@@ -25,7 +25,7 @@ from covid_tune.engine.hparams import HParams
 from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations, evaluate_remote  # noqa: F401
 from covid_tune.results.collect import TRIALS_FILE, download_experiment
 from covid_tune.sweep import resume_guard
-from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport
+from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport, tuner_run_config
 from covid_tune.spec.load import Spec
 from covid_tune.sweep.trainable import release_feature_stores, train_trial
 from covid_tune.models.weights import load_all, state_nbytes
@@ -157,7 +157,7 @@ def _trial_dirname(trial) -> str:
 def _use_console(tuner, view, verbose: int, extra: list | None = None) -> None:
     """Give a (restored) Tuner this run's live view, Tune verbosity and ``extra`` callbacks (its run
     config was pickled; these are added after tuner.pkl is written, so never pickled with it)."""
-    run_config = tuner._local_tuner.get_run_config()
+    run_config = tuner_run_config(tuner)
     run_config.verbose = verbose
     fresh = ([view] if view is not None else []) + list(extra or [])
     run_config.callbacks = [c for c in (run_config.callbacks or [])
