@@ -61,19 +61,24 @@ def test_augmentation_off_is_the_eval_center_crop() -> None:
     assert torch.equal(got, ref)
 
 
+def _affine_crop(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    # the resampling make_batch does, on the 0-1 scale
+    return A._affine_sample(images, theta, size) / 255
+
+
 def test_affine_geometry_identity_flip_rotation_and_crop() -> None:
     x = uint8_images(n=1, size=10)
     one, half, zero = torch.ones(1), torch.full((1,), 0.5), torch.zeros(1)
     no, yes = torch.zeros(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
     as_float = x.float() / 255
-    ident = A.affine_crop(x, A.affine_matrix(one, one, half, half, zero, no), 10)
+    ident = _affine_crop(x, A.affine_matrix(one, one, half, half, zero, no), 10)
     assert torch.allclose(ident, as_float, atol=1e-5)
-    flipped = A.affine_crop(x, A.affine_matrix(one, one, half, half, zero, yes), 10)
+    flipped = _affine_crop(x, A.affine_matrix(one, one, half, half, zero, yes), 10)
     assert torch.allclose(flipped, as_float.flip(-1), atol=1e-5)
-    quarter = A.affine_crop(x, A.affine_matrix(one, one, half, half, torch.full((1,), math.pi / 2), no), 10)
+    quarter = _affine_crop(x, A.affine_matrix(one, one, half, half, torch.full((1,), math.pi / 2), no), 10)
     assert torch.allclose(quarter, torch.rot90(as_float, 1, (2, 3)), atol=1e-4)
     # the top-left 5x5 box, read at 5 px: exactly those pixels
-    corner = A.affine_crop(x, A.affine_matrix(half, half, torch.full((1,), .25), torch.full((1,), .25), zero, no), 5)
+    corner = _affine_crop(x, A.affine_matrix(half, half, torch.full((1,), .25), torch.full((1,), .25), zero, no), 5)
     assert torch.allclose(corner, as_float[..., :5, :5], atol=1e-5)
 
 

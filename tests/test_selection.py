@@ -10,7 +10,8 @@ import pytest
 from covid_tune.results import collect as results
 from covid_tune.engine import schedule
 from covid_tune.results.selection import pick_epoch, score_at, smooth
-from covid_tune.spec.load import SpecError, asha_rungs, validate
+from covid_tune.engine.schedule import asha_rungs
+from covid_tune.spec.load import SpecError, validate
 from covid_tune.sweep.tuning import make_scheduler
 
 # a noisy validation curve: a lone spike at epoch 3, a steady plateau at epochs 6-8

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-EVENTS = ("start", "epoch", "stop", "done", "FAIL", "retry")
 
 
 def fmt_duration(seconds: float) -> str:

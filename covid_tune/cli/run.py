@@ -10,20 +10,20 @@ loading torch or Ray.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
-
-_STARTED = time.perf_counter()  # the run's wall clock starts here, before any heavy import
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING  # noqa: E402
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from covid_tune.data.cache import DecodedSplits
@@ -236,13 +236,15 @@ class StopSignals:
         raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The sweep, from spec to report; returns the exit code (see ``--help``)."""
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """``covid-tune run``: the sweep, from spec to report; returns the exit code (see ``--help``).
+    ``started``: the command's start (``time.perf_counter()``), the zero of the run's wall clock."""
+    started = time.perf_counter() if started is None else started
     stop = StopSignals()
     stop.install()
     try:
         with contextlib.ExitStack() as cleanup:  # the output folder's lock, released however the run ends
-            return _main(argv, stop, cleanup)
+            return _main(argv, stop, cleanup, started)
     except KeyboardInterrupt:
         if stop.signum is None:
             stop.signum = signal.SIGINT
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.uninstall()
 
 
-def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitStack) -> int:
+def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitStack, started: float) -> int:
     args = parse_args(argv)
     from covid_tune.spec.load import SpecError, load_spec  # after --help: these import torch
 
@@ -306,7 +308,7 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
     if problem:
         print(f"covid_tune: {problem}", file=sys.stderr)
         return 2
-    phases: dict[str, float] = {"startup": time.perf_counter() - _STARTED}  # imports, spec, output checks
+    phases: dict[str, float] = {"startup": time.perf_counter() - started}  # imports, spec, output checks
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -393,7 +395,7 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
             evaluations.close()
         tuning.disconnect()  # also on SIGINT/SIGTERM: a Ray this driver started leaves no process behind
     early = evaluations.early if evaluations is not None else 0
-    timing = record_phases(path.parent / "results.json", phases, early)
+    timing = record_phases(path.parent / "results.json", phases, early, started)
     rows = report_mod.load_rows(out)
     for line in summary_lines(rows, spec.scheduler.metric, spec.scheduler.mode, path, out, time.time() - start):
         console.line(line)
@@ -428,6 +430,8 @@ def before_writing(spec: Spec, plan: dict) -> list[str]:
 def _duplicate_action(action: str) -> str:
     return {"warn": "kept, data.on_duplicate: warn", "drop": "removed from the later split, data.on_duplicate: drop"
             }.get(action, f"data.on_duplicate: {action}")
+
+
 def interrupted_text(signame: str, trials: dict[str, dict], spec_path: Path) -> str:
     """The message of a sweep a signal cut: which trials are unfinished, how far they got, what next."""
     cut = [f"{cid} (epoch {t.get('epochs', 0)}/{t.get('epochs_max', '?')})" for cid, t in trials.items()
@@ -437,10 +441,10 @@ def interrupted_text(signame: str, trials: dict[str, dict], spec_path: Path) -> 
             f"`covid-tune run {spec_path} --resume` finishes them")
 
 
-def record_phases(results_json: Path, phases: dict[str, float], early: int) -> dict:
+def record_phases(results_json: Path, phases: dict[str, float], early: int, started: float) -> dict:
     """Add the run's phase times to results.json (``timing``): seconds per phase, the wall clock,
     the fraction of it spent outside the trials, and how many evaluations were done while trials ran."""
-    wall = time.perf_counter() - _STARTED
+    wall = time.perf_counter() - started
     summary = {"phases_s": {k: round(phases.get(k, 0.0), 3) for k in PHASES}, "wall_s": round(wall, 3),
                "outside_trials": round(1 - phases.get("trials", 0.0) / wall, 4) if wall > 0 else 0.0,
                "evaluated_during_trials": early}
@@ -448,12 +452,3 @@ def record_phases(results_json: Path, phases: dict[str, float], early: int) -> d
     data["timing"] = summary
     results_json.write_text(json.dumps(data, indent=1))
     return summary
-
-
-def cli() -> None:
-    """The ``covid_tune`` console script."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -100,11 +100,6 @@ def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     return grid
 
 
-def affine_crop(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """Resample uint8 ``(B, C, S, S)`` images through ``theta`` to float ``(B, C, size, size)`` in [0, 1]."""
-    return _affine_sample(images, theta, size).div_(255)
-
-
 def _affine_sample(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     # sampled on the 0-255 scale: the division folds into the normalization that follows
     grid = affine_grid(theta.to(images.device), size)

@@ -91,6 +91,12 @@ def grace_problems(grace: Grace, levels: Iterable[str], epochs: int) -> list[str
     return problems
 
 
+def asha_rungs(grace_period: float, reduction_factor: float, max_t: float, bracket: int = 0) -> list[float]:
+    """The times at which bracket ``bracket`` of Ray's ASHA judges trials (its formula), earliest first."""
+    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) - bracket + 1)
+    return [grace_period * reduction_factor ** (k + bracket) for k in range(max(n, 0))]
+
+
 def rungs_by_level(grace: Grace, reduction_factor: float, max_t: int, epochs: int,
                    levels: Iterable[str]) -> dict[str, list[int]]:
     """The epochs at which ASHA (one bracket) judges a trial of each freeze level, ascending, up to ``epochs``.
@@ -98,11 +104,10 @@ def rungs_by_level(grace: Grace, reduction_factor: float, max_t: int, epochs: in
     ASHA's rungs are ``g_min * rf**k`` (up to ``max_t``) in its time units; a level reaches rung r at
     epoch ``r * g_level / g_min``, acted on at the first whole epoch at or past it."""
     g = min_grace(grace)
-    n = int(math.log(max_t / g) / math.log(reduction_factor) + 1)
     out = {}
     for level in dict.fromkeys(levels):
         scale = grace_of(grace, level) / g
-        at = {math.ceil(g * reduction_factor ** k * scale - 1e-9) for k in range(n)}
+        at = {math.ceil(r * scale - 1e-9) for r in asha_rungs(g, reduction_factor, max_t)}
         out[level] = sorted(e for e in at if e <= epochs)
     return out
 

@@ -258,12 +258,14 @@ class TrainingRun:
         """Make an epoch running in another thread end at its next batch (with :class:`EpochInterrupted`)."""
         self._stop.set()
 
+    MODE_KEYS = ("decoded_cache", "feature_cache", "augmented", "gpu", "compiled")
+
     @property
     def modes(self) -> dict[str, int]:
         """Which paths this run takes, as 0/1 numbers for the reported metrics."""
-        return {"decoded_cache": int(self.decoded is not None), "feature_cache": int(self.feature_mode != "off"),
-                "augmented": int(self.hp.augment and self.feature_mode == "off"),
-                "gpu": int(self.device.type == "cuda"), "compiled": int(self.compiled)}
+        return dict(zip(self.MODE_KEYS, (int(self.decoded is not None), int(self.feature_mode != "off"),
+                                          int(self.hp.augment and self.feature_mode == "off"),
+                                          int(self.device.type == "cuda"), int(self.compiled))))
 
     def feature_loaders(self) -> tuple[FeatureLoader, FeatureLoader]:
         """Train/validation loaders over the frozen prefix's features, computed on first use.

@@ -6,9 +6,7 @@ from its output folder, without training (missing test evaluations run locally).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from covid_tune.spec.load import Spec, SpecError, validate
 
 SPEC_FILE = "spec.json"
 DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report
-SPLIT_COLUMNS = (("train", "Train"), ("validation", "Validation"), ("test", "Test"))
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
@@ -190,23 +187,3 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
                                 status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)
     return write_report(out, spec, rows, index.classes, index.counts(), checks)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="covid-tune report",
-                                     description="Rebuild REPORT.md, results.csv/json and figures of a sweep's "
-                                                 "output folder without training.")
-    parser.add_argument("output", type=Path, help="the sweep's output folder (holds spec.json)")
-    args = parser.parse_args(argv)
-    try:
-        spec = load_saved_spec(args.output.resolve())
-        path = build(args.output.resolve(), spec)
-    except (SpecError, DatasetError) as exc:
-        print(f"covid_tune: {exc}", file=sys.stderr)
-        return 2
-    print(f"report written: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

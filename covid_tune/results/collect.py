@@ -32,7 +32,7 @@ from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
 EVAL_FILE = "eval.json"
 TRIALS_FILE = "trials.json"  # written by the sweep: each trial's final status
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1")
-MODE_KEYS = ("decoded_cache", "feature_cache", "augmented", "gpu", "compiled")  # which paths an epoch took (0/1)
+MODE_KEYS = engine.TrainingRun.MODE_KEYS  # which paths an epoch took (0/1)
 
 
 @dataclass

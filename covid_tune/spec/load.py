@@ -8,7 +8,6 @@ directory.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -131,12 +130,6 @@ class Spec(Section):
         return Path(self.experiment_path)
 
 
-def asha_rungs(grace_period: int, reduction_factor: float, max_t: int, bracket: int = 0) -> list[float]:
-    """The epochs at which ASHA's bracket ``bracket`` cuts (Ray's formula), earliest first."""
-    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) - bracket + 1)
-    return [grace_period * reduction_factor ** (k + bracket) for k in range(max(n, 0))]
-
-
 def _asha_problems(sched: SchedulerSpec, epochs: int) -> list[str]:
     # in ASHA's time units, where a per-level grace is its smallest value (covid_tune.engine.schedule)
     sched = sched.model_copy(update={"grace_period": schedule.min_grace(sched.grace_period)})
@@ -153,7 +146,7 @@ def _asha_problems(sched: SchedulerSpec, epochs: int) -> list[str]:
         problems.append(f"scheduler.max_t ({max_t}) below trainer.epochs ({epochs}) with stop_last_trials: true "
                         f"would stop every trial at epoch {max_t}; set scheduler.stop_last_trials: false (trials "
                         "that pass the last rung then train to the end) or drop max_t")
-    n_rungs = len(asha_rungs(sched.grace_period, sched.reduction_factor, max_t))
+    n_rungs = len(schedule.asha_rungs(sched.grace_period, sched.reduction_factor, max_t))
     if sched.asha and sched.brackets > max(n_rungs, 1):
         problems.append(f"scheduler.brackets ({sched.brackets}): with grace_period {sched.grace_period}, "
                         f"reduction_factor {sched.reduction_factor:g} and max_t {max_t} ASHA has {n_rungs} rung(s), "
