@@ -166,7 +166,7 @@ def test_check_refuses_a_cache_of_other_settings_or_data(tree: Path) -> None:
 
 
 def test_memory_per_node_figure() -> None:
-    # the README's figure: the course part 1 (about 32,000 images) at 224 px, grayscale
+    # docs/cluster.md's figure (memory per node): the course part 1 (about 32,000 images) at 224 px, grayscale
     assert cache.stored_size(224) == 256
     assert cache.node_memory_bytes(32_000, 224) == 32_000 * 256 * 256
     assert 2.0e9 < cache.node_memory_bytes(32_000, 224) < 2.2e9

@@ -23,21 +23,20 @@ def test_help_lists_every_option() -> None:
         assert option in proc.stdout
 
 
-def test_dry_run_of_demo_lists_its_grid() -> None:
-    proc = run_cli("sweeps/demo.yaml", "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    raw = load_sweep("demo.yaml")
-    n = len(raw["grid"]["backbone"]) * len(raw["grid"]["freeze"]) * len(raw["grid"]["lr"])
-    ids = [ln.split("|")[2].strip() for ln in proc.stdout.splitlines() if ln.startswith("|") and "-s0" in ln]
-    assert len(ids) == n == len(set(ids))
-    assert f"{n} trial(s)" in proc.stdout
-
-
-def test_dry_run_applies_set_overrides() -> None:
-    proc = run_cli("sweeps/demo.yaml", "--dry-run", "--set", "grid.seed=[0,1,2]", "--set", "grid.backbone=tiny_cnn")
+def test_dry_run_applies_set_overrides(tmp_path: Path) -> None:
+    proc = run_cli("sweeps/demo.yaml", "--dry-run", "--set", "grid.seed=[0,1,2]", "--set", "grid.backbone=tiny_cnn",
+                   "--output", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert "8 trial(s)" not in proc.stdout and "12 trial(s)" in proc.stdout
     assert "resnet18" not in proc.stdout and "tiny_cnn-none-ce-lr0.01-s2" in proc.stdout
+
+
+def test_dry_run_without_data_lists_the_grid_and_exits_2(tmp_path: Path) -> None:
+    # every shipped spec's dry run with its data present: tests/test_sweeps.py
+    proc = run_cli("sweeps/part1.yaml", "--dry-run", "--set", f"data.root={tmp_path / 'absent'}",
+                   "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "data folder does not exist" in proc.stderr, proc.stderr
+    assert "8 trial(s)" in proc.stdout  # the grid is listed even though the pre-flight fails
 
 
 def test_bad_spec_exits_2_naming_key_and_allowed_values(tmp_path: Path) -> None:

@@ -162,11 +162,11 @@ def test_predict_uses_the_reports_best_configuration(tiny_raw: dict, tmp_path: P
 
 
 def test_exported_state_dict_loads_into_plain_torchvision(tmp_path: Path) -> None:
-    """The README's recipe: strip ``net.``, give torchvision's model the same head."""
+    """docs/outputs.md's recipe: strip ``net.``, give torchvision's model the same head."""
     torch.manual_seed(0)
     ours = create_model("resnet18", 2, head_hidden=16, dropout=0.2).eval()
     torch.save(ours.state_dict(), tmp_path / "model.pt")
-    # --- README recipe ---
+    # --- docs/outputs.md recipe ---
     state = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
     state = {k.removeprefix("net."): v for k, v in state.items()}
     net = torchvision.models.resnet18(num_classes=2)
