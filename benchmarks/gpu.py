@@ -6,12 +6,11 @@ import os
 import time
 
 import torch
-
-from covid_tune.engine import training as engine
-from covid_tune.data.dataset import DatasetIndex
-from covid_tune.data.loaders import TensorLoader
-
 from common import PEAK_BF16, Sizes, timed
+
+from covid_tune.data.dataset import DatasetIndex
+from covid_tune.data.loaders import TensorLoader, make_loader
+from covid_tune.engine import training as engine
 
 
 def flops_per_image(backbone: str, size: int) -> float:
@@ -92,7 +91,7 @@ def course_gpu_images_per_s(backbone: str, s: Sizes, device: torch.device, index
     torch.manual_seed(0)
     model = create_model(backbone, 2, head_hidden=240).to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    loader = engine.make_loader(index, "train", 224, s.gpu_batch, "single", {}, train=True, augment=True,
+    loader = make_loader(index, "train", 224, s.gpu_batch, "single", {}, train=True, augment=True,
                                 num_workers=workers, seed=0)
     gpu_train_steps(3, loader, model, opt, device)  # warm-up: worker processes, cuDNN autotuning
     t, imgs = timed(lambda: gpu_train_steps(s.gpu_steps, loader, model, opt, device))

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
-import time
 
 import torch
+from common import CPU, Sizes, log, quiet, split_sizes, subset
 
 from covid_tune.data.dataset import DatasetIndex, scan_dataset
-from covid_tune.engine.training import TrainingRun
 from covid_tune.data.loaders import SHUFFLE_STREAM, epoch_generator
-
-from common import CPU, log, quiet, Sizes, split_sizes, subset
-
+from covid_tune.engine.training import TrainingRun
 
 FREEZE_LEVELS = {"resnet18": ["fc_only", "layer1-3", "layer1", "none"], "vgg16": ["fc_only", "conv1-3", "conv1-2", "none"],
                  "tiny_cnn": ["fc_only", "block1", "none"]}
@@ -69,11 +67,11 @@ def best_of(histories: dict[str, list[dict]]) -> tuple[str, int, float]:
 
 def bench_grid(root: Path, class_map: dict, s: Sizes, work: Path, cores: int, ray_start_s: float) -> dict:
     """The course's way vs covid_tune on the same grid."""
-    from covid_tune.spec import plan as plan_mod
-    from covid_tune.results import collect as results_mod
     from covid_tune.cli import run as run_mod
-    from covid_tune.sweep import tuning
+    from covid_tune.results import collect as results_mod
+    from covid_tune.spec import plan as plan_mod
     from covid_tune.spec.load import validate
+    from covid_tune.sweep import tuning
 
     if split_sizes(s.grid_train, s.grid_val):
         root, class_map = subset_tree(scan_dataset(root, class_map), split_sizes(s.grid_train, s.grid_val),

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from common import CPU, Sizes, log, subset, timed
+
 from covid_tune.data import cache as cache_mod
 from covid_tune.data.dataset import DatasetIndex
 from covid_tune.engine.hparams import HParams
 from covid_tune.engine.training import TrainingRun
-
-from common import CPU, log, Sizes, subset, timed
 
 
 def bench_head_cache(index: DatasetIndex, s: Sizes, decoded_cache: Path) -> dict:

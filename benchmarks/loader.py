@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from common import Sizes, machine, subset, timed
 
 from covid_tune.data import cache as cache_mod
-from covid_tune.engine import training as engine
 from covid_tune.data.dataset import DatasetIndex, scan_dataset
-from covid_tune.data.loaders import TensorLoader
+from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.data.synthetic import make_synthetic
-
-from common import machine, Sizes, subset, timed
 
 
 def bench_loader(index: DatasetIndex, s: Sizes, work: Path, cores: int) -> dict:
@@ -31,7 +29,7 @@ def bench_loader(index: DatasetIndex, s: Sizes, work: Path, cores: int) -> dict:
                                                               splits=("train",)))
 
     def pil(workers: int):
-        return engine.make_loader(sub, "train", s.loader_size, s.loader_batch, "single", {}, train=True,
+        return make_loader(sub, "train", s.loader_size, s.loader_batch, "single", {}, train=True,
                                   augment=True, num_workers=workers, seed=0)
 
     tensor = TensorLoader(decoded["train"], sub.labels("train"), s.loader_size, s.loader_batch, shuffle=True,
@@ -68,7 +66,7 @@ def bench_loader_large(s: Sizes, work: Path) -> dict:
     n = len(index.paths("train"))
     build_s, decoded = timed(lambda: cache_mod.build_decoded_cache(index, s.loader_size, True, work / "large-cache",
                                                                    splits=("train",)))
-    loaders = {"pil": engine.make_loader(index, "train", s.loader_size, s.loader_batch, "single", {}, train=True,
+    loaders = {"pil": make_loader(index, "train", s.loader_size, s.loader_batch, "single", {}, train=True,
                                          augment=True, num_workers=0, seed=0),
                "cache": TensorLoader(decoded["train"], index.labels("train"), s.loader_size, s.loader_batch,
                                      shuffle=True, augment=True, seed=0)}

@@ -60,10 +60,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also when loaded by path
 
 import torch  # noqa: E402
-
-from common import (CXR_REAL, FULL, QUICK, REPO, TARGETS, goal, load_data, log, machine, quiet,  # noqa: E402,F401
-                    table, timed, verdict)
-from covid_tune.data.dataset import scan_dataset  # noqa: E402
+from common import CXR_REAL, FULL, QUICK, REPO, TARGETS, goal, load_data, log, machine, quiet, table, timed, verdict  # noqa: E402,F401
 from gpu import bench_gpu, flops_per_image  # noqa: E402,F401
 from grid import bench_grid, best_of  # noqa: E402,F401
 from head_cache import bench_head_cache  # noqa: E402
@@ -71,6 +68,7 @@ from loader import bench_loader, bench_loader_large  # noqa: E402
 from recorded import READING, SECTIONS  # noqa: E402
 from tune_overhead import bench_checkpoint, bench_outside, bench_tune_overhead  # noqa: E402
 
+from covid_tune.data.dataset import scan_dataset  # noqa: E402
 
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
 

@@ -41,10 +41,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
-from covid_tune.engine import training as engine
 from covid_tune.data.cache import build_decoded_cache  # noqa: E402
 from covid_tune.data.dataset import DatasetIndex, encode_targets, scan_dataset  # noqa: E402
 from covid_tune.data.loaders import TensorLoader  # noqa: E402
+from covid_tune.engine import training as engine
 from covid_tune.results.collect import source_groups  # noqa: E402
 from covid_tune.results.selection import pick_epoch  # noqa: E402
 

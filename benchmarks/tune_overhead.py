@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+from common import CPU, REPO, Sizes, log, quiet, split_sizes, subset, timed
 
 from covid_tune.data import cache as cache_mod
 from covid_tune.data.dataset import DatasetIndex
 from covid_tune.engine.hparams import HParams
 from covid_tune.engine.training import TrainingRun
-
-from common import CPU, log, quiet, REPO, Sizes, split_sizes, subset, timed
 
 
 def saved_bytes(state: dict) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from covid_tune.spec import plan as plan_mod
-from covid_tune.report import build as report_mod
-from covid_tune.engine.training import TrainingRun
 from covid_tune.data.dataset import scan_dataset
+from covid_tune.engine.training import TrainingRun
+from covid_tune.report import build as report_mod
+from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import validate
 from covid_tune.sweep.trainable import save_checkpoint
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from covid_tune.data import cache
 from covid_tune.cli import run as run_mod
+from covid_tune.data import cache
 from covid_tune.data.dataset import eval_transform, load_image, scan_dataset
 from covid_tune.data.loaders import TensorLoader
 from covid_tune.spec.load import validate
@@ -176,12 +176,12 @@ def test_memory_per_node_figure() -> None:
 def test_sweep_trials_use_the_caches_and_checkpoint_each_epoch(tiny_raw: dict) -> None:
     """Through Ray: the trials read the decoded cache, fc_only trains on features, and every checkpoint
     holds exactly its epoch's state although the next epoch starts training while it is reported."""
-    from covid_tune.engine import training as engine
-    from covid_tune.spec import plan as plan_mod
-    from covid_tune.results import collect as results
-    from covid_tune.sweep import tuning
     from covid_tune.cli.run import prepare
+    from covid_tune.engine import training as engine
     from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
+    from covid_tune.results import collect as results
+    from covid_tune.spec import plan as plan_mod
+    from covid_tune.sweep import tuning
 
     raw = {**tiny_raw, "trainer": {**tiny_raw["trainer"], "epochs": 3, "dropout": 0.3},
            "scheduler": {**tiny_raw["scheduler"], "asha": False, "keep_checkpoints": 3}}

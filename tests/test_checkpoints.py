@@ -10,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from covid_tune.results import collect as results
-from covid_tune.engine.checkpoints import FrozenPartMismatch, is_slim
 from covid_tune.data.dataset import DatasetIndex, scan_dataset
 from covid_tune.data.synthetic import make_synthetic
+from covid_tune.engine.checkpoints import FrozenPartMismatch, is_slim
 from covid_tune.engine.hparams import HParams
 from covid_tune.engine.training import TrainingRun
-from covid_tune.models.registry import build_model
-from covid_tune.models.registry import load_exported
 from covid_tune.models.freeze import trained_state
+from covid_tune.models.registry import build_model, load_exported
+from covid_tune.results import collect as results
 from covid_tune.sweep.trainable import save_checkpoint
 
 CPU = torch.device("cpu")

@@ -26,7 +26,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, load_sweep, shrink
 
 CLUSTER_FILES = ("cluster.yaml", "cluster-onprem.yaml")
@@ -261,11 +260,10 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
     import ray
     from ray._private import ray_constants
 
-    from covid_tune.sweep import cluster as cluster_mod
-    from covid_tune.sweep import tuning
     from covid_tune.data.dataset import scan_dataset
     from covid_tune.data.synthetic import make_synthetic
     from covid_tune.spec.load import validate
+    from covid_tune.sweep import cluster as cluster_mod
 
     raw = yaml.safe_load(sweep_spec(tmp_path, "probe", epochs=1).read_text())
     spec = validate(raw)
@@ -275,7 +273,7 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # keep 127.0.0.1 as it is
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        tuning.check_shared_paths(spec, index)  # the real probe: one machine, both nodes see everything
+        cluster_mod.check_shared_paths(spec, index)  # the real probe: one machine, both nodes see everything
         head_id = cluster.head.node_id
         storage = spec.storage_root
 
@@ -286,7 +284,7 @@ def test_storage_only_the_head_sees_is_refused_with_the_reason(cluster, tmp_path
 
         monkeypatch.setattr(cluster_mod, "_path_exists", seen_from_head_only)
         with pytest.raises(ValueError) as err:
-            tuning.check_shared_paths(spec, index)
+            cluster_mod.check_shared_paths(spec, index)
     finally:
         ray.shutdown()
     message = str(err.value)
@@ -416,9 +414,9 @@ def test_killed_driver_resumes_without_losing_or_repeating_epochs(cluster, tmp_p
 
     # a checkpoint left half-written (a process killed while writing it) is never read back as a
     # result: the report skips it, naming it, and picks the best epoch among the others
-    from covid_tune.spec import plan as plan_mod
-    from covid_tune.results import collect as results
     from covid_tune.data.dataset import scan_dataset
+    from covid_tune.results import collect as results
+    from covid_tune.spec import plan as plan_mod
     from covid_tune.spec.load import load_spec
 
     cid = sorted(after)[0]

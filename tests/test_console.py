@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, write_image
-from covid_tune.spec import plan as plan_mod
-from covid_tune.engine import schedule
+
 from covid_tune.cli.console import SweepConsole, best_row, disk_usage, last_line, summary_lines
+from covid_tune.engine import schedule
+from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import SpecError, validate
 
 EVENT = re.compile(r"^\[\s*(\S+)\] (start|epoch|stop|done|FAIL|retry)\s+(\S+)(?:  (.*))?$")

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from engine_helpers import CPU, SYNTHETIC, TINY_HP  # noqa: F401  (SYNTHETIC sizes conftest's index/decoded)
-from covid_tune.engine.training import TrainingRun
+
 from covid_tune.data.loaders import TensorLoader
+from covid_tune.engine.training import TrainingRun
 from covid_tune.sweep.trainable import snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

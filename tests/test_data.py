@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image
 from PIL import Image
 
-from conftest import write_image
 from covid_tune.data.dataset import DatasetError, check_implies, encode_targets, load_image, scan_dataset
 from covid_tune.data.synthetic import make_synthetic
 

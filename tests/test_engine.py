@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from engine_helpers import CPU, TINY_HP
+
 from covid_tune.data.dataset import DatasetIndex, scan_dataset
 from covid_tune.data.synthetic import make_synthetic
-from covid_tune.engine.training import TrainingRun, evaluate, predict
 from covid_tune.engine.metrics import multi_label_metrics, single_label_metrics
+from covid_tune.engine.training import TrainingRun, evaluate, predict
 
 COUNTS = {"train": 16, "validation": 8, "test": 8}
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1"}

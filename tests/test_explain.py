@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import load_sweep, parse_markdown_table, shrink, write_image
+from explain_helpers import fake_sweep, make_corner_marker_data
 from scipy.stats import binomtest
 
-from conftest import load_sweep, parse_markdown_table, shrink, write_image
-from covid_tune.engine import explain
 from covid_tune.cli import predict as predict_mod
 from covid_tune.data.dataset import scan_dataset
+from covid_tune.engine import explain
 from covid_tune.engine.hparams import HParams
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model, save_exported
-from explain_helpers import fake_sweep, make_corner_marker_data
 
 CLASSES = ["infected", "normal"]
 SHORTCUT = "Shortcut check: is the model reading the lungs?"

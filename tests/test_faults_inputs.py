@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, write_image
 from PIL import Image
 
-from conftest import REPO, write_image
 from covid_tune.cli import predict as predict_mod
 from covid_tune.cli import run as run_mod
 from covid_tune.engine.hparams import HParams
@@ -111,7 +111,7 @@ def test_predict_unwritable_csv_is_refused_before_any_work(model: Path, images: 
     csv_path = tmp_path / where
     rc, out, err = predict(capsys, model, images, "--csv", csv_path, "--cam", tmp_path / "cams")
     assert rc == 2 and out == "" and f"--csv {csv_path}: " in err and words in err
-    assert "# model" not in err  # refused before the model was loaded or any image read
+    assert "[covid_tune] model" not in err  # refused before the model was loaded or any image read
     assert not (tmp_path / "cams").exists() and not (tmp_path / "missing").exists()
 
 
@@ -300,9 +300,9 @@ def test_duplicates_without_the_cache_match_those_with_it(tmp_path: Path) -> Non
 
 
 def test_report_line_and_rebuild_use_the_recorded_duplicates(tmp_path: Path) -> None:
-    from covid_tune.report import build as report_mod
     from covid_tune.data.cache import find_duplicates
     from covid_tune.data.dataset import Duplicates, scan_dataset
+    from covid_tune.report import build as report_mod
     from covid_tune.report.sections import duplicates_lines
 
     root = make_tree(tmp_path / "data")

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from covid_tune.cli import run
-from covid_tune.sweep.resume_guard import record_experiment_state
 from covid_tune.cli.output_dir import LOCK, MARKER, OutputLock, record_experiment
 from covid_tune.report.build import load_saved_spec, save_spec
 from covid_tune.spec.load import validate
+from covid_tune.sweep.resume_guard import record_experiment_state
 
 
 def _main(capsys, *argv) -> tuple[int, str]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, shrink
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
@@ -400,3 +399,26 @@ def test_trials_cut_by_a_signal_are_interrupted_not_ok() -> None:
     assert got["cut"]["epochs"] == 3 and got["pending"]["epochs"] == 0 and got["failed"]["error"] == "boom"
     # no signal: a trial that reported its last epoch is ok even if Tune's callback was not seen
     assert trial_outcomes(plan, grid[:1], {}, interrupted=False)["done"]["status"] == "ok"
+
+
+def test_a_state_file_saved_after_its_last_record_is_replaced_by_the_recorded_copy(tmp_path: Path, tiny_raw) -> None:
+    """A driver killed between Tune's save of its experiment state and covid_tune's record of it: --resume
+    goes on from the recorded copy (never reading the unrecorded file); a changed tuner.pkl still stops it."""
+    from covid_tune.spec.load import validate
+    from covid_tune.sweep import resume_guard
+
+    spec = validate(tiny_raw)
+    exp = spec.experiment_dir
+    exp.mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"tuner")
+    state = exp / "experiment_state-2026.json"
+    state.write_bytes(b'{"saved": 1}')
+    resume_guard.record_experiment_state(spec)
+    state.write_bytes(b'{"saved": 2}')  # Tune's next save; the driver died before its record
+    assert resume_guard.check_state(spec) is None
+    assert state.read_bytes() == b'{"saved": 1}'
+    (exp / "tuner.pkl").write_bytes(b"other")  # written once and recorded at once: no copy stands in
+    assert "tuner.pkl changed since covid_tune last wrote this sweep" in resume_guard.check_state(spec)
+    resume_guard.clear_record(spec.output_dir)  # a new sweep: nothing recorded, nothing to stand in
+    (exp / "tuner.pkl").write_bytes(b"tuner")
+    assert "is missing or unreadable" in resume_guard.check_state(spec)

@@ -6,11 +6,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from engine_helpers import TINY_HP as TINY
 
 from covid_tune.data.dataset import scan_dataset
 from covid_tune.data.synthetic import make_synthetic
-from covid_tune.sweep.trainable import FEATURES_ACTOR, FEATURES_NAMESPACE, _from_arrays, _to_arrays, release_feature_stores
-from engine_helpers import TINY_HP as TINY
+from covid_tune.sweep.trainable import (
+    FEATURES_ACTOR,
+    FEATURES_NAMESPACE,
+    _from_arrays,
+    _to_arrays,
+    release_feature_stores,
+)
 
 
 def test_features_travel_as_arrays_bit_for_bit() -> None:

@@ -10,19 +10,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from engine_helpers import CPU, SYNTHETIC, TINY_HP  # noqa: F401  (SYNTHETIC sizes conftest's index/decoded)
 from torch.nn import functional as F
 
-from engine_helpers import CPU, SYNTHETIC, TINY_HP  # noqa: F401  (SYNTHETIC sizes conftest's index/decoded)
 from covid_tune.data import augment as A
 from covid_tune.data.cache import build_decoded_cache
 from covid_tune.data.dataset import eval_transform, load_image
-from covid_tune.engine.training import (COMPILE_MIN_STEPS, TrainingRun, resolve_compile, resolve_precision,
-                                        train_one_epoch)
-from covid_tune.engine.features import feature_cache_mode
 from covid_tune.data.loaders import FeatureLoader, TensorLoader, epoch_generator
+from covid_tune.engine.features import feature_cache_mode
 from covid_tune.engine.losses import build_loss
-from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model, split_frozen_prefix
+from covid_tune.engine.training import (
+    COMPILE_MIN_STEPS,
+    TrainingRun,
+    resolve_compile,
+    resolve_precision,
+    train_one_epoch,
+)
 from covid_tune.models.freeze import SplitForward
+from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model, split_frozen_prefix
 
 HP = TINY_HP
 LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
@@ -466,8 +471,8 @@ def test_test_evaluation_reads_the_decoded_cache_with_the_pil_paths_numbers(inde
     the cache does not hold, from the files) and gets exactly what decoding every file again gives."""
     from dataclasses import asdict
 
-    from covid_tune.results import collect as results
     from covid_tune.models.registry import save_exported
+    from covid_tune.results import collect as results
 
     hp = replace(HP, freeze="block1", augment=False)
     run = TrainingRun(hp, index, CPU, decoded=decoded)
@@ -477,9 +482,9 @@ def test_test_evaluation_reads_the_decoded_cache_with_the_pil_paths_numbers(inde
         save_exported(run.model.state_dict(), meta, tmp_path / name)
     plain = results.evaluate_export(tmp_path / "plain", index)
     from_files = []
-    make_loader = results.engine.make_loader
-    monkeypatch.setattr(results.engine, "make_loader", lambda idx, split, *a, **k: (from_files.append(split),
-                                                                                   make_loader(idx, split, *a, **k))[1])
+    from covid_tune.data.loaders import make_loader
+    monkeypatch.setattr(results, "make_loader", lambda idx, split, *a, **k: (from_files.append(split),
+                                                                      make_loader(idx, split, *a, **k))[1])
     cached = results.evaluate_export(tmp_path / "cached", index, decoded=decoded)
     assert from_files == ["test"]
     assert set(decoded.arrays) == {"train", "validation"}

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from covid_tune.engine.metrics import (bootstrap_ci, confusion_matrix, multi_label_metrics, multilabel_confusion,
-                                single_label_metrics)
+from covid_tune.engine.metrics import (
+    bootstrap_ci,
+    confusion_matrix,
+    multi_label_metrics,
+    multilabel_confusion,
+    single_label_metrics,
+)
 
 
 def single_case(seed: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -12,10 +12,17 @@ import torchvision.models as tvm
 from torch import nn
 from torch.nn import functional as F
 
-from covid_tune.models.freeze import Classifier, count_trainable
 from covid_tune.models.backbones import TinyCNN
-from covid_tune.models.registry import (WeightsUnavailable, backbone_names, check_weights, create_model,
-                                        freeze_level_names, load_exported, save_exported)
+from covid_tune.models.freeze import Classifier, count_trainable
+from covid_tune.models.registry import (
+    WeightsUnavailable,
+    backbone_names,
+    check_weights,
+    create_model,
+    freeze_level_names,
+    load_exported,
+    save_exported,
+)
 
 HIDDEN, N_CLASSES = 8, 2
 

@@ -9,8 +9,8 @@ from collections import defaultdict
 import pytest
 
 from covid_tune.engine.hparams import HParams
-from covid_tune.spec.plan import axis_columns, expand, plan_table
 from covid_tune.spec.load import validate
+from covid_tune.spec.plan import axis_columns, expand, plan_table
 
 ID_RE = re.compile(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*-s\d+$")
 

@@ -71,6 +71,9 @@ def test_tune_state_files_the_resume_guard_covers() -> None:
     assert _TUNER_PKL == "tuner.pkl"
     assert TuneController.CKPT_FILE_TMPL == "experiment_state-{}.json"
     assert BasicVariantGenerator.CKPT_FILE_TMPL == "basic-variant-state-{}.json"
+    from ray.tune.search import Searcher
+
+    assert Searcher.CKPT_FILE_TMPL == "searcher-state-{}.pkl"  # resume_guard.RESAVED names these three
     # the signal path: Tune ends its loop on SIGUSR1, and leaves SIGINT alone when told to
     from ray.tune import tune as tune_run
 

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from covid_tune.results import collect as results
 from covid_tune.engine import schedule
-from covid_tune.results.selection import pick_epoch, score_at, smooth
 from covid_tune.engine.schedule import asha_rungs
+from covid_tune.results import collect as results
+from covid_tune.results.selection import pick_epoch, score_at, smooth
 from covid_tune.spec.load import SpecError, validate
 from covid_tune.sweep.tuning import make_scheduler
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import parse_markdown_table
-from covid_tune.results import stats
+
 from covid_tune.report.build import write_report
+from covid_tune.results import stats
 from covid_tune.results.collect import HISTORY_KEYS
-from covid_tune.spec.sections import TRAINER_AXES
 from covid_tune.spec.load import validate
+from covid_tune.spec.sections import TRAINER_AXES
 
 
 def exact_mcnemar_by_hand(a_only: int, b_only: int) -> float:

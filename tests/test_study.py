@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import CXR_REAL, REPO, load_sweep, needs_cxr_real, parse_markdown_table, shrink
 from PIL import Image
 
-from conftest import CXR_REAL, REPO, load_sweep, needs_cxr_real, parse_markdown_table, shrink
-from covid_tune.spec.plan import expand, plan_table
 from covid_tune.spec.load import validate
+from covid_tune.spec.plan import expand, plan_table
 
 PART1_LAYERS = {
     "vgg16": ["Only FC layers unfrozen", "Conv blocks 1-3 frozen", "Conv blocks 1-2 frozen", "Entire network unfrozen"],

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import REPO, load_sweep, parse_markdown_table, shrink
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import REPO, load_sweep, parse_markdown_table, shrink
 from covid_tune.models.registry import load_exported
 
 pytestmark = pytest.mark.slow
@@ -150,7 +150,7 @@ def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path
     out_csv = tmp_path / "pred.csv"
     proc = run_cli("predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    chosen = proc.stderr.split("# model ", 1)[1].split()[0]
+    chosen = proc.stderr.split("[covid_tune] model ", 1)[1].split()[0]
     metas = {d.name: json.loads((d / "model.json").read_text()) for d in (demo_run / "best").iterdir()}
     assert metas[chosen]["metrics"]["val_loss"] == min(m["metrics"]["val_loss"] for m in metas.values())
     test = json.loads((demo_run / "best" / chosen / "eval.json").read_text())["splits"]["test"]

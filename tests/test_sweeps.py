@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from covid_tune.data.synthetic import make_synthetic
 from covid_tune.spec.load import load_spec
 from covid_tune.spec.plan import expand

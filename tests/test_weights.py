@@ -26,8 +26,8 @@ import pytest
 import torch
 import torchvision.models as tvm
 import yaml
-
 from conftest import REPO, shrink
+
 from covid_tune.models import weights as weights_mod
 from covid_tune.models.backbones import TinyCNN
 from covid_tune.models.registry import WeightsUnavailable
@@ -123,6 +123,9 @@ def test_first_use_downloads_into_torch_home_then_the_cache_needs_no_network(
     from covid_tune.cli.run import prepare
     from covid_tune.spec.load import load_spec
 
+    from covid_tune.cli.main import setup_logging
+
+    setup_logging()  # as the command does: progress on stderr
     path, state = served
     point_weights_at(monkeypatch, server.url(path.name))
     got = load_weights("resnet18", "imagenet")
@@ -300,17 +303,17 @@ def test_a_resumed_sweep_builds_its_trials_from_this_run_s_references(
     pickled one would hold the previous run's, gone with its Ray session); without references given,
     run_sweep resolves the weights on the driver itself. No Ray is started: Tune's entry points are
     replaced by recorders."""
-    from covid_tune.sweep import tuning
-    from covid_tune.spec.plan import expand
     from covid_tune.spec.load import load_spec
+    from covid_tune.spec.plan import expand
+    from covid_tune.sweep import cluster, tuning
 
     path, state = served
     point_weights_at(monkeypatch, server.url(path.name))
     spec = load_spec(_tiny_spec(tmp_path))
     seen: dict = {}
     refs = {"resnet18": object()}  # stands for ray.ObjectRef: only passed along
-    monkeypatch.setattr(tuning, "connect", lambda *a, **k: seen.setdefault("store_bytes", a[1]))
-    monkeypatch.setattr(tuning, "share_weights", lambda states: seen.setdefault("put", dict(states)) and refs)
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: seen.setdefault("store_bytes", a[1]))
+    monkeypatch.setattr(cluster, "share_weights", lambda states: seen.setdefault("put", dict(states)) and refs)
     monkeypatch.setattr(tuning, "check_resources", lambda spec: None)
     monkeypatch.setattr(tuning, "check_shared_paths", lambda spec, index: None)
     monkeypatch.setattr(tuning, "_trainable", lambda *a, **k: ("trainable", a[4] if len(a) > 4 else k["pretrained"]))

@@ -13,11 +13,11 @@ import os
 import shutil
 import sys
 import time
-from statistics import mean, stdev
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
-
+from statistics import mean, stdev
+from typing import TextIO
 
 
 def fmt_duration(seconds: float) -> str:

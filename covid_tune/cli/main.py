@@ -45,18 +45,26 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _Format(logging.Formatter):
+    """Problems read ``covid_tune: ...`` (the Unix ``prog: message`` form that scripts and tests grep for);
+    progress reads ``[covid_tune] ...``, so it never passes for one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "covid_tune: " if record.levelno >= logging.WARNING else "[covid_tune] "
+        return prefix + record.getMessage()
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     """One handler on the ``covid_tune`` logger, set by the command line: INFO by default (progress),
-    WARNING with ``-q``, DEBUG with ``-vv``. Every message reads ``covid_tune: ...`` on stderr."""
+    WARNING with ``-q``, DEBUG with ``-vv``; on stderr."""
     logger = logging.getLogger("covid_tune")
     for h in list(logger.handlers):
         if isinstance(h, _StderrHandler):
             logger.removeHandler(h)
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("covid_tune: %(message)s"))
+    handler.setFormatter(_Format())
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO)
-    logger.propagate = False
 
 
 def verbosity_options(parser: argparse.ArgumentParser) -> None:

@@ -47,8 +47,8 @@ def check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str |
     (Tune restores its own copy of the grid); without --resume or --overwrite an existing sweep
     is never touched.
     """
-    from covid_tune.spec import plan as plan_mod
     from covid_tune.report import build as report_mod
+    from covid_tune.spec import plan as plan_mod
     from covid_tune.spec.load import SpecError
 
     out = spec.output_dir
@@ -242,7 +242,7 @@ class OutputLock:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:

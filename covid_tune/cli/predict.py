@@ -10,10 +10,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+from covid_tune.cli.main import setup_logging, verbosity_options
+
+log = logging.getLogger(__name__)
 
 MODEL_META, SPEC_FILE = "model.json", "spec.json"  # as models.save_exported / report.save_spec write them
 RESULTS_FILE = "report/results.json"  # as report.write_report writes it
@@ -90,9 +95,7 @@ def best_model_dir(sweep: Path, config: str | None = None) -> Path:
     ``report/results.json``: the best mean over its seeds on validation) and, among its seeds, the one whose
     best epoch scored best on the sweep's selection metric (the value each ``model.json`` records; ties:
     plan order, as results.best_epoch does for epochs). Without a report: the best of all exported models."""
-    from covid_tune.spec.load import validate
-
-    from covid_tune.spec.load import SpecError
+    from covid_tune.spec.load import SpecError, validate
 
     try:
         spec = validate(_read_json(sweep / SPEC_FILE))
@@ -280,16 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")
     parser.add_argument("--cam", type=Path, metavar="DIR", help="write a Grad-CAM overlay per image into DIR")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    verbosity_options(parser)
     args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     problem = argument_problem(args)
     if problem:
-        print(f"covid_tune: {problem}", file=sys.stderr)
+        log.error("%s", problem)
         return 2
     try:
         model_dir = resolve_target(args.target.resolve(), args.config)
         model, meta = load_model(model_dir)
     except (TargetError, OSError, ValueError) as exc:
-        print(f"covid_tune: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     files, problems = image_files(args.images)
     if not any(has_image_suffix(f) for f in files):
@@ -297,14 +302,13 @@ def main(argv: list[str] | None = None) -> int:
 
         others = f"; {len(files)} other file(s) there, none an image" if files else ""
         for p in problems:
-            print(f"covid_tune: {p}", file=sys.stderr)
-        print(f"covid_tune: no images found in {', '.join(map(str, args.images))} (folders walked "
-              f"recursively, hidden files ignored; image extensions: {', '.join(IMAGE_EXTENSIONS)}){others}",
-              file=sys.stderr)
+            log.error("%s", p)
+        log.error(f"no images found in {', '.join(map(str, args.images))} (folders walked "
+              f"recursively, hidden files ignored; image extensions: {', '.join(IMAGE_EXTENSIONS)}){others}")
         return 1
     rows, bad = predict_files(model_dir, files, args.batch_size, args.cam, loaded=(model, meta))
     problems += bad
-    print(f"# model {meta['config_id']} ({model_dir})", file=sys.stderr)
+    log.info(f"model {meta['config_id']} ({model_dir})")
     for r in rows:
         print("\t".join([r["path"], r["predicted"]] + [f"{c}={r[c]:.4f}" for c in meta["classes"]]))
     if args.csv:
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:  # checked before the work; a disk that filled up since still ends here
             problems.append(f"--csv {args.csv}: not written ({exc.strerror or exc})")
     for p in problems:
-        print(f"covid_tune: {p}", file=sys.stderr)
+        log.error("%s", p)
     return 1 if problems else 0
 
 

@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
-from covid_tune.spec import plan as plan_mod
 from covid_tune.cli.console import fmt_bytes, resources_text, scheduler_text
 from covid_tune.engine.hparams import HParams
+from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec
 
 

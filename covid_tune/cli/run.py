@@ -11,17 +11,14 @@ loading torch or Ray.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
-import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +26,10 @@ if TYPE_CHECKING:
     from covid_tune.data.cache import DecodedSplits
     from covid_tune.data.dataset import DatasetIndex
     from covid_tune.spec.load import Spec
+
+from covid_tune.cli.main import setup_logging, verbosity_options
+
+log = logging.getLogger(__name__)
 
 EPILOG = """\
 examples:
@@ -51,12 +52,6 @@ exit codes:
 PHASES = ("startup", "cache", "ray_start", "trials", "evaluation", "report")
 
 
-def _version() -> str:
-    from covid_tune import __version__
-
-    return f"covid_tune {__version__}"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="covid-tune run",
@@ -76,14 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="restore an interrupted sweep in the output folder and finish it")
     group.add_argument("--overwrite", action="store_true",
                        help="delete an earlier sweep in the output folder and start again")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="Ray's and Tune's full output (progress tables, info logs) besides the compact view")
-    p.add_argument("--version", action="version", version=_version())
+    verbosity_options(p)
     return p.parse_args(argv)
-
-
-def _log(msg: str) -> None:
-    print(f"[covid_tune] {msg}", file=sys.stderr, flush=True)
 
 
 def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, dict]]:
@@ -93,14 +82,14 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
 
     Returns the index, the decoded cache and each backbone's pretrained state_dict (empty for
     ``weights: none``)."""
-    from covid_tune.report import build as report_mod
     from covid_tune.data.dataset import check_implies, scan_dataset
     from covid_tune.data.synthetic import make_synthetic
     from covid_tune.models.weights import load_all
+    from covid_tune.report import build as report_mod
 
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
-        _log(f"synthetic data -> {report_mod.dataset_root(spec)}")
+        log.info(f"synthetic data -> {report_mod.dataset_root(spec)}")
         make_synthetic(report_mod.dataset_root(spec), s.classes,
                        {"train": s.train, "validation": s.validation, "test": s.test}, s.image_size, s.seed)
     index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
@@ -172,7 +161,7 @@ def prepare_cache(spec: Spec, index: DatasetIndex) -> DecodedSplits | None:
                                splits=("train", "validation"))
 
 
-def _new_console(spec: "Spec", n_trials: int):
+def _new_console(spec: Spec, n_trials: int):
     from covid_tune.cli.console import SweepConsole
 
     sched = spec.scheduler
@@ -248,8 +237,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except KeyboardInterrupt:
         if stop.signum is None:
             stop.signum = signal.SIGINT
-        print(f"covid_tune: interrupted by {stop.name}; --resume finishes the sweep where Tune's state allows",
-              file=sys.stderr)
+        log.error(f"interrupted by {stop.name}; --resume finishes the sweep where Tune's state allows")
         return stop.exit_code
     finally:
         stop.uninstall()
@@ -257,6 +245,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
 
 def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitStack, started: float) -> int:
     args = parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     from covid_tune.spec.load import SpecError, load_spec  # after --help: these import torch
 
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else []) \
@@ -264,14 +253,14 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
     try:
         spec = load_spec(args.spec, overrides)
     except SpecError as exc:
-        print(f"covid_tune: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
-    from covid_tune.spec import plan as plan_mod
-    from covid_tune.report import build as report_mod
-    from covid_tune.cli.console import scheduler_text, resources_text, summary_lines
+    from covid_tune.cli.console import resources_text, scheduler_text, summary_lines
+    from covid_tune.cli.output_dir import OutputLock, check_output, experiment_exists, record_experiment
     from covid_tune.data.dataset import DatasetError
     from covid_tune.models.registry import WeightsUnavailable
-    from covid_tune.cli.output_dir import OutputLock, check_output, experiment_exists, record_experiment
+    from covid_tune.report import build as report_mod
+    from covid_tune.spec import plan as plan_mod
 
     plan = plan_mod.expand(spec)
     if args.dry_run:
@@ -285,28 +274,28 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
     # address and the free disk space
     problems = before_writing(spec, plan)
     if problems:
-        print("\n".join(f"covid_tune: {p}" for p in problems), file=sys.stderr)
+        for p in problems:
+            log.error("%s", p)
         return 2
     if spec.ray.address or os.environ.get("RAY_ADDRESS"):
-        from covid_tune.sweep import tuning
+        from covid_tune.sweep import cluster
 
         try:  # a cluster's nodes size their own object stores: join it before writing anything
-            tuning.connect(spec.ray.address, quiet=not args.verbose)
+            cluster.connect(spec.ray.address, quiet=not args.verbose)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            print(f"covid_tune: cannot join the Ray cluster at {spec.ray.address or os.environ.get('RAY_ADDRESS')}: "
-                  f"{exc}", file=sys.stderr)
+            log.error(f"cannot join the Ray cluster at {spec.ray.address or os.environ.get('RAY_ADDRESS')}: {exc}")
             return 2
     lock = cleanup.enter_context(OutputLock(out))
     problem = lock.acquire()  # one sweep per output folder, from here to the end of the run
     if problem:
-        print(f"covid_tune: {problem}", file=sys.stderr)
+        log.error("%s", problem)
         return 2
     try:
         problem = check_output(spec, plan, resume=args.resume, overwrite=args.overwrite)
     except OSError as exc:  # a storage URI that cannot be reached (credentials, network, ...)
         problem = f"cannot check ray.storage_path {spec.storage_root}: {exc}"
     if problem:
-        print(f"covid_tune: {problem}", file=sys.stderr)
+        log.error("%s", problem)
         return 2
     phases: dict[str, float] = {"startup": time.perf_counter() - started}  # imports, spec, output checks
     clock = time.perf_counter()
@@ -320,11 +309,11 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
     try:
         index, decoded, pretrained = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
-        print(f"covid_tune: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     lap("cache")  # data checked (generated if synthetic), weights resolved, decoded cache built or read back
     dups = index.duplicates
-    _log(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
+    log.info(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
          f"({', '.join(index.classes)}); output: {out}"
          + (f"; duplicates: {dups.summary()} ({_duplicate_action(dups.action)})" if dups and dups.total else ""))
     if not args.resume:
@@ -337,48 +326,45 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
         resume_guard.record_data(spec, report_mod.dataset_root(spec))  # a --resume must find the same data
 
     from covid_tune.results import collect as results_mod
-    from covid_tune.sweep import tuning  # Ray is imported only when a sweep really runs
-    from covid_tune.models.weights import state_nbytes
+    from covid_tune.sweep import cluster, evaluation, tuning  # Ray is imported only when a sweep really runs
 
     start = time.time()
     console = _new_console(spec, len(plan))
     evaluations = None
     try:
         try:
-            tuning.connect(spec.ray.address, (decoded.nbytes if decoded is not None else 0) + state_nbytes(pretrained),
-                           quiet=not args.verbose)
+            # one copy per node of the decoded images (trials and test evaluation) and of the weights (the
+            # trials', also resumed ones', only source)
+            shared, weights = cluster.start_shared(spec, decoded, pretrained, quiet=not args.verbose)
             stop.install()  # Ray's core worker took SIGTERM over
             sched = spec.scheduler
             console.header(spec.name, out,
-                           resources_text(spec.resources.cpus, spec.resources.gpu, tuning.cluster_resources(),
+                           resources_text(spec.resources.cpus, spec.resources.gpu, cluster.cluster_resources(),
                                           len(plan), spec.ray.max_concurrent),
                            scheduler_text(sched.asha, sched.metric, sched.mode, console.rungs, spec.trainer.epochs))
-            shared = tuning.share(decoded)  # one copy per node, for the trials and the test evaluation
-            weights = tuning.share_weights(pretrained)  # the trials' (also resumed ones') only source of weights
-            pretrained.clear()
             evaluations = tuning.start_evaluations(spec, plan, index, shared, weights)
             lap("ray_start")
             trials = tuning.run_sweep(spec, plan, index, shared, resume=args.resume, console=console,
-                                      ray_output=args.verbose, pretrained=weights, evaluations=evaluations,
+                                      ray_output=args.verbose > 0, pretrained=weights, evaluations=evaluations,
                                       stop=stop)
             lap("trials")
         except (FileNotFoundError, ValueError) as exc:
             console.close()
-            print(f"covid_tune: {exc}", file=sys.stderr)
+            log.error("%s", exc)
             return 2
         console.close()
         if stop.signum:
-            print(interrupted_text(stop.name, trials, args.spec), file=sys.stderr)
+            log.error("%s", interrupted_text(stop.name, trials, args.spec))
             return stop.exit_code
-        _log(f"trials finished in {phases['trials']:.0f} s; evaluating best checkpoints")
+        log.info(f"trials finished in {phases['trials']:.0f} s; evaluating best checkpoints")
         if evaluations is not None:
             evaluations.wait()  # what the trials' last minutes left to do
             evaluator = evaluations.evaluator
         else:
             def evaluator(dirs, idx):
-                return tuning.evaluate_remote(results_mod.evaluator_for(spec.report.model_dump()), dirs, idx,
+                return evaluation.evaluate_remote(results_mod.evaluator_for(spec.report.model_dump()), dirs, idx,
                                               spec.resources.cpus, spec.resources.gpu, decoded=shared,
-                                              ship=tuning.models_travel(spec))
+                                              ship=cluster.models_travel(spec))
         lap("evaluation")
 
         def timed_evaluator(dirs, idx):
@@ -436,7 +422,7 @@ def interrupted_text(signame: str, trials: dict[str, dict], spec_path: Path) -> 
     """The message of a sweep a signal cut: which trials are unfinished, how far they got, what next."""
     cut = [f"{cid} (epoch {t.get('epochs', 0)}/{t.get('epochs_max', '?')})" for cid, t in trials.items()
            if t["status"] == "interrupted"]
-    return (f"covid_tune: interrupted by {signame}: {len(cut)} of {len(trials)} trial(s) unfinished"
+    return (f"interrupted by {signame}: {len(cut)} of {len(trials)} trial(s) unfinished"
             + (f": {', '.join(cut)}" if cut else "") + "; trials.json marks them, no report was written. "
             f"`covid-tune run {spec_path} --resume` finishes them")
 

@@ -113,7 +113,7 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top:top + size, top:top + size].to(torch.float32).div(255)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constants(device: torch.device) -> dict[str, list[torch.Tensor]]:
     """Per-channel normalization constants as 0-dim float32 tensors, made once per device (no
     host-to-device copy per batch on a GPU)."""

@@ -8,9 +8,9 @@ Layout: ``ROOT/{train,validation,test}/<class>/<image>`` (split names case-insen
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class DatasetIndex:
     splits: dict[str, list[tuple[str, int]]]  # split -> [(path, label index)]
     original_classes: list[str]
     skipped: list[str] = field(default_factory=list)
-    duplicates: "Duplicates | None" = None  # set by the sweep's driver once the decoded pixels are compared
+    duplicates: Duplicates | None = None  # set by the sweep's driver once the decoded pixels are compared
 
     def paths(self, split: str) -> list[str]:
         return [p for p, _ in self.splits[split]]
@@ -219,7 +219,7 @@ class Duplicates:
                           for (later, earlier), found in self.pairs.items() if found]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Duplicates":
+    def from_dict(cls, d: dict) -> Duplicates:
         return cls(Path(d["root"]), {(g["split"], g["also_in"]): [tuple(p) for p in g["images"]] for g in d["pairs"]},
                    d.get("action", "warn"), d.get("compared", ""))
 

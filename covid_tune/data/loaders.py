@@ -15,8 +15,8 @@ the decoded cache when it has one, from the image files otherwise.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -15,7 +15,7 @@ Everything works on normalized image batches (the evaluation crops), on the mode
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

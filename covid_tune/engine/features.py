@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from covid_tune.models.freeze import PrefixSplit
-from covid_tune.engine.hparams import HParams
 from covid_tune.data.loaders import FeatureLoader
+from covid_tune.engine.hparams import HParams
+from covid_tune.models.freeze import PrefixSplit
 
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 T = TypeVar("T")

@@ -24,16 +24,20 @@ from torch import nn
 
 from covid_tune.data import dataset as data_mod
 from covid_tune.data.cache import DecodedSplits
+from covid_tune.data.loaders import FeatureLoader, data_source, set_loader_epoch
 from covid_tune.engine.checkpoints import frozen_digest, is_slim, load_model_state, model_state
+
 # importable from here, as before the steps had modules of their own
-from covid_tune.engine.features import (FEATURE_CACHE_MODES, FeatureStore, extract_features,  # noqa: F401
-                                 feature_cache_mode, feature_key, feature_loaders, plan_feature_cache,
-                                 prefix_output_bytes)
+from covid_tune.engine.features import (
+    FeatureStore,
+    feature_key,
+    feature_loaders,
+    plan_feature_cache,
+)
 from covid_tune.engine.hparams import HParams, seed_everything
-from covid_tune.data.loaders import FeatureLoader, data_source, make_loader, set_loader_epoch  # noqa: F401
 from covid_tune.engine.losses import build_loss
 from covid_tune.engine.metrics import multi_label_metrics, single_label_metrics
-from covid_tune.models.registry import build_model, build_trial_model  # noqa: F401
+from covid_tune.models.registry import build_model, build_trial_model
 
 PRECISIONS = ("auto", "bf16", "fp32")
 

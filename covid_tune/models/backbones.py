@@ -8,9 +8,9 @@ adding a backbone means adding an entry here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 import torch
 from torch import nn

@@ -39,7 +39,7 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if mode and self.frozen:
             for name, module in self.net.named_modules():
@@ -119,7 +119,7 @@ class SplitForward(nn.Module):
                 x = self._split.prefix(x)
         return self._split.rest(x)
 
-    def train(self, mode: bool = True) -> "SplitForward":
+    def train(self, mode: bool = True) -> SplitForward:
         self.training = mode
         self.model.train(mode)
         return self

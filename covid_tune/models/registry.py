@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
 
-from covid_tune.models.backbones import BACKBONES, Backbone, FreezeLevel, TinyCNN  # noqa: F401  (importable from here)
-from covid_tune.models.freeze import (Classifier, PrefixSplit, SplitForward, count_trainable,  # noqa: F401
-                               split_stages, trained_state)
 from covid_tune.engine.hparams import HParams, seed_everything
+from covid_tune.models.backbones import BACKBONES, Backbone
+from covid_tune.models.freeze import Classifier, PrefixSplit, SplitForward, split_stages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,7 +99,7 @@ def weights_file_problem(path: Path, backbone: str) -> str | None:
     return None
 
 
-def _load_pretrained(net: nn.Module, backbone: str, weights: "str | Mapping[str, torch.Tensor]") -> None:
+def _load_pretrained(net: nn.Module, backbone: str, weights: str | Mapping[str, torch.Tensor]) -> None:
     if isinstance(weights, Mapping):  # resolved and checked by the caller (the sweep's driver)
         state = weights
     elif weights == "none":
@@ -113,7 +112,7 @@ def _load_pretrained(net: nn.Module, backbone: str, weights: "str | Mapping[str,
 
 
 def create_model(name: str, num_classes: int, freeze: str = "none",
-                 weights: "str | Mapping[str, torch.Tensor]" = "none",
+                 weights: str | Mapping[str, torch.Tensor] = "none",
                  head_hidden: int = 240, dropout: float = 0.5) -> Classifier:
     """Build a registered backbone, load its weights, replace its head and apply a freeze level.
 

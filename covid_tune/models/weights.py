@@ -16,18 +16,20 @@ problem raises :class:`~covid_tune.models.registry.WeightsUnavailable` with one 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
-import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 from urllib.error import URLError
 from urllib.parse import urlparse
 
 import torch
 
 from covid_tune.models.registry import WeightsUnavailable, get_backbone, imagenet_weights_file, weights_file_problem
+
+log = logging.getLogger(__name__)
 
 OFFLINE_ENV = "COVID_TUNE_OFFLINE"
 DOWNLOAD_MODES = ("auto", "never")
@@ -146,7 +148,7 @@ def _download(backbone: str, url: str, path: Path, progress: bool) -> None:
     except OSError as exc:
         raise WeightsUnavailable(f"cannot create {path.parent} for the ImageNet weights of {backbone}: {exc}; "
                                  "set TORCH_HOME to a writable folder") from None
-    print(f"[covid_tune] downloading ImageNet weights for {backbone}: {url} -> {path}", file=sys.stderr, flush=True)
+    log.info(f"downloading ImageNet weights for {backbone}: {url} -> {path}")
     before = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urlopen in torch.hub takes no timeout of its own
     try:

@@ -13,15 +13,16 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from covid_tune.spec import plan as plan_mod
-from covid_tune.results import collect as results_mod
+from covid_tune.data.dataset import Duplicates, drop_duplicates, scan_dataset
 from covid_tune.report import sections
-from covid_tune.results import stats
-from covid_tune.data.dataset import DatasetError, Duplicates, drop_duplicates, scan_dataset
+
 # the tables, importable from here as before (``from covid_tune.report.build import metric_table``)
-from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line  # noqa: F401
-from covid_tune.spec.sections import TRAINER_AXES
+from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line
+from covid_tune.results import collect as results_mod
+from covid_tune.results import stats
+from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
+from covid_tune.spec.sections import TRAINER_AXES
 
 SPEC_FILE = "spec.json"
 DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report

@@ -10,12 +10,12 @@ import math
 
 from tabulate import tabulate
 
-from covid_tune.results import collect as results_mod
-from covid_tune.results import stats
 from covid_tune.data.dataset import Duplicates
 from covid_tune.engine.losses import LOSS_LABELS
-from covid_tune.spec.sections import TRAINER_AXES
+from covid_tune.results import collect as results_mod
+from covid_tune.results import stats
 from covid_tune.spec.load import Spec
+from covid_tune.spec.sections import TRAINER_AXES
 
 CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
                "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", *results_mod.MODE_KEYS,

@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from covid_tune.engine import training as engine
-from covid_tune.results import selection
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex, encode_targets
-from covid_tune.data.loaders import TensorLoader
+from covid_tune.data.loaders import TensorLoader, make_loader
+from covid_tune.engine import training as engine
+from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
+from covid_tune.engine.explain import explain_split
 from covid_tune.engine.losses import build_loss
 from covid_tune.engine.metrics import bootstrap_ci
-from covid_tune.engine.explain import explain_split
-from covid_tune.spec.sections import TRAINER_AXES, ReportSpec
-from covid_tune.spec.load import Spec
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
-from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
+from covid_tune.results import selection
+from covid_tune.spec.load import Spec
+from covid_tune.spec.sections import TRAINER_AXES, ReportSpec
 
 EVAL_FILE = "eval.json"
 TRIALS_FILE = "trials.json"  # written by the sweep: each trial's final status
@@ -140,7 +140,7 @@ def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, d
     if decoded is not None and split in decoded.arrays:
         targets = encode_targets(index.labels(split), index.classes, meta["label_mode"], meta["implies"])
         return TensorLoader(decoded[split], targets, meta["image_size"], batch_size, device=device)
-    return engine.make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
+    return make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
                               grayscale=meta["grayscale"])
 
 

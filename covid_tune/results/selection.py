@@ -9,7 +9,7 @@ Ties go to the earliest epoch.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 SELECT_RULES = ("best", "ema", "mean3")
 EMA_ALPHA = 0.5  # weight of the newest epoch: about a 3-epoch memory

@@ -7,7 +7,7 @@ the p-value is a two-sided binomial test of the discordant counts (scipy's ``bin
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import binomtest

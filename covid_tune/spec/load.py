@@ -10,17 +10,26 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
-from covid_tune.models import registry as models
 from covid_tune.engine import schedule
 from covid_tune.engine.losses import LOSSES
+from covid_tune.models import registry as models
+
 # re-exported: the sections are part of the Spec API (``from covid_tune.spec.load import TrainerSpec``)
-from covid_tune.spec.sections import (METRICS, TRAINER_AXES, DataSpec, GradCamSpec, GridSpec, RaySpec, ReportSpec,
-                                      ResourcesSpec, SchedulerSpec, Section, ShortcutSpec, SyntheticSpec, TrainerSpec)
+from covid_tune.spec.sections import (
+    DataSpec,
+    GridSpec,
+    RaySpec,
+    ReportSpec,
+    ResourcesSpec,
+    SchedulerSpec,
+    Section,
+    TrainerSpec,
+)
 
 
 class SpecError(ValueError):
@@ -32,7 +41,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 class Spec(Section):
     name: str
-    output: Optional[str] = None
+    output: str | None = None
     data: DataSpec
     grid: GridSpec
     trainer: TrainerSpec = TrainerSpec()
@@ -52,7 +61,7 @@ class Spec(Section):
         return v
 
     @model_validator(mode="after")
-    def _combinations(self) -> "Spec":
+    def _combinations(self) -> Spec:
         problems = []
         for b, levels in self.freeze_levels().items():
             if b not in self.grid.backbone:

@@ -9,8 +9,8 @@ from tabulate import tabulate
 
 from covid_tune.engine.hparams import HParams
 from covid_tune.models.registry import freeze_label
-from covid_tune.spec.sections import TRAINER_AXES
 from covid_tune.spec.load import Spec
+from covid_tune.spec.sections import TRAINER_AXES
 
 
 def _fmt(value: object) -> str:

@@ -4,13 +4,13 @@ spans sections and loads YAML."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from covid_tune.models import registry as models
 from covid_tune.engine import schedule
 from covid_tune.engine.losses import LOSSES
+from covid_tune.models import registry as models
 
 TRAINER_AXES = ("optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
 METRICS = ("val_acc", "val_f1", "val_loss")
@@ -44,8 +44,8 @@ class SyntheticSpec(Section):
 
 
 class DataSpec(Section):
-    root: Optional[str] = None
-    synthetic: Optional[SyntheticSpec] = None
+    root: str | None = None
+    synthetic: SyntheticSpec | None = None
     class_map: dict[str, str] = {}
     image_size: Int = Field(224, ge=16, le=1024)
     label_mode: Literal["single", "multi"] = "single"
@@ -63,7 +63,7 @@ class DataSpec(Section):
                                           "augment as tensors on the trial's device; false = PIL DataLoader")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataSpec":
+    def _one_source(self) -> DataSpec:
         if (self.root is None) == (self.synthetic is None):
             raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data)")
         if self.implies and self.label_mode != "multi":
@@ -86,14 +86,14 @@ class GridSpec(Section):
     loss: list[str] = Field(default=["ce"], min_length=1)
     seed: list[Int] = Field(default=[0], min_length=1)
     # the same bounds as the trainer keys they replace
-    optimizer: Optional[list[Literal["sgd", "adam"]]] = None
-    lr: Optional[list[Annotated[Float, Field(gt=0)]]] = None
-    lr_schedule: Optional[list[Literal["constant", "cosine"]]] = None
-    momentum: Optional[list[Annotated[Float, Field(ge=0, lt=1)]]] = None
-    weight_decay: Optional[list[Annotated[Float, Field(ge=0)]]] = None
-    batch_size: Optional[list[Annotated[Int, Field(ge=1)]]] = None
-    head_hidden: Optional[list[Annotated[Int, Field(ge=0)]]] = None
-    dropout: Optional[list[Annotated[Float, Field(ge=0, lt=1)]]] = None
+    optimizer: list[Literal["sgd", "adam"]] | None = None
+    lr: list[Annotated[Float, Field(gt=0)]] | None = None
+    lr_schedule: list[Literal["constant", "cosine"]] | None = None
+    momentum: list[Annotated[Float, Field(ge=0, lt=1)]] | None = None
+    weight_decay: list[Annotated[Float, Field(ge=0)]] | None = None
+    batch_size: list[Annotated[Int, Field(ge=1)]] | None = None
+    head_hidden: list[Annotated[Int, Field(ge=0)]] | None = None
+    dropout: list[Annotated[Float, Field(ge=0, lt=1)]] | None = None
 
     _wrap = field_validator("*", mode="before")(_as_list)
 
@@ -142,7 +142,7 @@ class TrainerSpec(Section):
     weights_download: Literal["auto", "never"] = Field(
         "auto", description="auto = download missing ImageNet weights into $TORCH_HOME/hub/checkpoints (on the "
                             "driver, once); never = use only files already there (so does COVID_TUNE_OFFLINE=1)")
-    focal_alpha: Optional[Float] = Field(0.25, gt=0, lt=1)
+    focal_alpha: Float | None = Field(0.25, gt=0, lt=1)
     focal_gamma: Float = Field(2.0, ge=0)
     feature_cache: Literal["auto", "on", "off"] = Field(
         "auto", description="configurations with a frozen prefix train the layers after it on the prefix's "
@@ -166,7 +166,7 @@ class TrainerSpec(Section):
 
 class SchedulerSpec(Section):
     metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"
-    mode: Optional[Literal["min", "max"]] = None
+    mode: Literal["min", "max"] | None = None
     asha: bool = True
     grace_period: Union[Int, dict[str, Int]] = Field(
         1, description="epochs before ASHA's first cut; or {freeze_level: epochs}, one per freeze level of the grid")
@@ -176,7 +176,7 @@ class SchedulerSpec(Section):
     brackets: Int = Field(1, ge=1, description="ASHA brackets (>1: asynchronous HyperBand); trials are dealt "
                                                "to brackets at random, bracket s makes its first cut at "
                                                "grace_period * reduction_factor**s")
-    max_t: Optional[Int] = Field(None, ge=1, description="ASHA's last possible cut (default trainer.epochs); "
+    max_t: Int | None = Field(None, ge=1, description="ASHA's last possible cut (default trainer.epochs); "
                                                          "below it needs stop_last_trials: false")
     stop_last_trials: bool = Field(True, description="false: trials that pass ASHA's last rung (max_t) train on "
                                                      "to trainer.epochs")
@@ -187,7 +187,7 @@ class SchedulerSpec(Section):
     _grace = field_validator("grace_period", mode="before")(lambda v: schedule.parse_grace(v))
 
     @model_validator(mode="after")
-    def _mode_fits_metric(self) -> "SchedulerSpec":
+    def _mode_fits_metric(self) -> SchedulerSpec:
         right = "min" if self.metric == "val_loss" else "max"
         if self.mode is not None and self.mode != right:
             raise ValueError(f"scheduler.mode {self.mode!r} does not fit metric {self.metric!r} (use {right!r})")
@@ -208,10 +208,10 @@ class ResourcesSpec(Section):
 
 
 class RaySpec(Section):
-    address: Optional[str] = None
-    storage_path: Optional[str] = None
+    address: str | None = None
+    storage_path: str | None = None
     max_failures: Int = Field(0, ge=0)
-    max_concurrent: Optional[Int] = Field(None, ge=1)
+    max_concurrent: Int | None = Field(None, ge=1)
 
 
 class ShortcutSpec(Section):

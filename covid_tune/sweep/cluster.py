@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex
 from covid_tune.spec.load import Spec
+
+log = logging.getLogger(__name__)
 
 MIN_OBJECT_STORE = 512 * 1024**2
 
@@ -117,8 +118,8 @@ def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> N
         # Ray Client runs this driver here but Tune's storage, the exported models and the report on
         # the cluster: the paths would not match. A job (or a shell on the head) runs it where they do.
         raise ValueError(f"--address {address}: Ray Client (ray://) addresses are not supported; submit the "
-                         "sweep as a job instead (ray job submit --address http://HEAD:8265 -- python -m "
-                         "covid_tune.cli.run SPEC), or run it on the head node with --address auto")
+                         "sweep as a job instead (ray job submit --address http://HEAD:8265 -- "
+                         "covid-tune run SPEC), or run it on the head node with --address auto")
     if address:
         ray.init(address=address, log_to_driver=True, **extra)
     else:
@@ -138,13 +139,27 @@ def models_travel(spec: Spec) -> bool:
     return on_cluster(spec) or len([n for n in ray.nodes() if n.get("Alive")]) > 1
 
 
-def share(decoded: DecodedSplits | None) -> "ray.ObjectRef | None":
+def share(decoded: DecodedSplits | ray.ObjectRef | None) -> ray.ObjectRef | None:
     """Put the decoded cache in the object store once (call after :func:`connect`): passing the
     returned reference to :func:`covid_tune.sweep.tuning.run_sweep` and :func:`covid_tune.sweep.evaluation.evaluate_remote` keeps one copy per node for both."""
-    return ray.put(decoded) if decoded is not None else None
+    return ray.put(decoded) if isinstance(decoded, DecodedSplits) else decoded  # a reference stays one
 
 
-def share_weights(states: dict[str, dict]) -> "dict[str, ray.ObjectRef]":
+def start_shared(spec: Spec, decoded: DecodedSplits | ray.ObjectRef | None, states: dict[str, dict], quiet: bool = False
+                 ) -> tuple[ray.ObjectRef | None, dict[str, ray.ObjectRef]]:
+    """Connect to (or start) Ray with room for what the trials share, then put the decoded cache and
+    each backbone's pretrained state_dict in the object store once. The driver's copies of the weights
+    are dropped (``states`` is emptied): trials, resumed ones too, build their models from the store."""
+    from covid_tune.models.weights import state_nbytes
+
+    cache_bytes = decoded.nbytes if isinstance(decoded, DecodedSplits) else 0
+    connect(spec.ray.address, cache_bytes + state_nbytes(states), quiet=quiet)
+    refs = share(decoded), share_weights(states)
+    states.clear()
+    return refs
+
+
+def share_weights(states: dict[str, dict]) -> dict[str, ray.ObjectRef]:
     """Put each backbone's pretrained state_dict (:func:`covid_tune.models.weights.load_all`) in the object store
     once (call after :func:`connect`). Trials fetch theirs from there, so no node needs the file or a
     network; the driver may drop its copies afterwards."""
@@ -216,7 +231,7 @@ def check_shared_paths(spec: Spec, index: DatasetIndex) -> None:
                     seen = ray.get(ref, timeout=PROBE_TIMEOUT_S)
                 except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as exc:
                     # a node that just died or cannot run a task now: not evidence either way
-                    print(f"covid_tune: could not check {key} on node {name}: {type(exc).__name__}", file=sys.stderr)
+                    log.warning(f"could not check {key} on node {name}: {type(exc).__name__}")
                     continue
                 if not seen:
                     blind.append(name)

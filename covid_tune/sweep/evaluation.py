@@ -6,9 +6,9 @@ decides which, and builds the Tuner that calls back here."""
 from __future__ import annotations
 
 import json
-import sys
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ray
 from ray import tune
@@ -17,6 +17,8 @@ from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex
 from covid_tune.engine.hparams import HParams
 from covid_tune.spec.load import Spec
+
+log = logging.getLogger(__name__)
 
 
 def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], index: DatasetIndex,
@@ -32,7 +34,7 @@ def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], in
 
 def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index: DatasetIndex,
                     cpus: float, gpu: float, ship: bool,
-                    decoded: "DecodedSplits | ray.ObjectRef | None" = None) -> list[dict]:
+                    decoded: DecodedSplits | ray.ObjectRef | None = None) -> list[dict]:
     """Run ``evaluate(model_dir, index, decoded=...)`` for each exported model as Ray tasks, where workers are.
 
     ``decoded`` (the decoded cache; pass :func:`share`'s reference to reuse the sweep's copy) spares
@@ -69,7 +71,7 @@ class _Evaluator:
     trials never read, so it is not in the cache) is decoded once here for every configuration."""
 
     def __init__(self, index: DatasetIndex, decoded: DecodedSplits | None, cpus: float,
-                 pretrained: "dict[str, ray.ObjectRef] | None" = None, explain: dict | None = None) -> None:
+                 pretrained: dict[str, ray.ObjectRef] | None = None, explain: dict | None = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))
@@ -124,13 +126,13 @@ class Evaluations:
     """
 
     def __init__(self, spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
-                 decoded: "DecodedSplits | ray.ObjectRef | None", during_trials: bool,
-                 pretrained: "dict[str, ray.ObjectRef] | None" = None) -> None:
+                 decoded: DecodedSplits | ray.ObjectRef | None, during_trials: bool,
+                 pretrained: dict[str, ray.ObjectRef] | None = None) -> None:
         self.spec, self.plan, self.index, self.during_trials = spec, plan, index, during_trials
         self._pretrained = pretrained
         self._decoded = decoded if decoded is None or isinstance(decoded, ray.ObjectRef) else ray.put(decoded)
         self._handle = None
-        self._pending: dict[str, "ray.ObjectRef"] = {}
+        self._pending: dict[str, ray.ObjectRef] = {}
         self._done: dict[str, dict] = {}  # model folder -> evaluation
         self.early = 0  # evaluations started as their trial ended (while others still trained)
 
@@ -156,8 +158,7 @@ class Evaluations:
                 self.spec.output_dir / "best", self.spec.output_dir / "report" / "figures", self.spec.data.label_mode)
             self.early += 1
         except Exception as exc:  # noqa: BLE001
-            print(f"covid_tune: could not start the evaluation of {trial}: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+            log.warning(f"could not start the evaluation of {trial}: {type(exc).__name__}: {exc}")
 
     def wait(self) -> None:
         """Wait for the evaluations started during the trials."""
@@ -165,7 +166,7 @@ class Evaluations:
             try:
                 out = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                print(f"covid_tune: evaluation of {cid} failed, retried for the report: {exc}", file=sys.stderr)
+                log.warning(f"evaluation of {cid} failed, retried for the report: {exc}")
                 continue
             if out is not None:
                 self._done[out[0]] = out[1]
@@ -174,7 +175,7 @@ class Evaluations:
     def evaluator(self, model_dirs: list[Path], index: DatasetIndex) -> list[dict]:
         """``results.assemble``'s evaluator: finished evaluations of the same epoch, the rest in the actor."""
         self.wait()
-        out: dict[int, "dict | ray.ObjectRef"] = {}
+        out: dict[int, dict | ray.ObjectRef] = {}
         for i, d in enumerate(model_dirs):
             done = self._done.get(str(d))
             epoch = json.loads((Path(d) / "model.json").read_text())["epoch"]

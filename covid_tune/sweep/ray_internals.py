@@ -13,10 +13,12 @@ still exists in the installed Ray, so a Ray upgrade that moves them fails there,
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 from ray import tune
+
+log = logging.getLogger(__name__)
 
 
 class ResumeFromLastReport(tune.Callback):
@@ -54,8 +56,7 @@ class ResumeFromLastReport(tune.Callback):
             _catch_up_checkpoint(trial)
             _truncate_to_checkpoint(trial)
         except Exception as exc:  # noqa: BLE001 - never stop a sweep over this repair
-            print(f"covid_tune: could not check trial {trial}'s last checkpoint: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+            log.warning(f"could not check trial {trial}'s last checkpoint: {type(exc).__name__}: {exc}")
 
     def __getstate__(self) -> dict:
         return {"_checked": False}
@@ -169,8 +170,8 @@ def _catch_up_checkpoint(trial) -> bool:
         again = [r["epoch"] for r in rows if r["training_iteration"] > at]
         if again:
             where = Path(current.checkpoint.path).name if current is not None else "the start"
-            print(f"covid_tune: {trial}: resuming from {where}; the checkpoints of reported epoch(s) {again} "
-                  "are gone, they are trained again", file=sys.stderr)
+            log.warning(f"{trial}: resuming from {where}; the checkpoints of reported epoch(s) {again} "
+                  "are gone, they are trained again")
         return False
     name = chosen["checkpoint_dir_name"]
     folder = f"{trial.storage.trial_fs_path}/{name}"
@@ -179,9 +180,9 @@ def _catch_up_checkpoint(trial) -> bool:
     trial.storage.current_checkpoint_index = int(name.rsplit("_", 1)[1]) - 1
     trial.on_checkpoint(_TrainingResult(checkpoint=tune.Checkpoint(folder, filesystem=fs), metrics=chosen))
     lost = [r["epoch"] for r in rows if r["training_iteration"] > chosen["training_iteration"]]
-    print(f"covid_tune: {trial}: resuming from {name} (epoch {chosen['epoch']}"
+    log.warning(f"{trial}: resuming from {name} (epoch {chosen['epoch']}"
           + (f"; the checkpoints of reported epoch(s) {lost} are gone, they are trained again" if lost
-             else ", its last reported one") + f"), not {was} as Tune's state had it", file=sys.stderr)
+             else ", its last reported one") + f"), not {was} as Tune's state had it")
     return True
 
 
@@ -262,13 +263,13 @@ def _truncate_to_checkpoint(trial) -> list[str]:
                     f.truncate()
                 changed.append(str(staged))
     if changed:
-        print(f"covid_tune: {trial}: resuming after epoch {epoch} (its checkpoint); the rows of later epochs "
-              "are dropped, those epochs are trained and reported again", file=sys.stderr)
+        log.warning(f"{trial}: resuming after epoch {epoch} (its checkpoint); the rows of later epochs "
+              "are dropped, those epochs are trained and reported again")
     return changed
 
 
 class RecordStateDigest(tune.Callback):
-    """Record the SHA-256 of Tune's experiment state files each time Tune writes them
+    """Record the SHA-256 (and a copy) of Tune's experiment state files each time Tune writes them
     (:mod:`covid_tune.sweep.resume_guard`), so that a --resume after a killed driver finds them recorded.
 
     Tune saves its state into the driver's staging folder inside a step, then copies it to storage in
@@ -292,11 +293,10 @@ class RecordStateDigest(tune.Callback):
                 st = path.stat()
                 if self._seen.get(path.name) != (st.st_mtime, st.st_size):
                     self._seen[path.name] = (st.st_mtime, st.st_size)
-                    changed[path.name] = resume_guard.sha256_file(path)
-            if changed:
-                resume_guard.record_state(Path(self.output_dir), changed)
+                    changed[path.name] = path.read_bytes()
+            resume_guard.record_files(Path(self.output_dir), changed)
         except OSError as exc:  # never stop a sweep over this record; --resume then refuses, naming the file
-            print(f"covid_tune: could not record the digest of Tune's state: {exc}", file=sys.stderr)
+            log.warning(f"could not record the digest of Tune's state: {exc}")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         self._record(trials)

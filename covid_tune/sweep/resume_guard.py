@@ -8,9 +8,14 @@ embedded cloudpickle blobs, decoded with ``allow_cloudpickle=True``), the search
 saved state. Trial folders hold ``params.pkl`` (not read on restore) and checkpoints (read with
 ``torch.load(weights_only=True)``). So every regular file at the experiment folder's top level is
 guarded: its SHA-256 is recorded in ``OUTPUT/state-digest.json`` each time Tune writes it during a
-covid_tune run (``resume.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once) and
-when the run ends; ``--resume`` refuses (exit 2) a file whose digest is not among those recorded, an
-unrecorded file, or a folder with no record at all, before Tune reads anything.
+covid_tune run (``ray_internals.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once)
+and when the run ends, and the recorded bytes are kept in ``OUTPUT/state-verified/``. ``--resume``
+refuses (exit 2) a file whose digest is not among those recorded, an unrecorded file, or a folder with
+no record at all, before Tune reads anything; except a state file Tune saves again and again
+(``RESAVED``) whose recorded copy is there: a driver killed while Tune saves its state leaves a newer
+file than the last record, so that file is replaced by the recorded copy, never read, and Tune resumes
+from it (a snapshot a moment older, which Tune's restore handles as any lagging
+snapshot; ``ray_internals.ResumeFromLastReport`` catches each trial up to its last reported epoch).
 
 The data a sweep started with (``data.root``, ``class_map``, synthetic settings, and a digest of the
 file list: relative paths and sizes) is recorded in ``OUTPUT/data-digest.json`` at the first start;
@@ -21,8 +26,10 @@ No Ray here: the check runs before Ray starts.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +37,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from covid_tune.spec.load import Spec
 
+log = logging.getLogger(__name__)
+
 STATE_DIGEST_FILE = "state-digest.json"
+VERIFIED_DIR = "state-verified"  # the recorded bytes of each guarded file, the newest record
+# the files Tune saves again and again during a run (its templates in ray/tune): a kill can land between
+# such a save and its record; tuner.pkl is written once, before any trial, and recorded right after
+RESAVED = ("experiment_state-*.json", "basic-variant-state-*.json", "searcher-state-*.pkl")
 DATA_DIGEST_FILE = "data-digest.json"
 KEEP = 8  # digests kept per file: storage may still hold an older save when the driver is killed mid-copy
 DATA_KEYS = ("root", "class_map", "synthetic")  # the data settings that decide which images and classes
@@ -72,13 +85,34 @@ def record_state(output_dir: Path, digests: dict[str, str]) -> None:
                        "files": known})
 
 
+def record_files(output_dir: Path, files: dict[str, bytes]) -> None:
+    """Record the SHA-256 of each file's bytes (name -> bytes), then keep those bytes in
+    ``OUTPUT/state-verified/`` (written after the record and renamed into place, so the copy there is
+    always one whose digest is recorded)."""
+    if not files:
+        return
+    record_state(output_dir, {name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+    folder = Path(output_dir) / VERIFIED_DIR
+    folder.mkdir(exist_ok=True)
+    for name, data in files.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
+
+
+def clear_record(output_dir: Path) -> None:
+    """Forget the recorded state (a new sweep starts its own record)."""
+    import shutil
+
+    (Path(output_dir) / STATE_DIGEST_FILE).unlink(missing_ok=True)
+    shutil.rmtree(Path(output_dir) / VERIFIED_DIR, ignore_errors=True)
+
+
 def record_experiment_state(spec: Spec) -> None:
-    """Record the digests of the experiment folder's guarded files as they are now (a local folder)."""
+    """Record the experiment folder's guarded files as they are now (a local folder)."""
     if spec.remote_storage:
         return
-    files = guarded_files(spec.experiment_dir)
-    if files:
-        record_state(spec.output_dir, {p.name: sha256_file(p) for p in files})
+    record_files(spec.output_dir, {p.name: p.read_bytes() for p in guarded_files(spec.experiment_dir)})
 
 
 def check_state(spec: Spec) -> str | None:
@@ -98,7 +132,18 @@ def check_state(spec: Spec) -> str | None:
                 "Tune state files are the ones covid_tune wrote; Tune would unpickle them (run code from them). "
                 "Refusing; pass --overwrite to start the sweep again")
     for path in files:
-        if sha256_file(path) not in known.get(path.name, []):
+        if sha256_file(path) in known.get(path.name, []):
+            continue
+        copy = Path(spec.output_dir) / VERIFIED_DIR / path.name
+        resaved = any(fnmatch.fnmatch(path.name, pattern) for pattern in RESAVED)
+        if resaved and copy.is_file() and sha256_file(copy) in known.get(path.name, []):
+            tmp = path.with_name(f".{path.name}.covid_tune-tmp")
+            tmp.write_bytes(copy.read_bytes())
+            os.replace(tmp, path)
+            log.warning(f"{path} is not the file covid_tune last recorded (a driver killed while Tune saves its "
+                        "state leaves one): resuming from the recorded copy, a moment older; the unrecorded file "
+                        "is never read")
+        else:
             what = "was not written by covid_tune's run" if path.name not in known else "changed"
             return (f"--resume: {path} {what} since covid_tune last wrote this sweep (its SHA-256 is not in "
                     f"{record}); Tune would unpickle it (run code from it). Refusing; restore the file, or pass "

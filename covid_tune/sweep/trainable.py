@@ -6,8 +6,9 @@ import asyncio
 import json
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import ray
@@ -16,12 +17,12 @@ from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from covid_tune.data.cache import DecodedSplits
-from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
 from covid_tune.data.dataset import DatasetIndex
-from covid_tune.engine.hparams import HParams
-from covid_tune.engine.training import TrainingRun, default_device
 from covid_tune.data.loaders import as_tensor
+from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
+from covid_tune.engine.hparams import HParams
 from covid_tune.engine.schedule import Grace, time_metrics
+from covid_tune.engine.training import TrainingRun, default_device
 
 FEATURES_ACTOR = "covid_tune-features"  # + sweep name + node id: one feature registry per sweep and node
 # a detached actor needs a named namespace (in the driver's anonymous one Ray warns on stdout)
@@ -160,7 +161,7 @@ class RayFeatureStore:
     def __init__(self, sweep: str) -> None:
         self.sweep = sweep
 
-    def registry(self) -> "ray.actor.ActorHandle":
+    def registry(self) -> ray.actor.ActorHandle:
         node = ray.get_runtime_context().get_node_id()
         return FeatureRegistry.options(
             name=f"{FEATURES_ACTOR}-{self.sweep}-{node}", get_if_exists=True, lifetime="detached", namespace=FEATURES_NAMESPACE,
@@ -199,7 +200,7 @@ def release_feature_stores(sweep: str) -> int:
     return len(names)
 
 
-def pretrained_state(hp: HParams, pretrained: "dict[str, ray.ObjectRef] | None") -> dict | None:
+def pretrained_state(hp: HParams, pretrained: dict[str, ray.ObjectRef] | None) -> dict | None:
     """The trial's pretrained state_dict, fetched from the driver's object-store copy (None for none).
 
     Never read from this worker's disk or the network: a fresh node needs no TORCH_HOME.
@@ -214,7 +215,7 @@ def pretrained_state(hp: HParams, pretrained: "dict[str, ray.ObjectRef] | None")
 
 def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpus: float, gpu: float,
                 decoded: DecodedSplits | None = None,
-                pretrained: "dict[str, ray.ObjectRef] | None" = None, grace: Grace = 1,
+                pretrained: dict[str, ray.ObjectRef] | None = None, grace: Grace = 1,
                 share_features: str | None = None) -> None:
     """Train ``plan[config['config_id']]``, resuming from Tune's last checkpoint when there is one.
 

@@ -6,33 +6,35 @@ Connecting and cluster checks are :mod:`covid_tune.sweep.cluster`; the test eval
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from covid_tune.engine import schedule
 from covid_tune.data.cache import DecodedSplits
-# re-exported: run.py and the tests reach Ray's set-up through this module
-from covid_tune.sweep.cluster import (check_resources, check_shared_paths, cluster_resources, connect,  # noqa: F401
-                                models_travel, on_cluster, share, share_weights)
 from covid_tune.data.dataset import DatasetIndex
+from covid_tune.engine import schedule
 from covid_tune.engine.hparams import HParams
-# EvaluateFinishedTrials stays importable from here: Tuners pickled before it moved (--resume) name this module
-from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations, evaluate_remote  # noqa: F401
+from covid_tune.models.weights import load_all
 from covid_tune.results.collect import TRIALS_FILE, download_experiment
-from covid_tune.sweep import resume_guard
-from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport, tuner_run_config
 from covid_tune.spec.load import Spec
+from covid_tune.sweep import resume_guard
+
+
+from covid_tune.sweep.cluster import check_resources, check_shared_paths, models_travel, start_shared
+
+from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations
+from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport, tuner_run_config
 from covid_tune.sweep.trainable import release_feature_stores, train_trial
-from covid_tune.models.weights import load_all, state_nbytes
+
+log = logging.getLogger(__name__)
 
 
-def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: "DecodedSplits | ray.ObjectRef | None",
-               pretrained: "dict[str, ray.ObjectRef] | None" = None):
+def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decoded: DecodedSplits | ray.ObjectRef | None,
+               pretrained: dict[str, ray.ObjectRef] | None = None):
     # with_parameters puts each argument in Ray's object store once (a reference is used as it is):
     # one copy of the cache per node; pretrained is a small dict of references, one per backbone
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
@@ -164,7 +166,7 @@ def _use_console(tuner, view, verbose: int, extra: list | None = None) -> None:
                             if not isinstance(c, (LiveView, TrialOutcomes, RecordStateDigest))] + fresh
 
 
-def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
+def make_scheduler(spec: Spec) -> ASHAScheduler | FIFOScheduler:
     """Ray's ASHA with the spec's hedges (brackets, max_t, stop_last_trials), or FIFO without ASHA."""
     s = spec.scheduler
     if not s.asha:
@@ -176,17 +178,18 @@ def make_scheduler(spec: Spec) -> "ASHAScheduler | FIFOScheduler":
 
 
 def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
-              decoded: "DecodedSplits | ray.ObjectRef | None" = None,
+              decoded: DecodedSplits | ray.ObjectRef | None = None,
               resume: bool = False, console=None, ray_output: bool = True,
-              pretrained: "dict[str, ray.ObjectRef] | None" = None,
-              evaluations: "Evaluations | None" = None, stop=None) -> dict[str, dict]:
+              pretrained: dict[str, ray.ObjectRef] | None = None,
+              evaluations: Evaluations | None = None, stop=None) -> dict[str, dict]:
     """Run (or, with ``resume``, restore and finish) the sweep.
 
     ``decoded`` is the decoded-image cache (``run.prepare_cache``) or its reference from :func:`share`;
     None trains from the image files. ``console`` (a ``console.SweepConsole``) gets every trial event;
     ``ray_output`` False silences Tune's own progress tables.
-    ``pretrained`` is :func:`share_weights` of the backbones' state_dicts; without it they are
-    resolved here, on the driver (never by a trial).
+    ``pretrained`` is :func:`~covid_tune.sweep.cluster.start_shared`'s references to the backbones'
+    state_dicts; without them, they are resolved here, on the driver (never by a trial), and shipped the
+    same way.
     ``evaluations`` (:func:`start_evaluations`) starts each trial's test evaluation as it ends
     (a new sweep only: a restored one keeps the callbacks it was started with).
 
@@ -196,13 +199,9 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     Returns and writes to ``OUTPUT/trials.json`` each planned trial's status ("ok", "error", or
     "interrupted": cut short or never started), error, epochs reported and planned.
     """
-    states: dict[str, dict] = {}
-    if pretrained is None:
+    if pretrained is None:  # called without the driver's set-up (tests, benchmarks)
         states = load_all([h.backbone for h in plan.values()], spec.trainer.weights, spec.trainer.weights_download)
-    connect(spec.ray.address, (decoded.nbytes if isinstance(decoded, DecodedSplits) else 0) + state_nbytes(states))
-    if pretrained is None:
-        pretrained = share_weights(states)
-        states.clear()  # the object store holds them now
+        decoded, pretrained = start_shared(spec, decoded, states)
     check_resources(spec)
     check_shared_paths(spec, index)
     path = spec.experiment_path
@@ -223,7 +222,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         # the restored sweep starts now: the last run's statuses are written again when it ends
         (spec.output_dir / TRIALS_FILE).unlink(missing_ok=True)
     else:
-        (spec.output_dir / resume_guard.STATE_DIGEST_FILE).unlink(missing_ok=True)  # a new sweep's record
+        resume_guard.clear_record(spec.output_dir)  # a new sweep's record
         sched = spec.scheduler
         scheduler = make_scheduler(spec)
         tuner = tune.Tuner(
@@ -266,7 +265,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         download_experiment(spec)
     failed = [c for c, t in trials.items() if t["status"] == "error"]
     if failed:
-        print(f"covid_tune: {len(failed)} trial(s) failed: {', '.join(failed)}", file=sys.stderr)
+        log.warning(f"{len(failed)} trial(s) failed: {', '.join(failed)}")
     return trials
 
 
@@ -301,9 +300,9 @@ def disconnect() -> None:
 
 
 def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
-                      decoded: "DecodedSplits | ray.ObjectRef | None",
-                      pretrained: "dict[str, ray.ObjectRef] | None" = None) -> Evaluations | None:
-    """:class:`Evaluations` for this sweep (call after :func:`connect`), or None where the exported
+                      decoded: DecodedSplits | ray.ObjectRef | None,
+                      pretrained: dict[str, ray.ObjectRef] | None = None) -> Evaluations | None:
+    """:class:`Evaluations` for this sweep (call after :func:`~covid_tune.sweep.cluster.start_shared`), or None where the exported
     models' folder need not be visible to the workers (a cluster joined, several nodes, a storage URI):
     :func:`evaluate_remote` then ships each model to its task."""
     if spec.remote_storage or models_travel(spec):
