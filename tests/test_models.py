@@ -17,12 +17,12 @@ from covid_tune.models.freeze import Classifier, count_trainable
 from covid_tune.models.registry import (
     WeightsUnavailable,
     backbone_names,
-    check_weights,
     create_model,
     freeze_level_names,
     load_exported,
     save_exported,
 )
+from covid_tune.models.weights import check_weights
 
 HIDDEN, N_CLASSES = 8, 2
 

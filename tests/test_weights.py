@@ -120,10 +120,9 @@ def cached(home: Path) -> list[str]:
 
 def test_first_use_downloads_into_torch_home_then_the_cache_needs_no_network(
         served, server, torch_home, tmp_path, monkeypatch, capfd) -> None:
+    from covid_tune.cli.main import setup_logging
     from covid_tune.cli.run import prepare
     from covid_tune.spec.load import load_spec
-
-    from covid_tune.cli.main import setup_logging
 
     setup_logging()  # as the command does: progress on stderr
     path, state = served

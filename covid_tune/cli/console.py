@@ -241,15 +241,14 @@ def resources_text(cpus: float, gpu: float, have: dict[str, float], total: int, 
 
 def best_row(rows: list[dict], metric: str, mode: str) -> tuple[dict, float] | None:
     """The configuration whose best epoch has the best ``metric`` (report rows), with that value."""
-    scored = []
-    for r in rows:
+    from covid_tune.results.selection import best_of
+
+    def value(r: dict) -> float | None:
         at = next((h for h in r.get("history") or [] if h.get("epoch") == r.get("best_epoch")), None)
-        if at is not None and at.get(metric) is not None:
-            scored.append((at[metric], r))
-    if not scored:
-        return None
-    value, row = (min if mode == "min" else max)(scored, key=lambda vr: vr[0])
-    return row, value
+        return None if at is None else at.get(metric)
+
+    row = best_of(rows, value, mode)
+    return None if row is None else (row, value(row))
 
 
 def best_line(rows: list[dict], metric: str, mode: str) -> str:

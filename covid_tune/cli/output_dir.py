@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from covid_tune.engine.files import SPEC_FILE
+
 if TYPE_CHECKING:
     from covid_tune.spec.load import Spec
 
@@ -61,7 +63,7 @@ def check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str |
         except (SpecError, ValueError, OSError):
             before = None
         if before is not None and plan_mod.expand(before) != plan:
-            return (f"--resume: the spec differs from the one {out} was started with ({out / report_mod.SPEC_FILE}): "
+            return (f"--resume: the spec differs from the one {out} was started with ({out / SPEC_FILE}): "
                     "the trial grid or training settings changed. Resume with the same spec and --set "
                     "options, or pass --overwrite to start again")
         problem = resume_unchanged(spec)
@@ -122,7 +124,6 @@ def overwrite_problem(spec: Spec) -> str | None:
     marker = read_marker(out)
     if marker is not None and spec.experiment_path in marker["experiments"]:
         return None
-    from covid_tune.report.build import SPEC_FILE
 
     if marker is None and (out / SPEC_FILE).is_file():
         why = (f"{out} has no {MARKER} marker file (it was written by an earlier covid_tune version), so "

@@ -17,11 +17,10 @@ import tempfile
 from pathlib import Path
 
 from covid_tune.cli.main import setup_logging, verbosity_options
+from covid_tune.engine.files import MODEL_META, MODEL_WEIGHTS, RESULTS_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
 
-MODEL_META, SPEC_FILE = "model.json", "spec.json"  # as models.save_exported / report.save_spec write them
-RESULTS_FILE = "report/results.json"  # as report.write_report writes it
 
 
 class TargetError(ValueError):
@@ -73,7 +72,7 @@ def load_model(model_dir: Path):
                              head_hidden=meta["head_hidden"], dropout=meta["dropout"])
     except (KeyError, ValueError, TypeError) as exc:
         raise TargetError(f"{model_dir / MODEL_META}: cannot rebuild the model ({exc})") from None
-    pt = model_dir / "model.pt"
+    pt = model_dir / MODEL_WEIGHTS
     if not pt.is_file():
         raise TargetError(f"{pt}: no such file (an exported model folder holds model.pt and {MODEL_META})")
     try:
@@ -112,16 +111,17 @@ def best_model_dir(sweep: Path, config: str | None = None) -> Path:
         if config not in metas:
             raise TargetError(f"--config {config}: no exported model; choose one of: {', '.join(metas)}")
         return sweep / "best" / config
+    from covid_tune.results.selection import best_of
     from covid_tune.spec import plan as plan_mod
 
-    order = {cid: i for i, cid in enumerate(plan_mod.expand(spec))}
-    metric, sign = spec.scheduler.metric, 1 if spec.scheduler.mode == "max" else -1
-    scored = [c for c in metas if metas[c].get("metrics", {}).get(metric) is not None]
+    metric, order = spec.scheduler.metric, list(plan_mod.expand(spec))
+    scored = sorted((c for c in metas if metas[c].get("metrics", {}).get(metric) is not None),
+                    key=lambda c: order.index(c) if c in order else len(order))  # equals: the earlier in the plan
     chosen = set(_best_group_ids(sweep)) & set(scored)
-    scored = [c for c in scored if c in chosen] if chosen else scored
-    if not scored:
+    best = best_of([c for c in scored if c in chosen] if chosen else scored,
+                   lambda c: metas[c]["metrics"][metric], spec.scheduler.mode)
+    if best is None:
         raise TargetError(f"{sweep}: no exported model records {metric}")
-    best = max(scored, key=lambda c: (sign * metas[c]["metrics"][metric], -order.get(c, len(order))))
     return sweep / "best" / best
 
 
@@ -137,7 +137,7 @@ def _best_group_ids(sweep: Path) -> list[str]:
 
 def resolve_target(target: Path, config: str | None) -> Path:
     """The exported model folder TARGET names (see :func:`best_model_dir`)."""
-    if (target / MODEL_META).is_file() and (target / "model.pt").is_file():
+    if (target / MODEL_META).is_file() and (target / MODEL_WEIGHTS).is_file():
         if config is not None and (found := read_meta(target)["config_id"]) != config:
             raise TargetError(f"--config {config}: {target} is the single model {found}")
         return target

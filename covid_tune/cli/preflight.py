@@ -82,8 +82,8 @@ def _duplicates(spec: Spec, index, problems: list[str]) -> list[str]:
 
 
 def _weights(spec: Spec, problems: list[str]) -> list[str]:
-    from covid_tune.models.registry import WeightsUnavailable, check_weights, imagenet_weights_file
-    from covid_tune.models.weights import offline_reason
+    from covid_tune.models.registry import WeightsUnavailable
+    from covid_tune.models.weights import check_weights, imagenet_weights_file, offline_reason
 
     if spec.trainer.weights == "none":
         return ["weights: none (random initialisation)"]

@@ -75,6 +75,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def quiet_ray_environment() -> None:
+    """Ray's documented switches for a compact console, for this process and the Ray it starts (set here,
+    in the command, before Ray is imported; a user's own settings win)."""
+    # Tune's newer console prints its experiment box and folders even at verbose=0; the older one
+    # prints nothing at verbose=0
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's repeated "Experiment state snapshotting ..." advice (3 lines each) on a busy machine
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, dict]]:
     """Check everything a trial needs before Ray starts: data (generated if synthetic) and pretrained
     weights (read from torchvision's cache or a file, downloaded if missing, checked against each
@@ -246,6 +256,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
 def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitStack, started: float) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    if not args.verbose:
+        quiet_ray_environment()
     from covid_tune.spec.load import SpecError, load_spec  # after --help: these import torch
 
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else []) \

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from covid_tune.engine.files import MODEL_META, MODEL_WEIGHTS
 from covid_tune.engine.hparams import HParams, seed_everything
 from covid_tune.models.backbones import BACKBONES, Backbone
 from covid_tune.models.freeze import Classifier, PrefixSplit, SplitForward, split_stages
@@ -60,43 +61,6 @@ def make_head(in_features: int, num_classes: int, hidden: int, dropout: float) -
         return nn.Linear(in_features, num_classes)
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(hidden, num_classes))
-
-
-def imagenet_weights_file(backbone: str) -> Path:
-    """Where torchvision's weights API caches this backbone's ImageNet file (TORCH_HOME aware)."""
-    weights = get_backbone(backbone).imagenet_weights
-    if weights is None:
-        raise WeightsUnavailable(f"backbone {backbone!r} has no ImageNet weights; use weights: none")
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights().url)
-
-
-def check_weights(backbone: str, weights: str) -> None:
-    """Whether pretrained weights are on disk here, without downloading (a quick pre-flight check)."""
-    if weights == "none":
-        return
-    if weights == "imagenet":
-        path = imagenet_weights_file(backbone)
-        if not path.is_file():
-            url = get_backbone(backbone).imagenet_weights().url
-            raise WeightsUnavailable(
-                f"ImageNet weights for {backbone} are not on this machine. Place the file {path.name} (from {url}) "
-                f"at {path} (set TORCH_HOME to use another cache folder), give a state_dict file as "
-                f"trainer.weights, or use trainer.weights=none.")
-        return
-    problem = weights_file_problem(Path(weights), backbone)
-    if problem:
-        raise WeightsUnavailable(problem)
-
-
-def weights_file_problem(path: Path, backbone: str) -> str | None:
-    """Why ``trainer.weights: PATH`` cannot be a state_dict file (a folder, nothing there), or None."""
-    if path.is_dir():
-        return (f"trainer.weights: {path} is a directory, expected a state_dict file (.pt/.pth) "
-                f"of the torchvision {backbone} model")
-    if not path.is_file():
-        return (f"trainer.weights: file {path} does not exist "
-                f"(expected a state_dict of the torchvision {backbone} model)")
-    return None
 
 
 def _load_pretrained(net: nn.Module, backbone: str, weights: str | Mapping[str, torch.Tensor]) -> None:
@@ -193,15 +157,15 @@ def save_exported(state_dict: dict, meta: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "model.pt.tmp"
     torch.save(state_dict, tmp)
-    os.replace(tmp, out_dir / "model.pt")
-    (out_dir / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, out_dir / MODEL_WEIGHTS)
+    (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_exported(model_dir: str | Path) -> tuple[Classifier, dict]:
     """Rebuild a model from ``model.pt`` + ``model.json`` alone, in eval mode."""
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "model.json").read_text())
+    meta = json.loads((model_dir / MODEL_META).read_text())
     model = create_model(meta["backbone"], len(meta["classes"]), freeze=meta["freeze"], weights="none",
                          head_hidden=meta["head_hidden"], dropout=meta["dropout"])
-    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(model_dir / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval(), meta

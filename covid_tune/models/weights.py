@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from covid_tune.models.registry import WeightsUnavailable, get_backbone, imagenet_weights_file, weights_file_problem
+from covid_tune.models.registry import WeightsUnavailable, get_backbone
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,36 @@ def imagenet_url(backbone: str) -> str:
 def _where(backbone: str, path: Path) -> str:
     return (f"Place the file {path.name} (from {imagenet_url(backbone)}) at {path} (set TORCH_HOME to use "
             f"another cache folder), give a state_dict file as trainer.weights, or use trainer.weights=none.")
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """Where torchvision's weights API caches this backbone's ImageNet file (TORCH_HOME aware)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_url(backbone))
+
+
+def check_weights(backbone: str, weights: str) -> None:
+    """Whether pretrained weights are on disk here, without downloading (a quick pre-flight check)."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        path = imagenet_weights_file(backbone)
+        if not path.is_file():
+            raise WeightsUnavailable(f"ImageNet weights for {backbone} are not on this machine. {_where(backbone, path)}")
+        return
+    problem = weights_file_problem(Path(weights), backbone)
+    if problem:
+        raise WeightsUnavailable(problem)
+
+
+def weights_file_problem(path: Path, backbone: str) -> str | None:
+    """Why ``trainer.weights: PATH`` cannot be a state_dict file (a folder, nothing there), or None."""
+    if path.is_dir():
+        return (f"trainer.weights: {path} is a directory, expected a state_dict file (.pt/.pth) "
+                f"of the torchvision {backbone} model")
+    if not path.is_file():
+        return (f"trainer.weights: file {path} does not exist "
+                f"(expected a state_dict of the torchvision {backbone} model)")
+    return None
 
 
 def load_weights(backbone: str, weights: str, download: str = "auto", progress: bool = True) -> dict | None:

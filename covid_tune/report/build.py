@@ -14,6 +14,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from covid_tune.data.dataset import Duplicates, drop_duplicates, scan_dataset
+from covid_tune.engine.files import DATA_CHECKS_FILE, RESULTS_FILE, SPEC_FILE, TRIALS_FILE
 from covid_tune.report import sections
 
 # the tables, importable from here as before (``from covid_tune.report.build import metric_table``)
@@ -23,9 +24,6 @@ from covid_tune.results import stats
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
 from covid_tune.spec.sections import TRAINER_AXES
-
-SPEC_FILE = "spec.json"
-DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
@@ -106,7 +104,7 @@ def _slim_eval(ev: dict | None) -> dict | None:
 
 def load_rows(out: Path) -> list[dict]:
     """The result rows of ``out/report/results.json`` (history, status, test metrics per configuration)."""
-    return json.loads((out / "report" / "results.json").read_text())["rows"]
+    return json.loads((out / RESULTS_FILE).read_text())["rows"]
 
 
 def save_spec(out: Path, spec: Spec) -> None:
@@ -183,7 +181,7 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
         index = sweep_index(spec, checks)
     if spec.remote_storage:
         results_mod.download_experiment(spec)
-    trials_path = out / results_mod.TRIALS_FILE
+    trials_path = out / TRIALS_FILE
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
                                 status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)

@@ -17,6 +17,8 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from covid_tune.engine.files import MODEL_META
+
 FIGURE_VERSION = 1  # part of every digest: bump it when the drawing changes, so old files are redrawn
 
 
@@ -171,7 +173,7 @@ def write_cam_figures(fig_dir: Path, rows: list[dict], classes: list[str]) -> di
         cam = row.get("cam")
         if not cam or not row.get("checkpoint"):
             continue
-        meta = json.loads((Path(row["checkpoint"]).parent / "model.json").read_text())
+        meta = json.loads((Path(row["checkpoint"]).parent / MODEL_META).read_text())
         try:
             crops = [display_crop(p, meta["image_size"], meta["grayscale"]) for p in cam["paths"]]
         except OSError:  # the data moved since the sweep: no figure rather than no report

@@ -22,6 +22,7 @@ from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.engine import training as engine
 from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
 from covid_tune.engine.explain import explain_split
+from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS
 from covid_tune.engine.losses import build_loss
 from covid_tune.engine.metrics import bootstrap_ci
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
@@ -29,8 +30,6 @@ from covid_tune.results import selection
 from covid_tune.spec.load import Spec
 from covid_tune.spec.sections import TRAINER_AXES, ReportSpec
 
-EVAL_FILE = "eval.json"
-TRIALS_FILE = "trials.json"  # written by the sweep: each trial's final status
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1")
 MODE_KEYS = engine.TrainingRun.MODE_KEYS  # which paths an epoch took (0/1)
 
@@ -115,7 +114,7 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
     if epoch is None:
         return None
     target = out_dir / rec.config_id
-    meta_path = target / "model.json"
+    meta_path = target / MODEL_META
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("epoch") == epoch:
         return target
     state = torch.load(rec.checkpoints[epoch] / STATE_FILE, map_location="cpu", weights_only=True)
@@ -233,9 +232,9 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
             row["stopped_early"] = asha and status == "ok" and 0 < len(rec.history) < hp.epochs
             target = export_best(rec, hp, index.classes, metric, mode, out_dir, rule=rule)
             if target is not None:
-                row["best_epoch"] = json.loads((target / "model.json").read_text())["epoch"]
+                row["best_epoch"] = json.loads((target / MODEL_META).read_text())["epoch"]
                 row["select_score"] = selection.score_at(rec.history, metric, rule, row["best_epoch"])
-                row["checkpoint"] = str(target / "model.pt")
+                row["checkpoint"] = str(target / MODEL_WEIGHTS)
                 to_eval.append((row, target))
         rows.append(row)
     sources = source_groups(index, "test")

@@ -5,14 +5,31 @@ next, so the raw argmax is partly noise. ``best`` takes the raw argmax (the cour
 and ``mean3`` take the argmax of a smoothed curve (an exponential moving average, or the mean of
 each epoch with its two neighbours), so an epoch wins only if the epochs around it were good too.
 Ties go to the earliest epoch.
+
+:func:`best_of` is the one rule every choice of covid_tune follows (an epoch of a trial, a seed of a
+configuration, a configuration of the sweep): the best score wins, the earliest of equals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SELECT_RULES = ("best", "ema", "mean3")
 EMA_ALPHA = 0.5  # weight of the newest epoch: about a 3-epoch memory
+
+
+def best_of(items: Iterable[T], score: Callable[[T], float | None], mode: str) -> T | None:
+    """The item with the best ``score`` (highest for ``mode`` "max", lowest for "min"), the earliest of
+    equals; items scored None are skipped; None when no item scores."""
+    best, best_score = None, None
+    for item in items:
+        s = score(item)
+        if s is not None and (best_score is None or (s > best_score if mode == "max" else s < best_score)):
+            best, best_score = item, s
+    return best
 
 
 def smooth(values: list[float], rule: str, alpha: float = EMA_ALPHA) -> list[float]:
@@ -40,9 +57,9 @@ def pick_epoch(history: list[dict], metric: str, mode: str, rule: str = "best",
         return None
     scores = smooth([float(r[metric]) for r in rows], rule)
     allowed = None if candidates is None else set(candidates)
-    sign = 1 if mode == "max" else -1
-    best = [(sign * s, -r["epoch"]) for r, s in zip(rows, scores) if allowed is None or r["epoch"] in allowed]
-    return -max(best)[1] if best else None
+    picked = best_of([(r["epoch"], s) for r, s in zip(rows, scores) if allowed is None or r["epoch"] in allowed],
+                     lambda es: es[1], mode)
+    return None if picked is None else picked[0]
 
 
 def score_at(history: list[dict], metric: str, rule: str, epoch: int) -> float | None:

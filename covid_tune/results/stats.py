@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import binomtest
 
+from covid_tune.results.selection import best_of
+
 ALPHA = 0.05  # "indistinguishable from the best" means p >= ALPHA
 
 
@@ -53,10 +55,7 @@ def best_group(rows: list[dict], metric: str, mode: str) -> str | None:
         s = selection_score(r, metric)
         if s is not None and _test_correct(r) is not None:
             scores.setdefault(r["group"], []).append(s)
-    if not scores:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(scores, key=lambda g: (sign * float(np.mean(scores[g])), -list(scores).index(g)))
+    return best_of(scores, lambda g: float(np.mean(scores[g])), mode)
 
 
 def compare_to_best(rows: list[dict], metric: str, mode: str) -> tuple[str | None, dict[str, dict]]:

@@ -40,9 +40,6 @@ class _OneLineSyncFailure(logging.Filter):
 def _quiet_ray() -> dict:
     """ray.init options (and logger levels) that keep Ray's warnings but drop its info chatter, here and
     in the workers (e.g. a "Checkpoint successfully created" line per epoch per trial)."""
-    # Tune's repeated "Experiment state snapshotting ..." advice (3 lines each) on a busy machine; the
-    # documented switch, and a user's own setting wins
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # one notice per start that a local Ray uses token authentication (shown with -v)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     state_logger = logging.getLogger("ray.tune.execution.experiment_state")

@@ -15,6 +15,7 @@ from ray import tune
 
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex
+from covid_tune.engine.files import EVAL_FILE, MODEL_META
 from covid_tune.engine.hparams import HParams
 from covid_tune.spec.load import Spec
 
@@ -50,7 +51,6 @@ def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index
     if not ship:
         task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(evaluate)
         return ray.get([task.remote(str(d), index_ref, **extra) for d in model_dirs])
-    from covid_tune.results.collect import EVAL_FILE
 
     task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(_evaluate_shipped)
     refs = []
@@ -178,7 +178,7 @@ class Evaluations:
         out: dict[int, dict | ray.ObjectRef] = {}
         for i, d in enumerate(model_dirs):
             done = self._done.get(str(d))
-            epoch = json.loads((Path(d) / "model.json").read_text())["epoch"]
+            epoch = json.loads((Path(d) / MODEL_META).read_text())["epoch"]
             if done is not None and done.get("epoch") == epoch:
                 out[i] = done
             else:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import ray
@@ -17,15 +16,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex
 from covid_tune.engine import schedule
+from covid_tune.engine.files import TRIALS_FILE
 from covid_tune.engine.hparams import HParams
 from covid_tune.models.weights import load_all
-from covid_tune.results.collect import TRIALS_FILE, download_experiment
+from covid_tune.results.collect import download_experiment
 from covid_tune.spec.load import Spec
 from covid_tune.sweep import resume_guard
-
-
 from covid_tune.sweep.cluster import check_resources, check_shared_paths, models_travel, start_shared
-
 from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations
 from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport, tuner_run_config
 from covid_tune.sweep.trainable import release_feature_stores, train_trial
@@ -208,10 +205,6 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     trainable = _trainable(spec, plan, index, decoded, pretrained)
     view = LiveView(console, spec.scheduler.metric) if console is not None else None
     verbose = 1 if ray_output else 0
-    if not ray_output:
-        # Tune's newer console prints its experiment box and folders even at verbose=0; the older
-        # one (Ray's documented switch) prints nothing at verbose=0. A user's own setting wins.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {path}")

@@ -1,0 +1,16 @@
+"""The names of the files covid_tune writes, in one place.
+
+No imports: the command line reads these before it imports torch (a fast ``--help``), and every stage
+may use them (the engine writes the exported model; the sweep, results and report the rest).
+"""
+
+# an exported model folder (OUTPUT/best/<config_id>/): weights, what rebuilds them, its test evaluation
+MODEL_WEIGHTS = "model.pt"
+MODEL_META = "model.json"
+EVAL_FILE = "eval.json"
+
+# a sweep's output folder
+SPEC_FILE = "spec.json"  # the validated spec the sweep started with
+TRIALS_FILE = "trials.json"  # each trial's final status (ok, error, interrupted)
+DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report
+RESULTS_FILE = "report/results.json"  # every number of the report, the best configuration among them
