@@ -26,8 +26,6 @@ from covid_tune.data import dataset as data_mod
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.loaders import FeatureLoader, data_source, set_loader_epoch
 from covid_tune.engine.checkpoints import frozen_digest, is_slim, load_model_state, model_state
-
-# importable from here, as before the steps had modules of their own
 from covid_tune.engine.features import (
     FeatureStore,
     feature_key,

@@ -16,8 +16,6 @@ from tabulate import tabulate
 from covid_tune.data.dataset import Duplicates, drop_duplicates, scan_dataset
 from covid_tune.engine.files import DATA_CHECKS_FILE, RESULTS_FILE, SPEC_FILE, TRIALS_FILE
 from covid_tune.report import sections
-
-# the tables, importable from here as before (``from covid_tune.report.build import metric_table``)
 from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line
 from covid_tune.results import collect as results_mod
 from covid_tune.results import stats

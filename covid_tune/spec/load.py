@@ -18,8 +18,6 @@ from pydantic import BaseModel, ValidationError, field_validator, model_validato
 from covid_tune.engine import schedule
 from covid_tune.engine.losses import LOSSES
 from covid_tune.models import registry as models
-
-# re-exported: the sections are part of the Spec API (``from covid_tune.spec.load import TrainerSpec``)
 from covid_tune.spec.sections import (
     DataSpec,
     GridSpec,
