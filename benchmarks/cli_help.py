@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     help_s = median_s([sys.executable, "-m", "covid_tune", "run", "--help"], args.repeat)
-    heavy_s = median_s([sys.executable, "-c", "import covid_tune.spec.load, covid_tune.spec.plan, covid_tune.report.build"], args.repeat)
+    heavy_import = "import covid_tune.spec.load, covid_tune.spec.plan, covid_tune.report.build"
+    heavy_s = median_s([sys.executable, "-c", heavy_import], args.repeat)
     print(f"--help: {help_s:.2f} s; importing spec/plan/report (torch, pandas): {heavy_s:.2f} s; "
           f"ratio {heavy_s / help_s:.1f}x (median of {args.repeat})")
 

@@ -241,10 +241,12 @@ def table(res: dict) -> str:
                      + judged(f"{x['outside_trials']:.3f}", "outside_trials", x["outside_trials"]))
     if "grid" in r:
         x = r["grid"]
-        lines.append(f"| whole grid, {x['configurations']} configurations x {x['epochs']} epochs, {x['image_size']} px, "
+        lines.append(f"| whole grid, {x['configurations']} configurations x {x['epochs']} epochs, "
+                     f"{x['image_size']} px, "
                      f"{x['train_images']}+{x['val_images']} images | {x['course_s']:.0f} s "
-                     f"({x['course_epochs_trained']} epochs) | {x['covid_tune_s']:.0f} s ({x['covid_tune_epochs_trained']} "
-                     f"epochs, Ray start {x['covid_tune_ray_start_s']:.0f} s included) | "
+                     f"({x['course_epochs_trained']} epochs) | {x['covid_tune_s']:.0f} s "
+                     f"({x['covid_tune_epochs_trained']} epochs, "
+                     f"Ray start {x['covid_tune_ray_start_s']:.0f} s included) | "
                      + judged(f"{x['grid_speedup']:.1f}x", "grid_speedup", x["grid_speedup"]))
         lines.append(f"| best configuration (lowest val loss) | {x['course_best']['config']} | "
                      f"{x['covid_tune_best']['config']} | {x['same_best_config']} [same_best_config] | same | "
@@ -254,7 +256,8 @@ def table(res: dict) -> str:
         for b, v in x["backbones"].items():
             mfu = f"{v['mfu']:.1%}" if v["mfu"] is not None else "peak unknown"
             lines.append(f"| {b} training on {x['device']}, 224 px | {v['course_images_per_s']:,.0f} img/s (PIL, "
-                         f"{x['course_workers']} workers, fp32) | {v['images_per_s']:,.0f} img/s (data on the GPU, bf16, "
+                         f"{x['course_workers']} workers, fp32) | {v['images_per_s']:,.0f} img/s "
+                         "(data on the GPU, bf16, "
                          f"channels_last; MFU {mfu} [gpu_mfu]) | {v['speedup']:.1f}x | | |")
             c = v["compiled"][v["compiled_best_batch"]]
             key = f"gpu_mfu_{b}"

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=REPO / "runs" / "bench-cxr-real",
                     help="where the sweep writes when --results is not given (default: %(default)s)")
     ap.add_argument("--data", type=Path,
-                    help="run the sweep on this ImageFolder tree instead of the spec's data.root (%s)" % DATA)
+                    help=f"run the sweep on this ImageFolder tree instead of the spec's data.root ({DATA})")
     args = ap.parse_args(argv)
     if args.results and args.data:
         ap.error("--data runs the sweep; --results reads a finished one: give one of them")

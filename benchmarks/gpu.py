@@ -110,7 +110,7 @@ def bench_gpu(s: Sizes, index: DatasetIndex, cores: int) -> dict:
            "course_workers": workers, "backbones": {}}
     for backbone in ("resnet18", "vgg16"):
         fpi = flops_per_image(backbone, 224)
-        mfu = (lambda ips: fpi * ips / peak) if peak else (lambda ips: None)
+        mfu = (lambda ips, fpi=fpi: fpi * ips / peak) if peak else (lambda ips: None)
         ips, _ = gpu_images_per_s(backbone, s, device)
         torch.cuda.empty_cache()
         course = course_gpu_images_per_s(backbone, s, device, index, workers)

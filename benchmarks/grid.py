@@ -13,7 +13,8 @@ from covid_tune.data.dataset import DatasetIndex, scan_dataset
 from covid_tune.data.loaders import SHUFFLE_STREAM, epoch_generator
 from covid_tune.engine.training import TrainingRun
 
-FREEZE_LEVELS = {"resnet18": ["fc_only", "layer1-3", "layer1", "none"], "vgg16": ["fc_only", "conv1-3", "conv1-2", "none"],
+FREEZE_LEVELS = {"resnet18": ["fc_only", "layer1-3", "layer1", "none"],
+                 "vgg16": ["fc_only", "conv1-3", "conv1-2", "none"],
                  "tiny_cnn": ["fc_only", "block1", "none"]}
 
 

@@ -43,7 +43,7 @@ def bench_loader(index: DatasetIndex, s: Sizes, work: Path, cores: int) -> dict:
                 torch.set_num_threads(threads)
                 if hasattr(loader, "set_epoch"):
                     loader.set_epoch(e)
-                t, _ = timed(lambda: sum(len(x) for x, _ in loader))
+                t, _ = timed(lambda loader=loader: sum(len(x) for x, _ in loader))
                 if e > 0:
                     best[k, which] = min(best[k, which], t)
     torch.set_num_threads(cores)
@@ -76,7 +76,7 @@ def bench_loader_large(s: Sizes, work: Path) -> dict:
         for k, loader in loaders.items():
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(e)
-            best[k] = min(best[k], timed(lambda: sum(len(x) for x, _ in loader))[0])
+            best[k] = min(best[k], timed(lambda loader=loader: sum(len(x) for x, _ in loader))[0])
     torch.set_num_threads(machine()["cores"] or 1)
     return {"images": n, "source_px": 1024, "image_size": s.loader_size, "pil_images_per_s": n / best["pil"],
             "cache_images_per_s": n / best["cache"], "cache_build_ms_per_image": 1000 * build_s / n,

@@ -63,7 +63,8 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path, tag: str = ""
 
     def inside(i: int) -> tuple[float, float]:
         tuner = tune.Tuner(fn, param_space={"config_id": "one"},
-                           run_config=tune.RunConfig(name=f"overhead{tag}{i}", storage_path=str(work / "ray"), verbose=0,
+                           run_config=tune.RunConfig(name=f"overhead{tag}{i}", storage_path=str(work / "ray"),
+                                                     verbose=0,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
         with quiet(work / "ray.log"):
             wall, grid = timed(tuner.fit)
@@ -90,7 +91,8 @@ def bench_tune_overhead(index: DatasetIndex, s: Sizes, work: Path, tag: str = ""
         epochs["trial"].append(per_epoch)
 
     for i in range(rounds):
-        log(f"tune overhead ({hp.freeze}): round {i + 1}/{rounds}, {'direct then inside Tune' if i % 2 == 0 else 'inside Tune then direct'}")
+        order = "direct then inside Tune" if i % 2 == 0 else "inside Tune then direct"
+        log(f"tune overhead ({hp.freeze}): round {i + 1}/{rounds}, {order}")
         if i % 2 == 0:
             run_direct()
             run_inside(i)

@@ -24,8 +24,8 @@ SHAPES = [(40, 30), (31, 47), (33, 33), (64, 50)]
 
 def write_tree(root: Path, mode: str = "L") -> Path:
     rng = np.random.default_rng(0)
-    for s_i, split in enumerate(("train", "validation", "test")):
-        for c_i, cls in enumerate(("infected", "normal")):
+    for split in ("train", "validation", "test"):
+        for cls in ("infected", "normal"):
             for i, (w, h) in enumerate(SHAPES):
                 channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
                 arr = rng.integers(0, 255, size=(h, w, channels), dtype=np.uint8)
@@ -58,8 +58,8 @@ def test_decoded_cache_equals_pil_decode_and_resize(tmp_path: Path, mode: str, g
         assert np.array_equal(np.broadcast_to(got, ref.shape), ref), path  # eval crop: pixel for pixel
         # and the whole square is a piece of the resized image
         h, w = resized.shape[:2]
-        found = [(t, l) for t in range(h - s + 1) for l in range(w - s + 1)
-                 if np.array_equal(np.broadcast_to(row.transpose(1, 2, 0), (s, s, 3)), resized[t:t + s, l:l + s])]
+        found = [(t, left) for t in range(h - s + 1) for left in range(w - s + 1)
+                 if np.array_equal(np.broadcast_to(row.transpose(1, 2, 0), (s, s, 3)), resized[t:t + s, left:left + s])]
         assert found, path
 
 

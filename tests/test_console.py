@@ -150,7 +150,8 @@ def test_report_headings_and_rows_tell_configurations_apart() -> None:
         r.update({f"{p}_acc": 0.5 for p in ("train", "val", "test")})
     headings = [ln for ln in markdown({r["config_id"]: {"loss": "l.png"} for r in rows}, rows, ("lr",))
                 if ln.startswith("###")]
-    assert headings == ["### 1. tiny_cnn, Only FC, ce, lr 0.01, seed 0", "### 2. tiny_cnn, Only FC, ce, lr 0.001, seed 0"]
+    assert headings == ["### 1. tiny_cnn, Only FC, ce, lr 0.01, seed 0",
+                        "### 2. tiny_cnn, Only FC, ce, lr 0.001, seed 0"]
     table = [ln for ln in metric_table(rows, "acc").splitlines()[2:]]
     assert len(table) == 2 and len(set(ln.split("|", 2)[2] for ln in table)) == 2  # differ past the Sr # column
 
@@ -323,7 +324,8 @@ def test_summary_best_is_the_reports_best_configuration_over_seeds() -> None:
     rows = [row("a-s0", "a", 0.85, 0.80), row("a-s1", "a", 0.84, 0.82),
             row("b-s0", "b", 0.90, 0.86), row("b-s1", "b", 0.70, 0.70)]
     assert best_group(rows, "val_acc", "max") == "a"
-    assert best_line(rows, "val_acc", "max") == "best: a (mean selection score on val_acc 0.845 over 2 seeds; test accuracy 81.00 ± 1.41%)"
+    assert best_line(rows, "val_acc", "max") == ("best: a (mean selection score on val_acc 0.845 over 2 seeds; "
+                                                 "test accuracy 81.00 ± 1.41%)")
     one = [row("a-s0", "a", 0.85, 0.80), row("b-s0", "b", 0.90, 0.86)]
     one[1]["history"][0]["val_acc"] = 0.88  # the raw value at the chosen epoch, beside an EMA score of 0.90
     assert best_line(one, "val_acc", "max") == "best: b-s0 (val_acc 0.88 at epoch 3; test accuracy 86.00%)"

@@ -39,7 +39,8 @@ def test_masks_fill_the_box_or_the_border_with_the_image_mean() -> None:
     hidden, kept = explain.masked(images, 0.6, 0.7, False), explain.masked(images, 0.6, 0.7, True)
     inside = torch.zeros(20, 10, dtype=torch.bool)
     inside[y0:y1, x0:x1] = True
-    assert torch.equal(hidden[..., inside], mean[..., inside]) and torch.equal(hidden[..., ~inside], images[..., ~inside])
+    assert torch.equal(hidden[..., inside], mean[..., inside])
+    assert torch.equal(hidden[..., ~inside], images[..., ~inside])
     assert torch.equal(kept[..., ~inside], mean[..., ~inside]) and torch.equal(kept[..., inside], images[..., inside])
 
 
@@ -170,7 +171,8 @@ def test_exported_state_dict_loads_into_plain_torchvision(tmp_path: Path) -> Non
     state = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
     state = {k.removeprefix("net."): v for k, v in state.items()}
     net = torchvision.models.resnet18(num_classes=2)
-    net.fc = torch.nn.Sequential(torch.nn.Linear(512, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 2))
+    net.fc = torch.nn.Sequential(torch.nn.Linear(512, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                 torch.nn.Linear(16, 2))
     net.load_state_dict(state)
     # ---
     x = torch.randn(2, 3, 64, 64)

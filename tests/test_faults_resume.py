@@ -216,8 +216,8 @@ def test_resume_after_kills_at_many_moments_trains_every_epoch_once(tmp_path: Pa
         driver = Driver(spec, *(["--resume"] if i else []), log=tmp_path / f"run{i}.log")
         try:
             # a new epoch reported in this run, then the kill `delay` seconds later
-            wait_until(lambda: reported(experiment) > before or driver.proc.poll() == 0, driver,
-                       "an epoch reported")
+            wait_until(lambda before=before, driver=driver: reported(experiment) > before or driver.proc.poll() == 0,
+                       driver, "an epoch reported")
             time.sleep(delay)
         finally:
             driver.kill()

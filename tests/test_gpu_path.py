@@ -350,7 +350,8 @@ def test_feature_cache_follows_the_plain_path(index, decoded, freeze: str) -> No
     for k in pa:
         assert torch.allclose(pa[k].float(), pb[k].float(), rtol=1e-4, atol=1e-6), k
     if freeze == "block1":  # the unfrozen BatchNorm after the prefix kept learning its statistics
-        assert not torch.equal(pb["net.features.1.1.running_mean"], torch.zeros_like(pb["net.features.1.1.running_mean"]))
+        running_mean = pb["net.features.1.1.running_mean"]
+        assert not torch.equal(running_mean, torch.zeros_like(running_mean))
 
 
 def test_feature_cache_over_its_memory_budget_is_off(index, decoded) -> None:
@@ -372,7 +373,8 @@ def test_feature_cache_on_with_augmentation_is_flagged(index, decoded) -> None:
     auto = TrainingRun(hp, index, CPU, decoded=decoded)
     on = TrainingRun(replace(hp, feature_cache="on"), index, CPU, decoded=decoded)
     assert auto.feature_mode == "off" and auto.modes["augmented"] == 1
-    assert on.feature_mode == "inexact" and on.modes == {"decoded_cache": 1, "feature_cache": 1, "augmented": 0, "gpu": 0, "compiled": 0}
+    assert on.feature_mode == "inexact"
+    assert on.modes == {"decoded_cache": 1, "feature_cache": 1, "augmented": 0, "gpu": 0, "compiled": 0}
     before = {k: v.clone() for k, v in on.model.state_dict().items()}
     out = on.run_epoch()
     assert math.isfinite(out["train_loss"])

@@ -54,7 +54,8 @@ def test_asha_hedges_reach_rays_scheduler(tiny_raw: dict) -> None:
     assert sched._max_t == 8 and sched._stop_last_trials is False and len(sched._brackets) == 2
     # our rung formula is Ray's
     for s, bracket in enumerate(sched._brackets):
-        assert sorted(m for m, _ in bracket._rungs) == asha_rungs(2, 2, 8, s) == [2 * 2 ** (k + s) for k in range(3 - s)]
+        expected = [2 * 2 ** (k + s) for k in range(3 - s)]
+        assert sorted(m for m, _ in bracket._rungs) == asha_rungs(2, 2, 8, s) == expected
     defaults = make_scheduler(validate({**tiny_raw, "scheduler": {"metric": "val_loss"}}))
     assert defaults._max_t == 12 and defaults._stop_last_trials is True and len(defaults._brackets) == 1
     # the rungs the dry run and the console show are those of the scheduler Tune gets: none past max_t

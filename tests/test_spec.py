@@ -459,7 +459,8 @@ def test_load_spec_of_non_mapping_yaml_with_overrides(tmp_path: Path, text: str)
         load_spec(path, ["name=x"])
 
 
-@pytest.mark.parametrize("axis,values", [("seed", [0, 0]), ("lr", [0.01, 0.01]), ("backbone", ["tiny_cnn", "tiny_cnn"])])
+@pytest.mark.parametrize("axis,values",
+                         [("seed", [0, 0]), ("lr", [0.01, 0.01]), ("backbone", ["tiny_cnn", "tiny_cnn"])])
 def test_repeated_axis_values_are_rejected(tiny_raw, axis, values):
     tiny_raw["grid"][axis] = values
     with pytest.raises(SpecError, match=rf"grid\.{axis}: repeated value"):

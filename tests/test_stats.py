@@ -119,7 +119,8 @@ def test_seeds_are_paired_seed_by_seed() -> None:
     c = comp["g"]
     assert (c["a_only"], c["b_only"], c["seeds"]) == (3, 6, 2)
     assert c["p"] == pytest.approx(exact_mcnemar_by_hand(3, 6))
-    assert c["per_seed"] == {"0": pytest.approx(exact_mcnemar_by_hand(3, 0)), "1": pytest.approx(exact_mcnemar_by_hand(0, 6))}
+    assert c["per_seed"] == {"0": pytest.approx(exact_mcnemar_by_hand(3, 0)),
+                             "1": pytest.approx(exact_mcnemar_by_hand(0, 6))}
     assert comp["b"]["p"] == 1.0 and stats.indistinguishable(comp, best) == ["g"]
     # seeds against each other: b's seeds differ on 5 images (seed 1 right each time)
     agree = stats.seed_agreement(rows)

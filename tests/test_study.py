@@ -45,19 +45,21 @@ def test_part1_grid_lists_the_course_eight_rows() -> None:
 def test_part2_grid_lists_backbone_by_loss() -> None:
     rows = plan_rows("part2.yaml")
     assert len(rows) == 4
-    assert {(r[2], r[4]) for r in rows} == {(b, l) for b in ("vgg16", "resnet18") for l in ("bce", "focal")}
+    assert {(r[2], r[4]) for r in rows} == {(b, loss) for b in ("vgg16", "resnet18") for loss in ("bce", "focal")}
     assert {r[3] for r in rows} == {"Entire network unfrozen"}
 
 
 def test_course_defaults_in_part_specs() -> None:
     p1 = validate(load_sweep("part1.yaml"))
     assert (p1.trainer.optimizer, p1.trainer.lr, p1.trainer.momentum, p1.trainer.batch_size) == ("sgd", 1e-3, 0.9, 40)
-    assert (p1.trainer.epochs, p1.trainer.head_hidden, p1.trainer.dropout, p1.trainer.weights) == (24, 240, 0.5, "imagenet")
+    t = p1.trainer
+    assert (t.epochs, t.head_hidden, t.dropout, t.weights) == (24, 240, 0.5, "imagenet")
     p2 = validate(load_sweep("part2.yaml"))
     assert p2.data.label_mode == "multi" and p2.data.implies == {"covid": ["pneumonia"]} and p2.data.threshold == 0.5
     assert p2.trainer.batch_size == 64 and p2.trainer.focal_gamma == 2.0
     # seeds multiply the grid
-    assert len(expand(validate({**load_sweep("part2.yaml"), "grid": {**load_sweep("part2.yaml")["grid"], "seed": [0, 1, 2]}}))) == 12
+    part2 = load_sweep("part2.yaml")
+    assert len(expand(validate({**part2, "grid": {**part2["grid"], "seed": [0, 1, 2]}}))) == 12
 
 
 

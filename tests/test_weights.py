@@ -199,7 +199,8 @@ WRONG = {
     "truncated": "not a readable PyTorch state_dict",
     "training-checkpoint": "holds a dict with keys epoch, model, not a state_dict of tensors",
     "list": "holds a list, not a state_dict",
-    "other-backbone": "is not a state_dict of the torchvision resnet18 network (another backbone's file?): missing: conv1.weight",
+    "other-backbone": ("is not a state_dict of the torchvision resnet18 network (another backbone's file?): "
+                       "missing: conv1.weight"),
     "wrong-shape": "wrong shape: fc.weight (10, 512) (expected (1000, 512))",
 }
 
@@ -287,7 +288,8 @@ def test_without_weights_the_run_stops_before_training_exit_2_in_seconds(
     if case == "wrong-file":
         assert str(tmp_path / "tiny.pt") in line[0] and "missing: conv1.weight" in line[0]
     else:
-        assert f"Place the file {path.name}" in line[0] and str(torch_home / "hub" / "checkpoints" / path.name) in line[0]
+        assert f"Place the file {path.name}" in line[0]
+        assert str(torch_home / "hub" / "checkpoints" / path.name) in line[0]
         assert {"env-offline": "downloads are off (COVID_TUNE_OFFLINE=1)",
                 "weights_download-never": "downloads are off (trainer.weights_download: never)",
                 "dead-address": "failed (", "no-answer": "failed ("}[case] in line[0]

@@ -46,8 +46,9 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
     except ValueError as exc:
         problems.append(str(exc))
     counts = index.counts()
+    renamed = index.original_classes != index.classes
     lines = [f"data: {root}: classes {', '.join(index.classes)}"
-             + (f" (from folders {', '.join(index.original_classes)})" if index.original_classes != index.classes else "")]
+             + (f" (from folders {', '.join(index.original_classes)})" if renamed else "")]
     lines += [f"  {split}: {sum(c.values())} images (" + ", ".join(f"{k} {v}" for k, v in c.items()) + ")"
               for split, c in counts.items()]
     if index.skipped:
@@ -221,7 +222,8 @@ def data_size(spec: Spec) -> tuple[int, int] | None:
 
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
-        return len({spec.data.class_map.get(c, c) for c in s.classes}), len(s.classes) * (s.train + s.validation + s.test)
+        classes = {spec.data.class_map.get(c, c) for c in s.classes}
+        return len(classes), len(s.classes) * (s.train + s.validation + s.test)
     try:
         with warnings.catch_warnings():  # skipped entries are named by the real scan
             warnings.simplefilter("ignore")

@@ -1,4 +1,5 @@
-"""Datasets: scan and check an ImageFolder tree, encode labels, transforms (synthetic data: :mod:`covid_tune.data.synthetic`).
+"""Datasets: scan and check an ImageFolder tree, encode labels, transforms
+(synthetic data: :mod:`covid_tune.data.synthetic`).
 
 Layout: ``ROOT/{train,validation,test}/<class>/<image>`` (split names case-insensitive).
 ``scan_dataset`` checks the whole tree before any training starts and raises
@@ -75,7 +76,8 @@ def _find_splits(root: Path) -> tuple[dict[str, Path], list[str]]:
 
 def _check_image(path: Path) -> str | None:
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"{path}: not an image file (extension {path.suffix or 'none'!r}; allowed: {', '.join(IMAGE_EXTENSIONS)})"
+        return (f"{path}: not an image file (extension {path.suffix or 'none'!r}; "
+                f"allowed: {', '.join(IMAGE_EXTENSIONS)})")
     try:
         with Image.open(path) as im:
             im.verify()  # PNG chunk checksums

@@ -151,7 +151,8 @@ class DataSource:
         decoded cache's keys, the crop, grayscale, the targets' encoding (label mode, implied labels)."""
         hp = self.hp
         return [self.index.paths("train"), self.index.paths("validation"), self.decoded, list(self.cache_keys),
-                hp.image_size, hp.grayscale, hp.label_mode, sorted((k, sorted(v)) for k, v in (hp.implies or {}).items())]
+                hp.image_size, hp.grayscale, hp.label_mode,
+                sorted((k, sorted(v)) for k, v in (hp.implies or {}).items())]
 
     def train_in_order(self) -> TensorLoader | DataLoader:
         """The train split in a fixed order without augmentation (the evaluation crop), for the feature cache."""

@@ -45,7 +45,8 @@ class HParams:
     feature_cache: str = "auto"  # auto | on | off: train what follows the frozen prefix on its outputs, computed once
     feature_cache_gb: float = 2.0  # the most memory (GB) one trial's cached prefix outputs may take
     precision: str = "auto"  # auto (bf16 autocast + channels_last on CUDA, fp32 elsewhere) | bf16 | fp32
-    compile: str = "auto"  # auto | on | off: torch.compile the training forward (covid_tune.engine.training.resolve_compile)
+    # auto | on | off: torch.compile the training forward (covid_tune.engine.training.resolve_compile)
+    compile: str = "auto"
 
 
 def seed_everything(seed: int) -> None:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Union
 
-Grace = Union[int, Mapping[str, int]]
+Grace = int | Mapping[str, int]
 
 TIME_ATTR = "asha_time"
 

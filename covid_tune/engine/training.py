@@ -56,7 +56,8 @@ def full_model_state(hp: HParams, num_classes: int, state: dict,
     return model.state_dict()
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
     """SGD or Adam over the trainable parameters only."""
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one pass over parameter, gradient and momentum per step instead of several (CPU and CUDA);
@@ -217,7 +218,8 @@ class TrainingRun:
 
     Composed of steps each module owns, run in this order: precision (:func:`resolve_precision`),
     the model (:func:`covid_tune.models.registry.build_trial_model`), the feature-cache plan
-    (:func:`covid_tune.engine.features.plan_feature_cache`), the data source (:func:`covid_tune.data.loaders.data_source`).
+    (:func:`covid_tune.engine.features.plan_feature_cache`), the data source
+    (:func:`covid_tune.data.loaders.data_source`).
     ``decoded`` (the decoded cache of this index, :func:`covid_tune.data.cache.build_decoded_cache`)
     switches the input pipeline from PIL ``DataLoader`` s to device-resident :class:`TensorLoader` s.
     ``pretrained`` (the backbone's state_dict, resolved by the caller) replaces reading ``hp.weights``.

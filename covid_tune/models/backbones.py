@@ -34,7 +34,8 @@ class Backbone:
     freeze_levels: dict[str, FreezeLevel]
     imagenet_weights: Callable[[], object] | None = None  # torchvision Weights enum member
     # the network as an ordered list of (dotted name, module) whose composition is its forward;
-    # lets a frozen prefix run under no_grad or be computed once (see :func:`covid_tune.models.registry.split_frozen_prefix`)
+    # lets a frozen prefix run under no_grad or be computed once
+    # (see :func:`covid_tune.models.registry.split_frozen_prefix`)
     stages: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None
     # the layer whose activations Grad-CAM weighs (the last convolutional stage, at its finest grid)
     cam_layer: str = ""

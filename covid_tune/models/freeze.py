@@ -134,7 +134,8 @@ def trained_state(model: Classifier) -> dict[str, torch.Tensor]:
     """The part of ``model.state_dict()`` that training can change: every parameter and buffer outside
     the frozen prefixes (trainable weights, BatchNorm statistics of the unfrozen part).
 
-    The rest stays exactly as :func:`covid_tune.models.registry.create_model` built it (``requires_grad=False``, frozen BatchNorm
-    kept in eval mode), so a checkpoint needs only this part plus the model's initial state.
+    The rest stays exactly as :func:`covid_tune.models.registry.create_model` built it
+    (``requires_grad=False``, frozen BatchNorm kept in eval mode), so a checkpoint needs only this part
+    plus the model's initial state.
     """
     return {k: v for k, v in model.state_dict().items() if not under(k.removeprefix("net."), model.frozen)}

@@ -1,9 +1,10 @@
 """Model registry: backbones with a replaced head and named freeze levels, and a trial's model step.
 
 ``create_model(name, num_classes, freeze=..., weights=...)`` builds any backbone of
-:data:`covid_tune.models.backbones.BACKBONES`; the freeze level is applied by :class:`covid_tune.models.freeze.Classifier`
-(frozen parameters, frozen BatchNorm kept in eval mode). :func:`build_trial_model` is the model step
-of a :class:`~covid_tune.engine.training.TrainingRun`: seeded build, device and memory format, frozen-prefix split.
+:data:`covid_tune.models.backbones.BACKBONES`; the freeze level is applied by
+:class:`covid_tune.models.freeze.Classifier` (frozen parameters, frozen BatchNorm kept in eval mode).
+:func:`build_trial_model` is the model step of a :class:`~covid_tune.engine.training.TrainingRun`:
+seeded build, device and memory format, frozen-prefix split.
 """
 
 from __future__ import annotations

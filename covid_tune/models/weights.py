@@ -73,7 +73,8 @@ def check_weights(backbone: str, weights: str) -> None:
     if weights == "imagenet":
         path = imagenet_weights_file(backbone)
         if not path.is_file():
-            raise WeightsUnavailable(f"ImageNet weights for {backbone} are not on this machine. {_where(backbone, path)}")
+            raise WeightsUnavailable(
+                f"ImageNet weights for {backbone} are not on this machine. {_where(backbone, path)}")
         return
     problem = weights_file_problem(Path(weights), backbone)
     if problem:
@@ -190,7 +191,8 @@ def _download(backbone: str, url: str, path: Path, progress: bool) -> None:
                                  f"failed ({reason}). {_where(backbone, path)}") from None
     except RuntimeError as exc:  # torch.hub: "invalid hash value (expected ..., got ...)"
         raise WeightsUnavailable(f"downloaded {url} for {backbone}, but it does not match the SHA-256 in its name "
-                                 f"({exc}); nothing was saved at {path}. Run again, or place a good copy there.") from None
+                                 f"({exc}); nothing was saved at {path}. "
+                                 "Run again, or place a good copy there.") from None
     finally:
         socket.setdefaulttimeout(before)
 

@@ -41,8 +41,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     slim = [{k: v for k, v in r.items() if k not in ("eval", "cam")} | {"eval": _slim_eval(r.get("eval"))}
             | {"cam": {k: v for k, v in (r.get("cam") or {}).items() if k != "maps"} or None} for r in rows]
     (report_dir / "results.json").write_text(json.dumps(
-        {"name": spec.name, "data_root": spec.data.root, "classes": classes, "counts": counts, "metric": spec.scheduler.metric,
-         "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
+        {"name": spec.name, "data_root": spec.data.root, "classes": classes, "counts": counts,
+         "metric": spec.scheduler.metric, "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
          "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
          "seed_agreement": stats.seed_agreement(rows),
          "rows": slim}, indent=1))
@@ -181,6 +181,6 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
         results_mod.download_experiment(spec)
     trials_path = out / TRIALS_FILE
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
-    rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode, out / "best",
-                                status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)
+    rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode,
+                                out / "best", status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)
     return write_report(out, spec, rows, index.classes, index.counts(), checks)

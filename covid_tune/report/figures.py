@@ -121,7 +121,8 @@ def markdown(figs: dict[str, dict[str, str]], rows: list[dict], axes: tuple[str,
         if not files:
             continue
         settings = "".join(f", {a} {row[a]:g}" if isinstance(row[a], float) else f", {a} {row[a]}" for a in axes)
-        lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}{settings}, seed {row['seed']}", ""]
+        lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}{settings}, "
+                  f"seed {row['seed']}", ""]
         order = ("loss", "acc", "confusion_train", "confusion_validation", "confusion")
         lines += [" ".join(f"![{k}]({files[k]})" for k in order if k in files), ""]
     return lines

@@ -20,7 +20,8 @@ from covid_tune.spec.sections import TRAINER_AXES
 CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
                "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", *results_mod.MODE_KEYS,
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
-               "test_acc_ci_low", "test_acc_ci_high", "select_score", "vs_best_p", "node", "node_ip", "node_id", "checkpoint"]
+               "test_acc_ci_low", "test_acc_ci_high", "select_score", "vs_best_p",
+               "node", "node_ip", "node_id", "checkpoint"]
 
 
 def paths_line(flat: list[dict]) -> str:
@@ -118,7 +119,8 @@ def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: di
         cells += [_cell([m[f"{p}_{key}"] for m in members], members) for p in ("train", "val", "test")]
         cells += [vs_best.get(first["group"], "-")] if vs_best is not None else []
         lines.append(cells)
-    headers = ["Sr #", "Backbone", "Layers"] + (["Loss"] if show_loss else []) + axes + ["Epochs", "Train", "Validation", "Test"]
+    headers = (["Sr #", "Backbone", "Layers"] + (["Loss"] if show_loss else []) + axes
+               + ["Epochs", "Train", "Validation", "Test"])
     headers += ["vs best: p"] if vs_best is not None else []
     return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
 

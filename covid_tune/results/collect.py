@@ -40,7 +40,8 @@ class TrialRecord:
 
     config_id: str
     trial_dir: Path
-    history: list[dict]  # one row per reported epoch (HISTORY_KEYS, MODE_KEYS, time_total_s, hostname, node_ip, node_id)
+    # one row per reported epoch (HISTORY_KEYS, MODE_KEYS, time_total_s, hostname, node_ip, node_id)
+    history: list[dict]
     checkpoints: dict[int, Path] = field(default_factory=dict)  # epoch -> checkpoint folder
     broken: list[str] = field(default_factory=list)  # checkpoints that did not load
 
@@ -170,7 +171,8 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
     out = {"epoch": meta["epoch"], "splits": {}, "explain_settings": explain}
     for split in ("train", "validation", "test"):
         loader = _eval_loader(index, split, meta, batch_size, device, decoded)  # test's is read again below
-        res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"], len(meta["classes"]))
+        res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"],
+                              len(meta["classes"]))
         correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
         out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),
                                 "acc_ci95": list(bootstrap_ci(correct)), "correct": correct.astype(int).tolist()}

@@ -168,7 +168,8 @@ def _allowed_keys(loc: tuple) -> list[str] | None:
         if field is None:
             return None
         ann = field.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next((a for a in getattr(ann, "__args__", (ann,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None:
             return None
     return list(model.model_fields)

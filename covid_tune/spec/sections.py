@@ -4,7 +4,7 @@ spans sections and loads YAML."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -82,7 +82,7 @@ class GridSpec(Section):
     """Axes whose product is the trial grid. A scalar is a one-value axis."""
 
     backbone: list[str] = Field(min_length=1)
-    freeze: Union[list[str], dict[str, list[str]]] = ["none"]
+    freeze: list[str] | dict[str, list[str]] = ["none"]
     loss: list[str] = Field(default=["ce"], min_length=1)
     seed: list[Int] = Field(default=[0], min_length=1)
     # the same bounds as the trainer keys they replace
@@ -168,7 +168,7 @@ class SchedulerSpec(Section):
     metric: Literal["val_acc", "val_f1", "val_loss"] = "val_acc"
     mode: Literal["min", "max"] | None = None
     asha: bool = True
-    grace_period: Union[Int, dict[str, Int]] = Field(
+    grace_period: Int | dict[str, Int] = Field(
         1, description="epochs before ASHA's first cut; or {freeze_level: epochs}, one per freeze level of the grid")
     reduction_factor: Float = Field(2.0, gt=1)
     keep_checkpoints: Int = Field(2, ge=1)

@@ -138,7 +138,8 @@ def models_travel(spec: Spec) -> bool:
 
 def share(decoded: DecodedSplits | ray.ObjectRef | None) -> ray.ObjectRef | None:
     """Put the decoded cache in the object store once (call after :func:`connect`): passing the
-    returned reference to :func:`covid_tune.sweep.tuning.run_sweep` and :func:`covid_tune.sweep.evaluation.evaluate_remote` keeps one copy per node for both."""
+    returned reference to :func:`covid_tune.sweep.tuning.run_sweep` and
+    :func:`covid_tune.sweep.evaluation.evaluate_remote` keeps one copy per node for both."""
     return ray.put(decoded) if isinstance(decoded, DecodedSplits) else decoded  # a reference stays one
 
 

@@ -42,9 +42,9 @@ def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index
     each task decoding the splits it holds.
 
     The exported models live under the driver's output folder. With ``ship``
-    (:func:`covid_tune.sweep.cluster.models_travel`: on a cluster) that folder need not be visible from the workers, so each model's
-    files travel through the object store to a temporary folder on the worker, and the result is
-    cached in the model folder here (``eval.json``), as a local evaluation would.
+    (:func:`covid_tune.sweep.cluster.models_travel`: on a cluster) that folder need not be visible from the
+    workers, so each model's files travel through the object store to a temporary folder on the worker, and
+    the result is cached in the model folder here (``eval.json``), as a local evaluation would.
     """
     index_ref = ray.put(index)
     extra = {} if decoded is None else {"decoded": decoded if isinstance(decoded, ray.ObjectRef) else ray.put(decoded)}
@@ -141,8 +141,8 @@ class Evaluations:
             res = self.spec.resources
             opts = dict(num_cpus=0, num_gpus=0) if self.during_trials else dict(num_cpus=res.cpus, num_gpus=res.gpu)
             # the decoded cache goes as its reference: the actor maps the object store's copy
-            self._handle = ray.remote(_Evaluator).options(**opts).remote(self.index, self._decoded, res.cpus,
-                                                                          self._pretrained, self.spec.report.model_dump())
+            self._handle = ray.remote(_Evaluator).options(**opts).remote(
+                self.index, self._decoded, res.cpus, self._pretrained, self.spec.report.model_dump())
         return self._handle
 
     def trial_finished(self, trial) -> None:

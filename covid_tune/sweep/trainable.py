@@ -164,8 +164,8 @@ class RayFeatureStore:
     def registry(self) -> ray.actor.ActorHandle:
         node = ray.get_runtime_context().get_node_id()
         return FeatureRegistry.options(
-            name=f"{FEATURES_ACTOR}-{self.sweep}-{node}", get_if_exists=True, lifetime="detached", namespace=FEATURES_NAMESPACE,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+            name=f"{FEATURES_ACTOR}-{self.sweep}-{node}", get_if_exists=True, lifetime="detached",
+            namespace=FEATURES_NAMESPACE, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
 
     def get_or_compute(self, key: str, compute: Callable[[], T]) -> T:
         try:

@@ -295,8 +295,9 @@ def disconnect() -> None:
 def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
                       decoded: DecodedSplits | ray.ObjectRef | None,
                       pretrained: dict[str, ray.ObjectRef] | None = None) -> Evaluations | None:
-    """:class:`Evaluations` for this sweep (call after :func:`~covid_tune.sweep.cluster.start_shared`), or None where the exported
-    models' folder need not be visible to the workers (a cluster joined, several nodes, a storage URI):
+    """:class:`Evaluations` for this sweep (call after :func:`~covid_tune.sweep.cluster.start_shared`), or None
+    where the exported models' folder need not be visible to the workers (a cluster joined, several nodes,
+    a storage URI):
     :func:`evaluate_remote` then ships each model to its task."""
     if spec.remote_storage or models_travel(spec):
         return None
