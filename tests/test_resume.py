@@ -29,7 +29,7 @@ def test_training_result_takes_a_checkpoint_and_metrics(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["current_checkpoint_index", "trial_fs_path", "trial_driver_staging_path",
-                                  "experiment_driver_staging_path", "storage_filesystem"])
+                                  "experiment_driver_staging_path", "experiment_fs_path", "storage_filesystem"])
 def test_storage_context_has(name: str) -> None:
     from ray.train._internal.storage import StorageContext
 

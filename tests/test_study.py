@@ -25,7 +25,8 @@ PART1_LAYERS = {
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "covid_tune", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
 
 
 def plan_rows(spec: str) -> list[list[str]]:

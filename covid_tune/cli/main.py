@@ -65,6 +65,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     handler.setFormatter(_Format())
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO)
+    logger.propagate = False  # ray.init's logging config adds a root handler: each line would print twice
 
 
 def verbosity_options(parser: argparse.ArgumentParser) -> None:

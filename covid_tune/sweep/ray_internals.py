@@ -272,9 +272,10 @@ class RecordStateDigest(tune.Callback):
     """Record the SHA-256 (and a copy) of Tune's experiment state files each time Tune writes them
     (:mod:`covid_tune.sweep.resume_guard`), so that a --resume after a killed driver finds them recorded.
 
-    Tune saves its state into the driver's staging folder inside a step, then copies it to storage in
-    the background; ``on_step_end`` comes after the save in the same step, so the staging copies are
-    the exact bytes storage gets next. Hashed again when the experiment ends (its last, forced save).
+    Tune saves its state into the driver's staging folder inside a step (``on_step_end`` comes right
+    after the save) and copies the folder to storage in the background, at most every sync period
+    unless forced: the copy a restore reads can be many saves older than the staging one. So both are
+    hashed whenever they change, each step; and again when the experiment ends (its last, forced save).
     """
 
     def __init__(self, output_dir: str) -> None:
@@ -287,14 +288,15 @@ class RecordStateDigest(tune.Callback):
         if not trials:
             return
         try:
-            folder = Path(trials[0].storage.experiment_driver_staging_path)
-            changed = {}
-            for path in resume_guard.guarded_files(folder):
-                st = path.stat()
-                if self._seen.get(path.name) != (st.st_mtime, st.st_size):
-                    self._seen[path.name] = (st.st_mtime, st.st_size)
-                    changed[path.name] = path.read_bytes()
-            resume_guard.record_files(Path(self.output_dir), changed)
+            storage = trials[0].storage
+            for folder in (storage.experiment_driver_staging_path, storage.experiment_fs_path):
+                changed = {}
+                for path in resume_guard.guarded_files(Path(folder)):
+                    st = path.stat()
+                    if self._seen.get(str(path)) != (st.st_mtime_ns, st.st_size):
+                        self._seen[str(path)] = (st.st_mtime_ns, st.st_size)
+                        changed[path.name] = path.read_bytes()
+                resume_guard.record_files(Path(self.output_dir), changed)
         except OSError as exc:  # never stop a sweep over this record; --resume then refuses, naming the file
             log.warning(f"could not record the digest of Tune's state: {exc}")
 

@@ -45,7 +45,7 @@ VERIFIED_DIR = "state-verified"  # the recorded bytes of each guarded file, the 
 # such a save and its record; tuner.pkl is written once, before any trial, and recorded right after
 RESAVED = ("experiment_state-*.json", "basic-variant-state-*.json", "searcher-state-*.pkl")
 DATA_DIGEST_FILE = "data-digest.json"
-KEEP = 8  # digests kept per file: storage may still hold an older save when the driver is killed mid-copy
+KEEP = 64  # digests kept per file: the copy on storage may be several saves older than the newest
 DATA_KEYS = ("root", "class_map", "synthetic")  # the data settings that decide which images and classes
 
 
