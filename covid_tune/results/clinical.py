@@ -351,13 +351,15 @@ def headline(clinical: dict | None) -> dict:
     return {k: macro.get(k) for k in keys[:-2]} | {"threshold": None, "temperature": None}
 
 
-def test_scores(row: dict, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(0/1 outcomes, calibrated probabilities) of class ``name`` on a result row's test images."""
+def test_scores(row: dict, name: str, scaled: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+    """(0/1 outcomes, probabilities) of class ``name`` on a result row's test images, temperature-scaled
+    unless ``scaled`` is false."""
     clinical, test = row.get("clinical"), ((row.get("eval") or {}).get("test") or {})
     if not clinical or "logits" not in test:
         return None
     k = clinical["all_classes"].index(name)
-    p = calibrated(np.asarray(test["logits"], dtype=float), clinical["label_mode"], clinical["temperature"])
+    p = calibrated(np.asarray(test["logits"], dtype=float), clinical["label_mode"],
+                   clinical["temperature"] if scaled else 1.0)
     return class_target(np.asarray(test["y"]), clinical["label_mode"], k), p[:, k]
 
 
