@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (average_precision_score, brier_score_loss, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import average_precision_score, brier_score_loss, precision_score, recall_score, roc_auc_score
 
 from covid_tune.results import clinical
 from covid_tune.spec.load import SpecError, validate
@@ -214,7 +213,7 @@ def test_spec_validates_the_operating_point_and_the_positive_class(tiny_raw: dic
         with pytest.raises(SpecError, match="report.operating_point.*allowed: youden"):
             validate({**tiny_raw, "report": {"operating_point": bad}})
     assert validate({**tiny_raw, "report": {"positive": "normal"}}).report.positive == "normal"
-    with pytest.raises(SpecError, match="report.positive: 'covid' is not a class of the data .allowed: infected, normal"):
+    with pytest.raises(SpecError, match="report.positive: 'covid' is not a class of the data .allowed: infected, norm"):
         validate({**tiny_raw, "report": {"positive": "covid"}})
 
 
@@ -222,11 +221,11 @@ def test_spec_validates_the_operating_point_and_the_positive_class(tiny_raw: dic
 
 def test_predict_applies_the_stored_temperature_and_threshold(tmp_path: Path, capsys) -> None:
     import torch
+    from conftest import write_image
+    from test_explain import export_untrained
 
     from covid_tune.cli import predict as predict_mod
     from covid_tune.models.registry import load_exported
-    from tests.conftest import write_image
-    from tests.test_explain import export_untrained
 
     model_dir = export_untrained(tmp_path / "model")
     files = [write_image(tmp_path / "imgs" / f"{i}.png", size=40, seed=i) for i in range(6)]
@@ -249,3 +248,106 @@ def test_predict_applies_the_stored_temperature_and_threshold(tmp_path: Path, ca
         assert [float(x.split("=")[1]) for x in probs] == pytest.approx(row.tolist(), abs=1e-4)
     decisions = [got[str(f)][1] for f in files]
     assert "infected" in decisions and "normal" in decisions  # the threshold, not argmax at T = 1, decided
+
+
+# --- rows of a report: paired DeLong per group, per-source AUC ------------------------------------
+
+def fake_row(group: str, seed: int, ev: dict) -> dict:
+    out = clinical.evaluate_scores(ev, CLASSES, "single", "infected", "youden")
+    return {"group": group, "seed": seed, "config_id": f"{group}-s{seed}", "clinical": out,
+            "eval": {"test": ev["test"]}}
+
+
+def test_auc_comparison_pairs_seeds_and_sources_get_their_own_auc() -> None:
+    from covid_tune.report import evidence
+
+    rng = np.random.default_rng(8)
+    base = splits(rng)
+    y = base["test"]["y"]
+    noisy = {s: {**base[s], "logits": (np.asarray(base[s]["logits"]) + rng.normal(0, 2, (300, 2))).tolist()}
+             for s in base}
+    rows = [fake_row("good", 0, base), fake_row("good", 1, base), fake_row("bad", 0, noisy), fake_row("bad", 1, noisy)]
+    cmp = clinical.compare_auc_to_best(rows, "good")
+    assert cmp["good"]["p"] == 1.0 and cmp["bad"]["seeds"] == 2
+    # seeds 0 and 1 are the same scores here: the mean over the pairs is the one-pair test
+    yb = (np.asarray(y) == 0).astype(int)
+    one = clinical.delong_test([(yb, clinical.test_scores(rows[2], "infected")[1],
+                                 clinical.test_scores(rows[0], "infected")[1])])
+    assert cmp["bad"]["p"] == pytest.approx(one["p"]) and cmp["bad"]["p"] < 0.05
+    cell = f"{one['p']:.3f}" if one["p"] >= 0.001 else "<0.001"
+    assert evidence.auc_p_cells(cmp, "good") == {"good": "best", "bad": cell}
+    # per source: the AUC inside each source, none where a source has one class
+    yy, p = clinical.test_scores(rows[0], "infected")
+    sources = ["a" if i % 2 else "b" for i in range(len(yy))]
+    sources[:5] = ["c"] * 5
+    yy[:5] = 1
+    by = clinical.auc_by_source(yy, p, sources)
+    mask = np.asarray(sources) == "a"
+    assert by["a"]["auc"] == pytest.approx(roc_auc_score(yy[mask], p[mask])) and by["c"]["auc"] is None
+    row = {"config_id": "x", "auc_by_source": by, "clinical": rows[0]["clinical"]}
+    md = "\n".join(evidence.source_auc_table([row]))
+    assert "- (one class)" in md and f"{by['a']['auc']:.3f}" in md
+
+
+# --- end to end: a part2-shaped multi-label run, trained here without Ray -------------------------
+
+@pytest.mark.slow
+def test_part2_shaped_run_reports_per_class_evidence_and_predict_uses_it(tmp_path: Path, capsys) -> None:
+    import csv
+
+    import pandas as pd
+    from conftest import shrink
+    from explain_helpers import fake_sweep
+
+    from covid_tune.cli import predict as predict_mod
+    from covid_tune.report import build as report_mod
+
+    classes = ["covid", "normal", "pneumonia"]
+    raw = shrink({"name": "p2", "data": {"synthetic": {"classes": classes, "train": 16, "validation": 12, "test": 12,
+                                                      "image_size": 36},
+                                        "label_mode": "multi", "implies": {"covid": ["pneumonia"]}},
+                  "grid": {"backbone": ["tiny_cnn"], "freeze": ["none"], "loss": ["bce", "focal"]},
+                  "scheduler": {"metric": "val_f1"}, "report": {"shortcut_check": False, "gradcam": {"per_class": 0}}},
+                 tmp_path, trainer={"optimizer": "adam", "lr": 0.003, "epochs": 3, "head_hidden": 0})
+    out = fake_sweep(raw)
+    results = json.loads((out / "report" / "results.json").read_text())
+    table = pd.read_csv(out / "report" / "results.csv")
+    for row in results["rows"]:
+        cid = row["config_id"]
+        ev = json.loads((out / "best" / cid / "eval.json").read_text())["splits"]["test"]
+        y, z = np.asarray(ev["y"]), np.asarray(ev["logits"])
+        for k, c in enumerate(classes):
+            assert row["clinical"]["per_class"][c]["test"]["auc"] == pytest.approx(roc_auc_score(y[:, k], z[:, k]))
+        macro = roc_auc_score(y, z, average="macro")
+        assert row["clinical"]["macro"]["auc"] == pytest.approx(macro)
+        assert table.set_index("config_id").loc[cid, "auc"] == pytest.approx(macro)
+        meta = json.loads((out / "best" / cid / "model.json").read_text())
+        assert meta["temperature"] == row["clinical"]["temperature"] and len(meta["temperature"]) == 3
+        assert meta["operating_point"]["threshold"] == row["clinical"]["threshold"]
+        assert "logits" not in row["eval"]["test"]  # results.json stays small; the numbers are in clinical
+    md = (out / "report" / "REPORT.md").read_text()
+    for heading in ("## Discrimination: ROC AUC and average precision", "## Operating point", "## Calibration",
+                    "vs best: AUC p", "| macro "):
+        assert heading in md
+    group = results["rows"][0]["group"]
+    assert (out / "report" / "figures" / f"{group}_roc_pr.png").is_file()
+    assert (out / "report" / "figures" / f"{group}_reliability.png").is_file()
+    # rebuilt from the output folder: the same numbers (eval.json reused, no model run)
+    report_mod.build(out, report_mod.load_saved_spec(out))
+    again = json.loads((out / "report" / "results.json").read_text())
+    assert [r["clinical"] for r in again["rows"]] == [r["clinical"] for r in results["rows"]]
+    # predict: temperature-scaled sigmoids, each class at its own threshold
+    cid = results["rows"][0]["config_id"]
+    ev = json.loads((out / "best" / cid / "eval.json").read_text())["splits"]["test"]
+    capsys.readouterr()
+    assert predict_mod.main([str(out / "best" / cid), str(out / "synthetic-data" / "test"),
+                             "--csv", str(tmp_path / "p.csv")]) == 0
+    rows = {r["path"]: r for r in csv.DictReader((tmp_path / "p.csv").open())}
+    meta = json.loads((out / "best" / cid / "model.json").read_text())
+    p = clinical.calibrated(np.asarray(ev["logits"]), "multi", meta["temperature"])
+    thresholds = meta["operating_point"]["threshold"]
+    for f, pr in zip(ev["files"], p):
+        got = np.array([float(rows[f][c]) for c in classes])
+        np.testing.assert_allclose(got, pr, atol=1e-4)
+        want = "+".join(c for c, v, t in zip(classes, pr, thresholds) if v >= t) or "none"
+        assert rows[f]["predicted"] == want

@@ -101,8 +101,9 @@ def operating_point_section(rows: list[dict]) -> list[str]:
     table = []
     for r, name, e in _class_rows(rows):
         t = e["test"]
-        table.append(_class_cell(r, name) + [f"{e['threshold']:.4f}"] + [
-            _pct_ci(t[k], t[f"{k}_ci"]) for k in ("sens", "spec", "ppv", "npv")] + [f"{t['tp']}/{t['fp']}/{t['tn']}/{t['fn']}"])
+        cells = [_pct_ci(t[k], t[f"{k}_ci"]) for k in ("sens", "spec", "ppv", "npv")]
+        counts = f"{t['tp']}/{t['fp']}/{t['tn']}/{t['fn']}"
+        table.append(_class_cell(r, name) + [f"{e['threshold']:.4f}"] + cells + [counts])
     rule = first["rule"]
     how = {"youden": "the threshold maximising sensitivity + specificity - 1 (Youden's J)"}.get(rule)
     if how is None:

@@ -12,9 +12,8 @@ from tabulate import tabulate
 
 from covid_tune.data.dataset import Duplicates
 from covid_tune.engine.losses import LOSS_LABELS
-from covid_tune.results import clinical
+from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
-from covid_tune.results import stats
 from covid_tune.spec.load import Spec
 from covid_tune.spec.sections import TRAINER_AXES
 

@@ -264,7 +264,8 @@ def _scores_block(y: np.ndarray, p: np.ndarray, p_raw: np.ndarray, threshold: fl
                      ap=float(average_precision_score(y, p)), ap_ci=ap_ci(y, p, seed=seed))
     else:
         block.update(auc=None, auc_ci=None, ap=None, ap_ci=None)
-    block.update(ece=ece(y, p), ece_raw=ece(y, p_raw), brier=float(brier_score_loss(y, p, pos_label=1)) if len(y) else None,
+    block.update(ece=ece(y, p), ece_raw=ece(y, p_raw),
+                 brier=float(brier_score_loss(y, p, pos_label=1)) if len(y) else None,
                  brier_raw=float(brier_score_loss(y, p_raw, pos_label=1)) if len(y) else None)
     block.update(at_threshold(y, p, threshold))
     return block
@@ -311,7 +312,8 @@ def evaluate_scores(splits: dict[str, dict], classes: list[str], label_mode: str
     out = {"label_mode": label_mode, "rule": check_rule(rule), "positive": names[0] if label_mode == "single" else None,
            "classes": names, "all_classes": list(classes), "temperature": temperature,
            "threshold": thresholds[0] if label_mode == "single" else thresholds, "per_class": per_class}
-    out["macro"] = _macro(per_class, classes, label_mode, test_logits, test_y, temperature) if label_mode == "multi" else None
+    out["macro"] = (_macro(per_class, classes, label_mode, test_logits, test_y, temperature)
+                    if label_mode == "multi" else None)
     return out
 
 
