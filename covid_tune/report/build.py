@@ -1,4 +1,4 @@
-"""Results -> report: REPORT.md (accuracy and F1 tables), results.csv/json and figures.
+"""Results -> report: REPORT.md (accuracy and F1 tables, clinical evidence), results.csv/json and figures.
 
 ``covid-tune report OUTPUT`` rebuilds the report of a finished or interrupted sweep
 from its output folder, without training (missing test evaluations run locally).
