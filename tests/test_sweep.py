@@ -47,8 +47,8 @@ def test_report_tables_match_results_csv(demo_run: Path) -> None:
     for heading, key in (("Accuracy", "acc"), ("F1-score", "f1")):
         table = parse_markdown_table(md, heading)
         assert list(table.columns[:3]) == ["Sr #", "Backbone", "Layers"]
-        # the Accuracy table also compares each row with the best (McNemar on the test images)
-        tail = ["Epochs", "Train", "Validation", "Test"] + (["vs best: p"] if key == "acc" else [])
+        # the Accuracy table also compares each row with the best (McNemar and DeLong on the test images)
+        tail = ["Epochs", "Train", "Validation", "Test"] + (["vs best: p", "vs best: AUC p"] if key == "acc" else [])
         assert list(table.columns[-len(tail):]) == tail
         assert len(table) == len(csv)
         for (_, t), (_, c) in zip(table.iterrows(), csv.iterrows()):

@@ -195,6 +195,7 @@ def predict_files(model_dir: Path, paths: list[Path], batch_size: int = 32, cam_
     device = default_device()
     model.to(device)
     classes, mode = meta["classes"], meta["label_mode"]
+    temperature = meta.get("temperature", 1.0)  # fitted on validation by the sweep (older exports: none)
     rows, problems = [], []
     for start in range(0, len(paths), batch_size):
         ok, tensors, bad = load_batch(paths[start:start + batch_size], meta)
@@ -203,14 +204,34 @@ def predict_files(model_dir: Path, paths: list[Path], batch_size: int = 32, cam_
             continue
         images = torch.stack(tensors).to(device)
         with torch.no_grad():
-            probs = explain.probabilities(model.eval()(images).float(), mode).cpu().numpy()
-        pred = explain.decide(probs, mode, meta["threshold"])
+            logits = model.eval()(images).float()
+            probs = explain.probabilities(logits / torch.as_tensor(temperature, device=device), mode).cpu().numpy()
+        pred = decide(probs, meta)
         if cam_dir is not None:
             _write_cams(cam_dir, model, meta, ok, images, pred, probs, start)
         for p, pr, row in zip(ok, pred, probs):
             rows.append({"path": str(p), "predicted": explain.label_names(pr, classes),
                          **{c: float(v) for c, v in zip(classes, row)}})
     return rows, problems
+
+
+def decide(probs, meta: dict):
+    """Decisions from calibrated probabilities: at ``model.json``'s operating point (single-label: the
+    positive class when its probability reaches the threshold, else the most probable other class;
+    multi-label: each class at its own threshold); without one, argmax or ``threshold`` as the evaluation."""
+    import numpy as np
+
+    from covid_tune.engine import explain
+
+    op, classes = meta.get("operating_point"), meta["classes"]
+    if not op:
+        return explain.decide(probs, meta["label_mode"], meta["threshold"])
+    if meta["label_mode"] == "multi":
+        return (probs >= np.asarray(op["threshold"])).astype(np.int64)
+    k = classes.index(op["positive"])
+    others = probs.copy()
+    others[:, k] = -1.0
+    return np.where(probs[:, k] >= op["threshold"], k, others.argmax(1))
 
 
 def _write_cams(cam_dir: Path, model, meta: dict, paths: list[Path], images, pred, probs, start: int) -> None:
@@ -225,6 +246,20 @@ def _write_cams(cam_dir: Path, model, meta: dict, paths: list[Path], images, pre
         title = f"pred: {explain.label_names(pr, meta['classes'])}\n{meta['classes'][top]} {pb[top]:.3f}"
         figures.cam_tiles(cam_dir / f"{start + i:04d}_{p.stem}_gradcam.png", [crop], [m], [title],
                           f"{meta['config_id']}: Grad-CAM", ncols=1)
+
+
+def operating_line(meta: dict) -> str:
+    """How the printed probabilities and decisions come about, in one line."""
+    t, op = meta.get("temperature"), meta.get("operating_point")
+    if not op:
+        return "no operating point in model.json: probabilities as the network gives them, decision by " + (
+            "the most probable class" if meta["label_mode"] == "single" else f"probability >= {meta['threshold']}")
+    temp = ", ".join(f"{v:.3g}" for v in t) if isinstance(t, list) else f"{t:.3g}"
+    if meta["label_mode"] == "multi":
+        cut = ", ".join(f"{c} >= {v:.4f}" for c, v in zip(meta["classes"], op["threshold"]))
+    else:
+        cut = f"{op['positive']} when its probability >= {op['threshold']:.4f}, else the most probable other class"
+    return f"temperature {temp} (fitted on validation); decision ({op['rule']}, chosen on validation): {cut}"
 
 
 def has_image_suffix(path: Path) -> bool:
@@ -309,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, bad = predict_files(model_dir, files, args.batch_size, args.cam, loaded=(model, meta))
     problems += bad
     log.info(f"model {meta['config_id']} ({model_dir})")
+    log.info(operating_line(meta))
     for r in rows:
         print("\t".join([r["path"], r["predicted"]] + [f"{c}={r[c]:.4f}" for c in meta["classes"]]))
     if args.csv:

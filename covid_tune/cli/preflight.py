@@ -23,6 +23,7 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
     """Report lines on the data, its classes (after class_map) and its image count; problems appended."""
     from covid_tune.data.dataset import DatasetError, check_implies, scan_dataset
     from covid_tune.report.build import dataset_root
+    from covid_tune.results.clinical import positive_class
 
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
@@ -43,6 +44,8 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
         return [f"data: {root}: {len(exc.problems)} problem(s)"], [], 0
     try:
         check_implies(index.classes, spec.data.implies)
+        if spec.data.label_mode == "single":
+            positive_class(index.classes, spec.report.positive)
     except ValueError as exc:
         problems.append(str(exc))
     counts = index.counts()

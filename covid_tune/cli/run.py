@@ -96,6 +96,7 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
     from covid_tune.data.synthetic import make_synthetic
     from covid_tune.models.weights import load_all
     from covid_tune.report import build as report_mod
+    from covid_tune.results.clinical import positive_class
 
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
@@ -104,6 +105,8 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
                        {"train": s.train, "validation": s.validation, "test": s.test}, s.image_size, s.seed)
     index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
     check_implies(index.classes, spec.data.implies)
+    if spec.data.label_mode == "single":
+        positive_class(index.classes, spec.report.positive)  # a ValueError naming the classes: exit 2
     pretrained = load_all(spec.grid.backbone, spec.trainer.weights, spec.trainer.weights_download)
     with _removed_on_error(spec.output_dir / "cache"):  # a refusal leaves no cache files of this run behind
         decoded = prepare_cache(spec, index)

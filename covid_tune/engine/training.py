@@ -106,6 +106,7 @@ class EpochResult:
     metrics: dict
     y_true: np.ndarray
     y_pred: np.ndarray
+    logits: np.ndarray | None = None  # float32 outputs, kept by evaluate only (calibration, ROC curves)
 
     def summary(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}_loss": self.loss, f"{prefix}_acc": self.metrics["acc"], f"{prefix}_f1": self.metrics["f1"]}
@@ -115,7 +116,7 @@ def _run(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, lab
          threshold: float, n_classes: int, optimizer: torch.optim.Optimizer | None,
          amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> EpochResult:
     # sums stay on the device: one host sync per epoch instead of one per step
-    total, count, trues, preds = torch.zeros((), dtype=torch.float64, device=device), 0, [], []
+    total, count, trues, preds, outs = torch.zeros((), dtype=torch.float64, device=device), 0, [], [], []
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last and images.dim() == 4:
@@ -132,9 +133,13 @@ def _run(model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, lab
         count += len(images)
         trues.append(targets.detach())
         preds.append(predict(logits.detach(), label_mode, threshold))
+        if optimizer is None:
+            outs.append(logits.detach())
     y_true = torch.cat(trues).cpu().numpy() if trues else np.zeros(0)
     y_pred = torch.cat(preds).cpu().numpy() if preds else np.zeros(0)
-    return EpochResult(total.item() / max(count, 1), score(y_true, y_pred, label_mode, n_classes), y_true, y_pred)
+    kept = torch.cat(outs).cpu().numpy() if outs else None
+    return EpochResult(total.item() / max(count, 1), score(y_true, y_pred, label_mode, n_classes), y_true, y_pred,
+                       kept)
 
 
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,

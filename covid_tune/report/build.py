@@ -1,4 +1,4 @@
-"""Results -> report: REPORT.md (accuracy and F1 tables), results.csv/json and figures.
+"""Results -> report: REPORT.md (accuracy and F1 tables, clinical evidence), results.csv/json and figures.
 
 ``covid-tune report OUTPUT`` rebuilds the report of a finished or interrupted sweep
 from its output folder, without training (missing test evaluations run locally).
@@ -15,10 +15,10 @@ from tabulate import tabulate
 
 from covid_tune.data.dataset import Duplicates, drop_duplicates, scan_dataset
 from covid_tune.engine.files import DATA_CHECKS_FILE, RESULTS_FILE, SPEC_FILE, TRIALS_FILE
-from covid_tune.report import sections
+from covid_tune.report import evidence, sections
 from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line
+from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
-from covid_tune.results import stats
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
 from covid_tune.spec.sections import TRAINER_AXES
@@ -32,8 +32,10 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     best, comparisons = stats.compare_to_best(rows, spec.scheduler.metric, spec.scheduler.mode)
+    auc_comparisons = clinical.compare_auc_to_best(rows, best)
     for r in rows:
         r["vs_best"] = comparisons.get(r["group"])
+        r["vs_best_auc"] = auc_comparisons.get(r["group"])
     n_val = sum(counts.get("validation", {}).values())
     stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
     flat = [flat_row(r) for r in rows]
@@ -45,8 +47,11 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
          "metric": spec.scheduler.metric, "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
          "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
          "seed_agreement": stats.seed_agreement(rows),
+         "positive": next((r["clinical"]["positive"] for r in rows if r.get("clinical")), None),
+         "operating_point": spec.report.operating_point,
          "rows": slim}, indent=1))
     figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
+    clinical_figs = figures.write_clinical_figures(report_dir / "figures", evidence.group_curves(rows))
     cams = figures.write_cam_figures(report_dir / "figures", rows, classes)
 
     show_loss = len({r["loss"] for r in flat}) > 1 or spec.data.label_mode == "multi"
@@ -63,7 +68,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
           + f"; up to {spec.trainer.epochs} epochs"
           + (", " + sections.asha_text(spec) + "." if spec.scheduler.asha else "."),
           "",
-          "## Accuracy", "", metric_table(flat, "acc", show_loss, sections.p_cells(comparisons, best)), "",
+          "## Accuracy", "", metric_table(flat, "acc", show_loss, sections.p_cells(comparisons, best),
+                                          evidence.auc_p_cells(auc_comparisons, best) if auc_comparisons else None), "",
           sections.comparison_line(rows, comparisons, best, spec.scheduler.metric), "",
           "## F1-score", "", metric_table(flat, "f1", show_loss), "",
           f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
@@ -77,9 +83,13 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
+    md += evidence.discrimination_section(rows, clinical_figs, best)
+    md += evidence.operating_point_section(rows)
+    md += evidence.calibration_section(rows, clinical_figs)
     md += sections.stopped_section(stopped)
     md += sections.per_class_table(rows, classes)
     md += sections.source_table(rows)
+    md += evidence.source_auc_table(rows)
     md += sections.shortcut_section(rows, spec.data.label_mode)
     problems = [r for r in flat if r["status"] not in ("ok",)]
     if problems:
@@ -93,10 +103,12 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
 
 
 def _slim_eval(ev: dict | None) -> dict | None:
-    """The evaluation without per-image outcomes, except the test split's (paired tests need them)."""
+    """The evaluation without per-image outputs, except the test split's 0/1 outcomes (paired tests need
+    them); the numbers made of the outputs are in each row's ``clinical``."""
     if not ev:
         return None
-    return {s: {k: v for k, v in m.items() if k not in ("probs", "files") and (k != "correct" or s == "test")}
+    return {s: {k: v for k, v in m.items() if k not in ("probs", "files", "logits", "y")
+                and (k != "correct" or s == "test")}
             for s, m in ev.items()}
 
 

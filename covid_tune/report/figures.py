@@ -199,3 +199,98 @@ def cam_markdown(cams: dict[str, str], rows: list[dict]) -> list[str]:
         if row["config_id"] in cams:
             lines += [f"### {row['sr']}. {row['config_id']}", "", f"![gradcam]({cams[row['config_id']]})", ""]
     return lines
+
+
+# --- ROC, PR and reliability (issue 29) -----------------------------------------------------------
+
+def _panels(n: int, width: float = 3.4):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, 3.2), dpi=80, squeeze=False)
+    return fig, axes[0]
+
+
+def _roc_pr(path: Path, group: str, curves: list[dict]) -> None:
+    """ROC and PR curves of a group's seeds, per evaluated class: chance line, operating point marked."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    digest = _digest("roc_pr", group, curves)
+    if _current(path, digest):
+        return
+    names = list(dict.fromkeys(c["class"] for c in curves))
+    fig, axes = _panels(2 * len(names))
+    for i, name in enumerate(names):
+        roc_ax, pr_ax = axes[2 * i], axes[2 * i + 1]
+        prevalence = None
+        for c in (c for c in curves if c["class"] == name):
+            y, p = np.asarray(c["y"]), np.asarray(c["p"])
+            if not 0 < y.sum() < len(y):
+                continue
+            fpr, tpr, _ = roc_curve(y, p)
+            prec, rec, _ = precision_recall_curve(y, p)
+            line = roc_ax.plot(fpr, tpr, lw=1.2, label=f"seed {c['seed']}")[0]
+            pr_ax.plot(rec, prec, lw=1.2, color=line.get_color())
+            pred = p >= c["threshold"]
+            sens, spec = pred[y == 1].mean(), 1 - pred[y == 0].mean()
+            roc_ax.plot([1 - spec], [sens], "o", color=line.get_color(), ms=5)
+            if pred.any():
+                pr_ax.plot([sens], [y[pred].mean()], "o", color=line.get_color(), ms=5)
+            prevalence = y.mean()
+        roc_ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="chance")
+        if prevalence is not None:
+            pr_ax.axhline(prevalence, ls=":", color="grey", lw=1, label="chance (prevalence)")
+        for ax, (xl, yl, t) in ((roc_ax, ("1 - specificity", "sensitivity", "ROC")),
+                                (pr_ax, ("recall (sensitivity)", "precision (PPV)", "PR"))):
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel(xl, fontsize=8)
+            ax.set_ylabel(yl, fontsize=8)
+            ax.set_title(f"{t}: {name}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right" if ax is roc_ax else "lower left")
+    fig.suptitle(f"{group}: test, dot = operating point (chosen on validation)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Description": digest})
+    plt.close(fig)
+
+
+def _reliability(path: Path, group: str, curves: list[dict], n_bins: int = 15) -> None:
+    """Reliability diagrams (observed frequency against mean probability, 15 bins) before and after
+    temperature scaling, per evaluated class, every seed of the group."""
+    from sklearn.calibration import calibration_curve
+
+    digest = _digest("reliability", group, n_bins, curves)
+    if _current(path, digest):
+        return
+    names = list(dict.fromkeys(c["class"] for c in curves))
+    fig, axes = _panels(len(names), width=4.2)
+    for ax, name in zip(axes, names):
+        for c in (c for c in curves if c["class"] == name):
+            y = np.asarray(c["y"])
+            if not len(y):
+                continue
+            frac, mean = calibration_curve(y, np.asarray(c["p"]), n_bins=n_bins)
+            line = ax.plot(mean, frac, "-o", ms=3, lw=1.2, label=f"seed {c['seed']}, scaled")[0]
+            frac, mean = calibration_curve(y, np.asarray(c["raw"]), n_bins=n_bins)
+            ax.plot(mean, frac, "--x", ms=3, lw=0.8, color=line.get_color(), alpha=0.6, label=f"seed {c['seed']}, raw")
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"mean predicted probability of {name}", fontsize=8)
+        ax.set_ylabel("observed frequency", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{group}\ntest reliability, raw and temperature-scaled", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Description": digest})
+    plt.close(fig)
+
+
+def write_clinical_figures(fig_dir: Path, curves: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
+    """Per group (``report.evidence.group_curves``): ``<group>_roc_pr.png`` and ``<group>_reliability.png``."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, dict[str, str]] = {}
+    for group, items in curves.items():
+        _roc_pr(fig_dir / f"{group}_roc_pr.png", group, items)
+        _reliability(fig_dir / f"{group}_reliability.png", group, items)
+        written[group] = {"roc_pr": f"figures/{group}_roc_pr.png", "reliability": f"figures/{group}_reliability.png"}
+    return written

@@ -12,15 +12,18 @@ from tabulate import tabulate
 
 from covid_tune.data.dataset import Duplicates
 from covid_tune.engine.losses import LOSS_LABELS
+from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
-from covid_tune.results import stats
 from covid_tune.spec.load import Spec
 from covid_tune.spec.sections import TRAINER_AXES
 
+# test numbers of the positive class (single-label) or macro means (multi-label), results.clinical.headline
+CLINICAL_COLUMNS = ["vs_best_auc_p", "auc", "auc_ci_low", "auc_ci_high", "ap", "ap_ci_low", "ap_ci_high", "sens",
+                    "spec", "ppv", "npv", "threshold", "ece", "brier", "temperature"]
 CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
                "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", *results_mod.MODE_KEYS,
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
-               "test_acc_ci_low", "test_acc_ci_high", "select_score", "vs_best_p",
+               "test_acc_ci_low", "test_acc_ci_high", "select_score", "vs_best_p", *CLINICAL_COLUMNS,
                "node", "node_ip", "node_id", "checkpoint"]
 
 
@@ -45,6 +48,11 @@ def flat_row(row: dict) -> dict:
     ci = ev.get("test", {}).get("acc_ci95") or [None, None]
     out["test_acc_ci_low"], out["test_acc_ci_high"] = ci
     out["vs_best_p"] = (row.get("vs_best") or {}).get("p")
+    out["vs_best_auc_p"] = (row.get("vs_best_auc") or {}).get("p")
+    head = clinical.headline(row.get("clinical"))
+    for key in ("auc", "ap"):
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = head.pop(f"{key}_ci") or [None, None]
+    out.update(head)
     return out
 
 
@@ -98,12 +106,13 @@ def _epochs_cell(rows: list[dict]) -> str:
     return " / ".join(f"{r['epochs_trained']}{'*' if r['stopped_early'] else ''}" for r in rows)
 
 
-def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: dict[str, str] | None = None) -> str:
+def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: dict[str, str] | None = None,
+                 vs_best_auc: dict[str, str] | None = None) -> str:
     """One course-style table (Sr #, Backbone, Layers, Loss, [varied trainer settings], Epochs, Train,
     Validation, Test[, vs best: p]).
 
     Rows that differ only in seed are one row: mean ± std (sample std) over the seeds. ``vs_best``
-    (group -> cell) adds the paired test against the best configuration.
+    (group -> cell) adds the paired test against the best configuration, ``vs_best_auc`` the paired DeLong test.
     """
     groups: dict[str, list[dict]] = {}
     for r in flat:
@@ -118,10 +127,12 @@ def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: di
         cells += [_epochs_cell(members)]
         cells += [_cell([m[f"{p}_{key}"] for m in members], members) for p in ("train", "val", "test")]
         cells += [vs_best.get(first["group"], "-")] if vs_best is not None else []
+        cells += [vs_best_auc.get(first["group"], "-")] if vs_best_auc is not None else []
         lines.append(cells)
     headers = (["Sr #", "Backbone", "Layers"] + (["Loss"] if show_loss else []) + axes
                + ["Epochs", "Train", "Validation", "Test"])
     headers += ["vs best: p"] if vs_best is not None else []
+    headers += ["vs best: AUC p"] if vs_best_auc is not None else []
     return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
 
 

@@ -8,6 +8,7 @@ it needs no running Ray and works on interrupted sweeps too.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,9 +27,11 @@ from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS
 from covid_tune.engine.losses import build_loss
 from covid_tune.engine.metrics import bootstrap_ci
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
-from covid_tune.results import selection
+from covid_tune.results import clinical, selection
 from covid_tune.spec.load import Spec
 from covid_tune.spec.sections import TRAINER_AXES, ReportSpec
+
+log = logging.getLogger(__name__)
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1")
 MODE_KEYS = engine.TrainingRun.MODE_KEYS  # which paths an epoch took (0/1)
@@ -144,21 +147,31 @@ def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, d
                               grayscale=meta["grayscale"])
 
 
+CLINICAL_KEYS = ("positive", "operating_point")  # report settings that change only the clinical block
+
+
 def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
                     decoded: DecodedSplits | None = None, explain: dict | None = None) -> dict:
     """Evaluate an exported model on train (no augmentation), validation and test; cached in eval.json.
 
     ``decoded`` (the sweep's decoded cache) serves the splits it holds (train and validation).
-    On test it also stores each image's class probabilities (``probs``, ``files``), the shortcut check
-    and the Grad-CAM sample (:mod:`covid_tune.engine.explain`), as ``explain`` (``ReportSpec.model_dump()``,
-    default: the spec's defaults) asks."""
+    On validation and test it also stores each image's outputs (``logits``) and targets (``y``); on test
+    each image's class probabilities (``probs``, ``files``), the shortcut check and the Grad-CAM sample
+    (:mod:`covid_tune.engine.explain`), as ``explain`` (``ReportSpec.model_dump()``, default: the spec's
+    defaults) asks. ``clinical``: :func:`covid_tune.results.clinical.evaluate_scores` of those outputs,
+    recomputed alone when only ``report.positive`` or ``report.operating_point`` changed."""
     model_dir = Path(model_dir)
     cache = model_dir / EVAL_FILE
     model, meta = load_exported(model_dir)
     explain = explain or ReportSpec().model_dump()
+    settings = {k: v for k, v in explain.items() if k not in CLINICAL_KEYS}
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("epoch") == meta["epoch"] and cached.get("explain_settings") == explain:
+        if (cached.get("epoch") == meta["epoch"] and cached.get("explain_settings") == settings
+                and "logits" in cached["splits"]["test"]):
+            if cached.get("clinical_settings") != _clinical_settings(explain):
+                _add_clinical(cached, meta, explain)
+                _write_json(cache, cached)
             return cached
     device = engine.default_device()
     model.to(device)
@@ -168,7 +181,7 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
             decoded.check(index, meta["image_size"], meta["grayscale"])
         except ValueError:  # made for other settings or another index: decode from the files
             decoded = None
-    out = {"epoch": meta["epoch"], "splits": {}, "explain_settings": explain}
+    out = {"epoch": meta["epoch"], "splits": {}, "explain_settings": settings}
     for split in ("train", "validation", "test"):
         loader = _eval_loader(index, split, meta, batch_size, device, decoded)  # test's is read again below
         res = engine.evaluate(model, loader, loss_fn, device, meta["label_mode"], meta["threshold"],
@@ -176,13 +189,55 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
         correct = (res.y_true == res.y_pred) if res.y_true.ndim == 1 else (res.y_true == res.y_pred).all(1)
         out["splits"][split] = {"loss": res.loss, **res.metrics, "n": int(len(res.y_true)),
                                 "acc_ci95": list(bootstrap_ci(correct)), "correct": correct.astype(int).tolist()}
+        if split != "train" and res.logits is not None:
+            out["splits"][split].update(logits=res.logits.tolist(), y=res.y_true.astype(int).tolist())
     probs, out["shortcut"], out["cam"] = explain_split(model, meta, loader, index.labels("test"), index.paths("test"),
                                                        device, explain["shortcut_check"], explain["gradcam"])
     out["splits"]["test"].update(probs=probs, files=index.paths("test"))
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(cache)
+    _add_clinical(out, meta, explain)
+    _write_json(cache, out)
     return out
+
+
+def _clinical_settings(explain: dict) -> dict:
+    return {k: explain.get(k) for k in CLINICAL_KEYS}
+
+
+def _add_clinical(ev: dict, meta: dict, explain: dict) -> None:
+    """ROC/PR, operating point and calibration numbers of an evaluation (from its stored outputs)."""
+    settings = _clinical_settings(explain)
+    ev["clinical_settings"] = settings
+    try:
+        ev["clinical"] = clinical.evaluate_scores(ev["splits"], meta["classes"], meta["label_mode"],
+                                                  settings["positive"], settings["operating_point"] or "youden")
+    except (KeyError, ValueError) as exc:  # e.g. no outputs stored, or a positive class the data lacks
+        log.warning(f"{meta.get('config_id')}: no ROC/calibration numbers ({exc})")
+        ev["clinical"] = None
+
+
+def _write_json(path: Path, content: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content))
+    tmp.replace(path)
+
+
+def store_operating_point(model_dir: Path, result: dict | None) -> None:
+    """Write the temperature and the operating point of an evaluation's ``clinical`` block into
+    ``model.json`` (what ``covid-tune predict`` applies); on the driver, so shipped evaluations count too."""
+    meta_path = Path(model_dir) / MODEL_META
+    meta = json.loads(meta_path.read_text())
+    new = dict(meta)
+    if result:
+        new["temperature"] = result["temperature"]
+        new["operating_point"] = {"rule": result["rule"], "positive": result["positive"],
+                                  "threshold": result["threshold"]}
+    else:
+        new.pop("temperature", None)
+        new.pop("operating_point", None)
+    if new != meta:
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(new, indent=2, sort_keys=True))  # as save_exported writes it
+        tmp.replace(meta_path)
 
 
 Evaluator = Callable[[list[Path], DatasetIndex], list[dict]]
@@ -241,11 +296,17 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
         rows.append(row)
     sources = source_groups(index, "test")
     if to_eval:
-        for (row, _), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):
+        for (row, target), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):
             row["eval"] = ev["splits"]
             row["shortcut"], row["cam"] = ev.get("shortcut"), ev.get("cam")
+            row["clinical"] = ev.get("clinical")
+            store_operating_point(target, row["clinical"])
             if sources is not None:
                 row["test_by_source"] = accuracy_by_group(ev["splits"]["test"]["correct"], sources)
+                scores = clinical.test_scores(row, row["clinical"]["positive"]) if (
+                    row["clinical"] and row["clinical"]["label_mode"] == "single") else None
+                if scores is not None:
+                    row["auc_by_source"] = clinical.auc_by_source(*scores, sources)
     return rows
 
 

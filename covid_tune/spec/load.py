@@ -81,6 +81,7 @@ class Spec(Section):
                 problems.append(f"trainer.weights: imagenet is not available for {lacking} (use none or a file)")
         grace = schedule.grace_problems(self.scheduler.grace_period, self.all_freeze_levels(), self.trainer.epochs)
         problems += grace or _asha_problems(self.scheduler, self.trainer.epochs)
+        problems += _positive_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -135,6 +136,20 @@ class Spec(Section):
         if self.remote_storage:
             return self.output_dir / "ray-download" / self.name
         return Path(self.experiment_path)
+
+
+def _positive_problems(spec: Spec) -> list[str]:
+    """``report.positive``: single-label only, and a class of the data where the spec names the classes."""
+    positive = spec.report.positive
+    if positive is None:
+        return []
+    if spec.data.label_mode != "single":
+        return ["report.positive: a multi-label task is evaluated class by class; leave report.positive out"]
+    if spec.data.synthetic is not None:
+        classes = sorted({spec.data.class_map.get(c, c) for c in spec.data.synthetic.classes})
+        if positive not in classes:
+            return [f"report.positive: {positive!r} is not a class of the data (allowed: {', '.join(classes)})"]
+    return []
 
 
 def _asha_problems(sched: SchedulerSpec, epochs: int) -> list[str]:

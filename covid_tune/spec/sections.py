@@ -236,8 +236,42 @@ def _on_off(value: Any) -> Any:
     return {"enabled": value} if isinstance(value, bool) else value
 
 
+def check_rule(rule: str) -> str:
+    """``youden``, ``sensitivity=X``, ``specificity=X`` (X in (0, 1)) or a fixed threshold in (0, 1);
+    raises ValueError naming the allowed forms."""
+    allowed = "youden, sensitivity=X, specificity=X (X between 0 and 1) or a fixed threshold such as 0.5"
+    text = str(rule).strip()
+    if text == "youden":
+        return text
+    head, _, number = text.rpartition("=")
+    if head not in ("", "sensitivity", "specificity"):
+        raise ValueError(f"{rule!r} is not an operating point (allowed: {allowed})")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{rule!r} is not an operating point (allowed: {allowed})") from None
+    if not 0 < value < 1:
+        raise ValueError(f"{rule!r}: the number must lie between 0 and 1 (allowed: {allowed})")
+    return f"{head}={value:g}" if head else f"{value:g}"
+
+
+def _operating_point(value: Any) -> Any:
+    # YAML reads a bare 0.5 as a number; the rule is kept as text
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not an operating point (allowed: youden, sensitivity=X, specificity=X "
+                         "(X between 0 and 1) or a fixed threshold such as 0.5)")
+    return check_rule(str(value)) if isinstance(value, (str, int, float)) else value
+
+
 class ReportSpec(Section):
     shortcut_check: ShortcutSpec = ShortcutSpec()
     gradcam: GradCamSpec = GradCamSpec()
+    positive: str | None = Field(None, description="single-label: the class ROC AUC, sensitivity and the operating "
+                                                   "point are about (default: the first class not named normal, "
+                                                   "else the first)")
+    operating_point: str = Field("youden", description="the threshold on the positive class's calibrated "
+                                                       "probability, chosen on validation: youden | sensitivity=X "
+                                                       "| specificity=X | a fixed threshold such as 0.5")
 
     _switch = field_validator("shortcut_check", mode="before")(_on_off)
+    _rule = field_validator("operating_point", mode="before")(_operating_point)
