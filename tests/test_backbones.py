@@ -31,8 +31,8 @@ CASES = [pytest.param(b, lvl, id=f"{b}-{lvl}", marks=[pytest.mark.slow] if lvl !
 
 @pytest.mark.parametrize("backbone, level", CASES)
 def test_one_epoch_at_64px(index, decoded, backbone: str, level: str) -> None:
-    hp = replace(TINY_HP, backbone=backbone, freeze=level, image_size=64, batch_size=2, weights="none", feature_cache="auto",
-                 lr=1e-3)
+    hp = replace(TINY_HP, backbone=backbone, freeze=level, image_size=64, batch_size=2, weights="none",
+                 feature_cache="auto", lr=1e-3)
     run = TrainingRun(hp, index, CPU, decoded=decoded)
     frozen = run.model.frozen
     before = {k: v.clone() for k, v in run.model.state_dict().items()}

@@ -8,11 +8,10 @@ adding a backbone means adding an entry here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-
-import re
 
 import torch
 from torch import nn
