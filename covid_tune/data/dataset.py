@@ -18,11 +18,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from covid_tune.data.dicom import DICOM_EXTENSIONS, DicomUnavailable, decode_dicom, is_dicom
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# DICOM also without an extension, when the file carries the DICOM preamble (covid_tune.data.dicom.is_dicom)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm") + DICOM_EXTENSIONS
 
 
 class DatasetError(ValueError):
@@ -73,9 +75,26 @@ def _find_splits(root: Path) -> tuple[dict[str, Path], list[str]]:
     return found, problems
 
 
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, or a DICOM file without one."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
+
+
 def _check_image(path: Path) -> str | None:
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if not is_image_file(path):
         return f"{path}: not an image file (extension {path.suffix or 'none'!r}; allowed: {', '.join(IMAGE_EXTENSIONS)})"
+    if is_dicom(path):
+        try:
+            with warnings.catch_warnings():  # pydicom warns about each oddity of a broken file; the problem says it
+                warnings.simplefilter("ignore")
+                decode_dicom(path)  # the whole decode: a missing pixel-data handler shows only here
+        except DicomUnavailable:
+            raise
+        except Exception as exc:  # pydicom raises many types for broken or undecodable files
+            hint = (" (a compressed transfer syntax: pip install 'covid_tune[dicom-compressed]')"
+                    if "pylibjpeg" in str(exc) or "handler" in str(exc).lower() else "")
+            return f"{path}: unreadable DICOM ({type(exc).__name__}: {_first_line(exc)}){hint}"
+        return None
     try:
         with Image.open(path) as im:
             im.verify()  # PNG chunk checksums
@@ -84,6 +103,11 @@ def _check_image(path: Path) -> str | None:
     except Exception as exc:  # PIL raises many types for broken files
         return f"{path}: unreadable image ({type(exc).__name__}: {exc})"
     return None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def scan_dataset(root: str | Path, class_map: dict[str, str] | None = None, on_bad_file: str = "error",
@@ -126,7 +150,10 @@ def scan_dataset(root: str | Path, class_map: dict[str, str] | None = None, on_b
             files = sorted(f for f in folder.iterdir() if not f.name.startswith("."))
             good = []
             for f in files:
-                problem = f"{f}: not a file" if not f.is_file() else (_check_image(f) if verify else None)
+                try:
+                    problem = f"{f}: not a file" if not f.is_file() else (_check_image(f) if verify else None)
+                except DicomUnavailable as exc:  # one message for the whole tree, not one per file
+                    raise DatasetError(root, [f"{f}: {exc}"]) from None
                 if problem:
                     bad.append(problem)
                 else:
@@ -307,11 +334,15 @@ def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def decode_image(path: str, grayscale: bool = True) -> Image.Image:
-    """Open any grayscale/RGB/RGBA/palette image as one-channel ``L`` (grayscale) or ``RGB``.
+    """Open any grayscale/RGB/RGBA/palette image or DICOM file as one-channel ``L`` (grayscale) or ``RGB``.
 
     Transparency is composited onto black. :func:`load_image` is this plus channel replication;
     the decoded cache (:mod:`covid_tune.data.cache`) keeps grayscale as one channel until the model.
     """
+    if is_dicom(path):  # windowed, inverted if MONOCHROME1, 8-bit (covid_tune.data.dicom)
+        arr = decode_dicom(path)
+        im = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
+        return im.convert("L") if grayscale else im.convert("RGB")
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16-bit and float X-rays: stretch the image's own range to 0-255 (convert("L") would clip)
