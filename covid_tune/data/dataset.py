@@ -47,6 +47,10 @@ class DatasetIndex:
     original_classes: list[str]
     skipped: list[str] = field(default_factory=list)
     duplicates: Duplicates | None = None  # set by the sweep's driver once the decoded pixels are compared
+    # a multi-label table's (covid_tune.data.table) rows: split -> (N, classes) 0/1; labels() then gives
+    # each image's first label, for per-class samples
+    hot: dict[str, np.ndarray] | None = None
+    patients: dict[str, list[str]] | None = None  # a label table's patient of each image, per split
 
     def paths(self, split: str) -> list[str]:
         return [p for p, _ in self.splits[split]]
@@ -55,8 +59,28 @@ class DatasetIndex:
         return np.array([y for _, y in self.splits[split]], dtype=np.int64)
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class and split (for multi-label tables: images with that label)."""
+        if self.hot is not None:
+            return {s: {c: int(self.hot[s][:, i].sum()) for i, c in enumerate(self.classes)} for s in self.splits}
         return {s: {c: int((self.labels(s) == i).sum()) for i, c in enumerate(self.classes)}
                 for s in self.splits}
+
+    def present(self, split: str) -> list[str]:
+        """The classes with at least one image in ``split``."""
+        if self.hot is not None:
+            return [c for i, c in enumerate(self.classes) if self.hot[split][:, i].any()]
+        return sorted({self.classes[y] for _, y in self.splits[split]})
+
+    def keep(self, keep: dict[str, list[bool]]) -> DatasetIndex:
+        """This index with only the rows ``keep[split]`` marks (every row of a split not named)."""
+        def sel(split: str, items: list) -> list:
+            return [x for x, k in zip(items, keep[split]) if k] if split in keep else list(items)
+
+        return DatasetIndex(self.root, self.classes, {s: sel(s, v) for s, v in self.splits.items()},
+                            self.original_classes, self.skipped, self.duplicates,
+                            {s: v[np.asarray(keep[s], bool)] if s in keep else v for s, v in self.hot.items()}
+                            if self.hot is not None else None,
+                            {s: sel(s, v) for s, v in self.patients.items()} if self.patients is not None else None)
 
 
 def _find_splits(root: Path) -> tuple[dict[str, Path], list[str]]:
@@ -179,8 +203,8 @@ def scan_dataset(root: str | Path, class_map: dict[str, str] | None = None, on_b
 def class_problems(index: DatasetIndex, class_map: dict[str, str] | None = None) -> list[str]:
     """Splits that a classifier cannot use: fewer than two classes with images, or a class with none."""
     problems = []
-    for split, items in index.splits.items():
-        present = sorted({index.classes[y] for _, y in items})
+    for split in index.splits:
+        present = index.present(split)
         if len(present) < 2:
             how = (f" (folders {index.original_classes} merged by data.class_map)"
                    if class_map and len(index.original_classes) > len(index.classes) else "")
@@ -275,8 +299,8 @@ def _relative_to(root: Path):
 def drop_duplicates(index: DatasetIndex, dups: Duplicates) -> DatasetIndex:
     """``index`` without the later-split copies in ``dups``; a split left unusable is a DatasetError."""
     drop, rel = dups.later_paths(), _relative_to(index.root)
-    splits = {s: [(p, y) for p, y in items if rel(p) not in drop.get(s, set())] for s, items in index.splits.items()}
-    out = DatasetIndex(index.root, index.classes, splits, index.original_classes, index.skipped, dups)
+    out = index.keep({s: [rel(p) not in drop.get(s, set()) for p in index.paths(s)] for s in index.splits})
+    out.duplicates = dups
     problems = class_problems(out)
     if problems:
         raise DatasetError(index.root, [f"after data.on_duplicate: drop removed {dups.summary()}: {p}"
@@ -304,6 +328,22 @@ def encode_targets(labels: np.ndarray, classes: Sequence[str], label_mode: str,
         rows = labels == classes.index(src)
         for t in targets:
             hot[rows, classes.index(t)] = 1.0
+    return hot
+
+
+def index_targets(index: DatasetIndex, split: str, label_mode: str,
+                  implies: dict[str, list[str]] | None = None) -> np.ndarray:
+    """The targets of ``split``: :func:`encode_targets` of its labels, or a multi-label table's rows with
+    ``implies`` applied."""
+    if index.hot is None:
+        return encode_targets(index.labels(split), index.classes, label_mode, implies)
+    if label_mode != "multi":
+        raise ValueError("a multi-label table needs label_mode 'multi'")
+    hot = index.hot[split].astype(np.float32, copy=True)
+    for src, targets in (implies or {}).items():
+        rows = hot[:, index.classes.index(src)] > 0
+        for t in targets:
+            hot[rows, index.classes.index(t)] = 1.0
     return hot
 
 
