@@ -21,8 +21,8 @@ from covid_tune.spec.load import Spec
 
 def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
     """Report lines on the data, its classes (after class_map) and its image count; problems appended."""
-    from covid_tune.data.dataset import DatasetError, check_implies, scan_dataset
-    from covid_tune.report.build import dataset_root
+    from covid_tune.data.dataset import DatasetError, check_implies
+    from covid_tune.report.build import dataset_root, scan_data
     from covid_tune.results.clinical import positive_class
 
     if spec.data.synthetic is not None:
@@ -32,9 +32,9 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
         return [f"data: synthetic, generated under {dataset_root(spec)} at run time: classes {', '.join(s.classes)}; "
                 f"per class train {s.train}, validation {s.validation}, test {s.test} ({n} images, {s.image_size} px)"
                 ], classes, n
-    root = dataset_root(spec)
+    root = Path(spec.data.labels) if spec.data.labels else dataset_root(spec)
     try:
-        index = scan_dataset(root, spec.data.class_map, spec.data.on_bad_file)
+        index = scan_data(spec)
     except DatasetError as exc:
         for p in exc.problems:  # a "(set data.on_bad_file: skip ...)" hint belongs to the problem before it
             if p.startswith("(") and problems:
@@ -52,12 +52,12 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
     renamed = index.original_classes != index.classes
     lines = [f"data: {root}: classes {', '.join(index.classes)}"
              + (f" (from folders {', '.join(index.original_classes)})" if renamed else "")]
-    lines += [f"  {split}: {sum(c.values())} images (" + ", ".join(f"{k} {v}" for k, v in c.items()) + ")"
+    lines += [f"  {split}: {len(index.splits[split])} images (" + ", ".join(f"{k} {v}" for k, v in c.items()) + ")"
               for split, c in counts.items()]
     if index.skipped:
         lines.append(f"  {len(index.skipped)} unreadable file(s) left out (data.on_bad_file: skip)")
     lines += _duplicates(spec, index, problems)
-    return lines, index.classes, sum(sum(c.values()) for c in counts.values())
+    return lines, index.classes, sum(len(v) for v in index.splits.values())
 
 
 def _duplicates(spec: Spec, index, problems: list[str]) -> list[str]:
@@ -220,8 +220,8 @@ def _disk(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int)
 def data_size(spec: Spec) -> tuple[int, int] | None:
     """Number of classes and images of the spec's data, from the spec (synthetic) or a listing of the
     tree (no image decoded); None where the tree cannot be read (its problems are reported elsewhere)."""
-    from covid_tune.data.dataset import DatasetError, scan_dataset
-    from covid_tune.report.build import dataset_root
+    from covid_tune.data.dataset import DatasetError
+    from covid_tune.report.build import scan_data
 
     if spec.data.synthetic is not None:
         s = spec.data.synthetic
@@ -230,7 +230,7 @@ def data_size(spec: Spec) -> tuple[int, int] | None:
     try:
         with warnings.catch_warnings():  # skipped entries are named by the real scan
             warnings.simplefilter("ignore")
-            index = scan_dataset(dataset_root(spec), spec.data.class_map, "skip", verify=False)
+            index = scan_data(spec, "skip", verify=False)
     except DatasetError:
         return None
     return len(index.classes), sum(len(v) for v in index.splits.values())

@@ -92,7 +92,7 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
 
     Returns the index, the decoded cache and each backbone's pretrained state_dict (empty for
     ``weights: none``)."""
-    from covid_tune.data.dataset import check_implies, scan_dataset
+    from covid_tune.data.dataset import check_implies
     from covid_tune.data.synthetic import make_synthetic
     from covid_tune.models.weights import load_all
     from covid_tune.report import build as report_mod
@@ -103,10 +103,15 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
         log.info(f"synthetic data -> {report_mod.dataset_root(spec)}")
         make_synthetic(report_mod.dataset_root(spec), s.classes,
                        {"train": s.train, "validation": s.validation, "test": s.test}, s.image_size, s.seed)
-    index = scan_dataset(report_mod.dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+    index = report_mod.scan_data(spec)
     check_implies(index.classes, spec.data.implies)
     if spec.data.label_mode == "single":
         positive_class(index.classes, spec.report.positive)  # a ValueError naming the classes: exit 2
+    if spec.data.labels is not None:  # the split this run used, so it can be repeated or reused
+        from covid_tune.data.table import write_splits
+        from covid_tune.engine.files import SPLITS_CSV
+
+        log.info(f"splits of {spec.data.labels} -> {write_splits(index, spec.output_dir / SPLITS_CSV)}")
     pretrained = load_all(spec.grid.backbone, spec.trainer.weights, spec.trainer.weights_download)
     with _removed_on_error(spec.output_dir / "cache"):  # a refusal leaves no cache files of this run behind
         decoded = prepare_cache(spec, index)

@@ -19,11 +19,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from covid_tune.data.dicom import DICOM_EXTENSIONS, DicomUnavailable, decode_dicom, is_dicom
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# DICOM also without an extension, when the file carries the DICOM preamble (covid_tune.data.dicom.is_dicom)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm") + DICOM_EXTENSIONS
 
 
 class DatasetError(ValueError):
@@ -46,6 +48,10 @@ class DatasetIndex:
     original_classes: list[str]
     skipped: list[str] = field(default_factory=list)
     duplicates: Duplicates | None = None  # set by the sweep's driver once the decoded pixels are compared
+    # a multi-label table's (covid_tune.data.table) rows: split -> (N, classes) 0/1; labels() then gives
+    # each image's first label, for per-class samples
+    hot: dict[str, np.ndarray] | None = None
+    patients: dict[str, list[str]] | None = None  # a label table's patient of each image, per split
 
     def paths(self, split: str) -> list[str]:
         return [p for p, _ in self.splits[split]]
@@ -54,8 +60,28 @@ class DatasetIndex:
         return np.array([y for _, y in self.splits[split]], dtype=np.int64)
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class and split (for multi-label tables: images with that label)."""
+        if self.hot is not None:
+            return {s: {c: int(self.hot[s][:, i].sum()) for i, c in enumerate(self.classes)} for s in self.splits}
         return {s: {c: int((self.labels(s) == i).sum()) for i, c in enumerate(self.classes)}
                 for s in self.splits}
+
+    def present(self, split: str) -> list[str]:
+        """The classes with at least one image in ``split``."""
+        if self.hot is not None:
+            return [c for i, c in enumerate(self.classes) if self.hot[split][:, i].any()]
+        return sorted({self.classes[y] for _, y in self.splits[split]})
+
+    def keep(self, keep: dict[str, list[bool]]) -> DatasetIndex:
+        """This index with only the rows ``keep[split]`` marks (every row of a split not named)."""
+        def sel(split: str, items: list) -> list:
+            return [x for x, k in zip(items, keep[split]) if k] if split in keep else list(items)
+
+        return DatasetIndex(self.root, self.classes, {s: sel(s, v) for s, v in self.splits.items()},
+                            self.original_classes, self.skipped, self.duplicates,
+                            {s: v[np.asarray(keep[s], bool)] if s in keep else v for s, v in self.hot.items()}
+                            if self.hot is not None else None,
+                            {s: sel(s, v) for s, v in self.patients.items()} if self.patients is not None else None)
 
 
 def _find_splits(root: Path) -> tuple[dict[str, Path], list[str]]:
@@ -74,10 +100,27 @@ def _find_splits(root: Path) -> tuple[dict[str, Path], list[str]]:
     return found, problems
 
 
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, or a DICOM file without one."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
+
+
 def _check_image(path: Path) -> str | None:
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if not is_image_file(path):
         return (f"{path}: not an image file (extension {path.suffix or 'none'!r}; "
                 f"allowed: {', '.join(IMAGE_EXTENSIONS)})")
+    if is_dicom(path):
+        try:
+            with warnings.catch_warnings():  # pydicom warns about each oddity of a broken file; the problem says it
+                warnings.simplefilter("ignore")
+                decode_dicom(path)  # the whole decode: a missing pixel-data handler shows only here
+        except DicomUnavailable:
+            raise
+        except Exception as exc:  # pydicom raises many types for broken or undecodable files
+            hint = (" (a compressed transfer syntax: pip install 'covid_tune[dicom-compressed]')"
+                    if "pylibjpeg" in str(exc) or "handler" in str(exc).lower() else "")
+            return f"{path}: unreadable DICOM ({type(exc).__name__}: {_first_line(exc)}){hint}"
+        return None
     try:
         with Image.open(path) as im:
             im.verify()  # PNG chunk checksums
@@ -86,6 +129,11 @@ def _check_image(path: Path) -> str | None:
     except Exception as exc:  # PIL raises many types for broken files
         return f"{path}: unreadable image ({type(exc).__name__}: {exc})"
     return None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def scan_dataset(root: str | Path, class_map: dict[str, str] | None = None, on_bad_file: str = "error",
@@ -128,7 +176,10 @@ def scan_dataset(root: str | Path, class_map: dict[str, str] | None = None, on_b
             files = sorted(f for f in folder.iterdir() if not f.name.startswith("."))
             good = []
             for f in files:
-                problem = f"{f}: not a file" if not f.is_file() else (_check_image(f) if verify else None)
+                try:
+                    problem = f"{f}: not a file" if not f.is_file() else (_check_image(f) if verify else None)
+                except DicomUnavailable as exc:  # one message for the whole tree, not one per file
+                    raise DatasetError(root, [f"{f}: {exc}"]) from None
                 if problem:
                     bad.append(problem)
                 else:
@@ -154,8 +205,8 @@ def scan_dataset(root: str | Path, class_map: dict[str, str] | None = None, on_b
 def class_problems(index: DatasetIndex, class_map: dict[str, str] | None = None) -> list[str]:
     """Splits that a classifier cannot use: fewer than two classes with images, or a class with none."""
     problems = []
-    for split, items in index.splits.items():
-        present = sorted({index.classes[y] for _, y in items})
+    for split in index.splits:
+        present = index.present(split)
         if len(present) < 2:
             how = (f" (folders {index.original_classes} merged by data.class_map)"
                    if class_map and len(index.original_classes) > len(index.classes) else "")
@@ -250,8 +301,8 @@ def _relative_to(root: Path):
 def drop_duplicates(index: DatasetIndex, dups: Duplicates) -> DatasetIndex:
     """``index`` without the later-split copies in ``dups``; a split left unusable is a DatasetError."""
     drop, rel = dups.later_paths(), _relative_to(index.root)
-    splits = {s: [(p, y) for p, y in items if rel(p) not in drop.get(s, set())] for s, items in index.splits.items()}
-    out = DatasetIndex(index.root, index.classes, splits, index.original_classes, index.skipped, dups)
+    out = index.keep({s: [rel(p) not in drop.get(s, set()) for p in index.paths(s)] for s in index.splits})
+    out.duplicates = dups
     problems = class_problems(out)
     if problems:
         raise DatasetError(index.root, [f"after data.on_duplicate: drop removed {dups.summary()}: {p}"
@@ -282,6 +333,22 @@ def encode_targets(labels: np.ndarray, classes: Sequence[str], label_mode: str,
     return hot
 
 
+def index_targets(index: DatasetIndex, split: str, label_mode: str,
+                  implies: dict[str, list[str]] | None = None) -> np.ndarray:
+    """The targets of ``split``: :func:`encode_targets` of its labels, or a multi-label table's rows with
+    ``implies`` applied."""
+    if index.hot is None:
+        return encode_targets(index.labels(split), index.classes, label_mode, implies)
+    if label_mode != "multi":
+        raise ValueError("a multi-label table needs label_mode 'multi'")
+    hot = index.hot[split].astype(np.float32, copy=True)
+    for src, targets in (implies or {}).items():
+        rows = hot[:, index.classes.index(src)] > 0
+        for t in targets:
+            hot[rows, index.classes.index(t)] = 1.0
+    return hot
+
+
 # --- transforms ----------------------------------------------------------------------------
 
 def train_transform(image_size: int, augment: bool = True) -> T.Compose:
@@ -309,11 +376,15 @@ def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def decode_image(path: str, grayscale: bool = True) -> Image.Image:
-    """Open any grayscale/RGB/RGBA/palette image as one-channel ``L`` (grayscale) or ``RGB``.
+    """Open any grayscale/RGB/RGBA/palette image or DICOM file as one-channel ``L`` (grayscale) or ``RGB``.
 
     Transparency is composited onto black. :func:`load_image` is this plus channel replication;
     the decoded cache (:mod:`covid_tune.data.cache`) keeps grayscale as one channel until the model.
     """
+    if is_dicom(path):  # windowed, inverted if MONOCHROME1, 8-bit (covid_tune.data.dicom)
+        arr = decode_dicom(path)
+        im = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
+        return im.convert("L") if grayscale else im.convert("RGB")
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16-bit and float X-rays: stretch the image's own range to 0-255 (convert("L") would clip)

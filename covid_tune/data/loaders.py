@@ -116,7 +116,7 @@ def make_loader(index: data_mod.DatasetIndex, split: str, image_size: int, batch
                 implies: dict, grayscale: bool = True, train: bool = False, augment: bool = True,
                 num_workers: int = 0, seed: int = 0) -> DataLoader:
     """A DataLoader over one split: shuffled and augmented for training, fixed order otherwise."""
-    targets = data_mod.encode_targets(index.labels(split), index.classes, label_mode, implies)
+    targets = data_mod.index_targets(index, split, label_mode, implies)
     transform = data_mod.train_transform(image_size, augment) if train else data_mod.eval_transform(image_size)
     dataset = data_mod.ImageDataset(index.paths(split), targets, transform, grayscale)
     generator = torch.Generator().manual_seed(seed)
@@ -178,7 +178,7 @@ def data_source(hp: HParams, index: data_mod.DatasetIndex, device: torch.device,
     decoded.check(index, hp.image_size, hp.grayscale)
 
     def tensors(split: str, train: bool) -> TensorLoader:
-        targets = data_mod.encode_targets(index.labels(split), index.classes, hp.label_mode, hp.implies)
+        targets = data_mod.index_targets(index, split, hp.label_mode, hp.implies)
         return TensorLoader(decoded[split], targets, hp.image_size, hp.batch_size, shuffle=train,
                             augment=train and hp.augment, seed=hp.seed, device=device, channels_last=channels_last)
 

@@ -12,5 +12,6 @@ EVAL_FILE = "eval.json"
 # a sweep's output folder
 SPEC_FILE = "spec.json"  # the validated spec the sweep started with
 TRIALS_FILE = "trials.json"  # each trial's final status (ok, error, interrupted)
+SPLITS_CSV = "splits.csv"  # a label table's split by patient (path, patient, split), as the run used it
 DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report
 RESULTS_FILE = "report/results.json"  # every number of the report, the best configuration among them

@@ -8,6 +8,7 @@ adding a backbone means adding an entry here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -39,6 +40,8 @@ class Backbone:
     stages: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None
     # the layer whose activations Grad-CAM weighs (the last convolutional stage, at its finest grid)
     cam_layer: str = ""
+    # torchvision's own key renaming of an old checkpoint (densenet's ``norm.1`` -> ``norm1``); idempotent
+    fix_state: Callable[[dict], dict] | None = None
 
 
 def _vgg16() -> nn.Module:
@@ -118,6 +121,160 @@ RESNET18 = Backbone(
 )
 
 
+def _resnet50() -> nn.Module:
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None)
+
+
+def _resnet50_weights():
+    from torchvision.models import ResNet50_Weights
+
+    # V1 (76.1% top-1), trained for the Resize(256)+CenterCrop(224) the pipeline uses; V2 expects 232
+    return ResNet50_Weights.IMAGENET1K_V1
+
+
+# same stages as resnet18 (Bottleneck instead of BasicBlock blocks): the same levels, fc of 2048 inputs
+RESNET50 = Backbone(
+    name="resnet50",
+    build=_resnet50,
+    head_attr="fc",
+    imagenet_weights=_resnet50_weights,
+    stages=_resnet_stages,
+    cam_layer="layer4",
+    freeze_levels=dict(RESNET18.freeze_levels),
+)
+
+
+def _densenet121() -> nn.Module:
+    from torchvision.models import densenet121
+
+    return densenet121(weights=None)
+
+
+def _densenet121_weights():
+    from torchvision.models import DenseNet121_Weights
+
+    return DenseNet121_Weights.IMAGENET1K_V1
+
+
+# torchvision.models.densenet._load_state_dict: the published file names ``denselayerN.norm.1.weight``,
+# the network ``denselayerN.norm1.weight``
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _densenet_fix_state(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        match = _DENSENET_OLD_KEY.match(key)
+        out[match.group(1) + match.group(2) if match else key] = value
+    return out
+
+
+def _densenet_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    # torchvision DenseNet.forward: features -> relu -> adaptive_avg_pool2d(1) -> flatten(1) -> classifier
+    return ([(f"features.{n}", m) for n, m in net.features.named_children()]
+            + [("relu", nn.ReLU()), ("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
+               ("classifier", net.classifier)])
+
+
+_DENSE_STEM = ("features.conv0", "features.norm0")
+DENSENET121 = Backbone(
+    name="densenet121",
+    build=_densenet121,
+    head_attr="classifier",
+    imagenet_weights=_densenet121_weights,
+    stages=_densenet_stages,
+    cam_layer="features.norm5",  # the last BatchNorm (7x7 at 224 px); the ReLU after it is functional
+    fix_state=_densenet_fix_state,
+    freeze_levels={
+        "fc_only": FreezeLevel("Only FC unfrozen", ("features",)),
+        "block1-3": FreezeLevel("Stem + dense blocks 1-3 frozen",
+                                _DENSE_STEM + tuple(f"features.{k}{i}" for i in (1, 2, 3)
+                                                    for k in ("denseblock", "transition"))),
+        "block1": FreezeLevel("Stem + dense block 1 frozen", _DENSE_STEM + ("features.denseblock1",
+                                                                          "features.transition1")),
+        "none": FreezeLevel("Entire network unfrozen", ()),
+    },
+)
+
+
+def _efficientnet_b0() -> nn.Module:
+    from torchvision.models import efficientnet_b0
+
+    return efficientnet_b0(weights=None)
+
+
+def _efficientnet_b0_weights():
+    from torchvision.models import EfficientNet_B0_Weights
+
+    return EfficientNet_B0_Weights.IMAGENET1K_V1
+
+
+def _features_then_pool(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    return _indexed("features", net.features) + [("avgpool", net.avgpool)]
+
+
+def _efficientnet_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    # torchvision EfficientNet._forward_impl: features -> avgpool -> flatten(1) -> classifier (Dropout, Linear)
+    return _features_then_pool(net) + [("flatten", nn.Flatten(1))] + _indexed("classifier", net.classifier)
+
+
+# efficientnet_b0.features: 0 stem conv, 1-7 the seven MBConv stages, 8 the 1x1 conv to 1280 channels
+EFFICIENTNET_B0 = Backbone(
+    name="efficientnet_b0",
+    build=_efficientnet_b0,
+    head_attr="classifier.1",
+    imagenet_weights=_efficientnet_b0_weights,
+    stages=_efficientnet_stages,
+    cam_layer="features.8",  # the last conv (7x7 at 224 px)
+    freeze_levels={
+        "fc_only": FreezeLevel("Only FC unfrozen", ("features",)),
+        "stage1-5": FreezeLevel("Stem + MBConv stages 1-5 frozen", _range("features", 0, 6)),
+        "stage1-3": FreezeLevel("Stem + MBConv stages 1-3 frozen", _range("features", 0, 4)),
+        "none": FreezeLevel("Entire network unfrozen", ()),
+    },
+)
+
+
+def _convnext_tiny() -> nn.Module:
+    from torchvision.models import convnext_tiny
+
+    return convnext_tiny(weights=None)
+
+
+def _convnext_tiny_weights():
+    from torchvision.models import ConvNeXt_Tiny_Weights
+
+    return ConvNeXt_Tiny_Weights.IMAGENET1K_V1
+
+
+def _convnext_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    # torchvision ConvNeXt._forward_impl: features -> avgpool -> classifier (LayerNorm2d, Flatten, Linear);
+    # the Flatten is named "flatten" so a prefix ending there reads as head-only (PrefixSplit.head_only)
+    return _features_then_pool(net) + [("classifier.0", net.classifier[0]), ("flatten", net.classifier[1]),
+                                       ("classifier.2", net.classifier[2])]
+
+
+# convnext_tiny.features: 0 stem, 1/3/5/7 stages 1-4 (3, 3, 9, 3 blocks), 2/4/6 the downsamplings before 2-4
+CONVNEXT_TINY = Backbone(
+    name="convnext_tiny",
+    build=_convnext_tiny,
+    head_attr="classifier.2",
+    imagenet_weights=_convnext_tiny_weights,
+    stages=_convnext_stages,
+    cam_layer="features.7",  # stage 4 (7x7 at 224 px)
+    freeze_levels={
+        # the pooled features' LayerNorm belongs to the trunk: fc_only trains the Linear layers only
+        "fc_only": FreezeLevel("Only FC unfrozen", ("features", "classifier.0")),
+        "stage1-3": FreezeLevel("Stem + stages 1-3 frozen", _range("features", 0, 6)),
+        "stage1": FreezeLevel("Stem + stage 1 frozen", _range("features", 0, 2)),
+        "none": FreezeLevel("Entire network unfrozen", ()),
+    },
+)
+
+
 class TinyCNN(nn.Module):
     """A three-block CNN for tests and demos: same interface as the real backbones."""
 
@@ -154,4 +311,5 @@ TINY_CNN = Backbone(
 )
 
 
-BACKBONES: Mapping[str, Backbone] = MappingProxyType({b.name: b for b in (VGG16, RESNET18, TINY_CNN)})
+BACKBONES: Mapping[str, Backbone] = MappingProxyType({b.name: b for b in (
+    VGG16, RESNET18, RESNET50, DENSENET121, EFFICIENTNET_B0, CONVNEXT_TINY, TINY_CNN)})

@@ -116,6 +116,9 @@ def load_weights(backbone: str, weights: str, download: str = "auto", progress: 
         if problem:
             raise WeightsUnavailable(problem)
     state = _read(path, backbone)
+    fix = get_backbone(backbone).fix_state
+    if fix is not None and isinstance(state, Mapping):
+        state = fix(state)  # as torchvision does when it loads the same file
     check_state_dict(state, backbone, str(path))
     return state
 

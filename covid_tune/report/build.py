@@ -169,10 +169,36 @@ def dataset_root(spec: Spec) -> Path:
     return Path(spec.data.root) if spec.data.root else spec.output_dir / "synthetic-data"
 
 
+def label_table(spec: Spec):
+    """The spec's ``data.labels`` + ``data.columns`` as a :class:`~covid_tune.data.table.LabelTable` (None
+    for an ImageFolder tree or synthetic data)."""
+    from covid_tune.data.table import LabelTable
+
+    if spec.data.labels is None:
+        return None
+    csv_path, c, f = Path(spec.data.labels), spec.data.columns, spec.data.splits
+    return LabelTable(csv=csv_path, root=Path(spec.data.root) if spec.data.root else csv_path.parent,
+                      path=c.path, label=c.label, labels=tuple(c.labels or ()), separator=c.separator,
+                      patient=c.patient, split=c.split, classes=tuple(c.classes or ()),
+                      fractions=(f.train, f.validation, f.test), seed=f.seed)
+
+
+def scan_data(spec: Spec, on_bad_file: str | None = None, verify: bool = True):
+    """The spec's data scanned and checked: an ImageFolder tree, or a label table (split by patient when
+    it has no split column). Raises :class:`~covid_tune.data.dataset.DatasetError`."""
+    from covid_tune.data.table import scan_table
+
+    on_bad_file = on_bad_file or spec.data.on_bad_file
+    table = label_table(spec)
+    if table is not None:
+        return scan_table(table, spec.data.class_map, on_bad_file, verify)
+    return scan_dataset(dataset_root(spec), spec.data.class_map, on_bad_file, verify)
+
+
 def sweep_index(spec: Spec, checks: dict | None = None):
     """The data a sweep used, read again: the scanned tree less the duplicates that ``data.on_duplicate:
     drop`` removed (as recorded in ``data-checks.json``)."""
-    index = scan_dataset(dataset_root(spec), spec.data.class_map, spec.data.on_bad_file)
+    index = scan_data(spec)
     dups = (checks or {}).get("duplicates")
     if dups and dups.get("action") == "drop":
         index = drop_duplicates(index, Duplicates.from_dict(dups))

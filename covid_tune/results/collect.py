@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from covid_tune.data.cache import DecodedSplits
-from covid_tune.data.dataset import DatasetIndex, encode_targets
+from covid_tune.data.dataset import DatasetIndex, index_targets
 from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.engine import training as engine
 from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
@@ -141,7 +141,7 @@ def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, d
     """The split's evaluation crops: from the decoded cache where it holds the split (the same pixels as
     the PIL path, without decoding every file once more per configuration), else from the files."""
     if decoded is not None and split in decoded.arrays:
-        targets = encode_targets(index.labels(split), index.classes, meta["label_mode"], meta["implies"])
+        targets = index_targets(index, split, meta["label_mode"], meta["implies"])
         return TensorLoader(decoded[split], targets, meta["image_size"], batch_size, device=device)
     return make_loader(index, split, meta["image_size"], batch_size, meta["label_mode"], meta["implies"],
                               grayscale=meta["grayscale"])

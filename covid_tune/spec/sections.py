@@ -43,8 +43,60 @@ class SyntheticSpec(Section):
     seed: Int = 0
 
 
+class ColumnsSpec(Section):
+    """Which columns of ``data.labels`` hold what."""
+
+    path: str = Field(description="the image's path, relative to data.root (else to the CSV's folder)")
+    label: str | None = Field(None, description="one label per row (single-label), or several joined by "
+                                                "separator (multi-label)")
+    labels: list[str] | None = Field(None, min_length=2, description="0/1 columns, one per class (multi-label)")
+    separator: str | None = Field(None, min_length=1, description="with label: the character between labels "
+                                                                  "(NIH's Finding Labels: '|')")
+    patient: str | None = Field(None, description="the patient id: a patient's images stay in one split")
+    split: str | None = Field(None, description="train/validation/test per row; else split by patient with "
+                                                "data.splits")
+    classes: list[str] | None = Field(None, min_length=2, description="the allowed values of label; a row with "
+                                                                       "another is refused")
+
+    @model_validator(mode="after")
+    def _one_label_source(self) -> ColumnsSpec:
+        if (self.label is None) == (self.labels is None):
+            raise ValueError("give exactly one of data.columns.label (a label column) or data.columns.labels "
+                             "(0/1 columns, one per class)")
+        if self.separator is not None and self.label is None:
+            raise ValueError("data.columns.separator goes with data.columns.label, not labels")
+        if self.classes is not None and self.label is None:
+            raise ValueError("data.columns.classes goes with data.columns.label (labels names its classes)")
+        return self
+
+    @property
+    def multi(self) -> bool:
+        return self.labels is not None or self.separator is not None
+
+
+class SplitFractions(Section):
+    """How a label table without a split column is split by patient."""
+
+    train: Float = Field(0.7, gt=0, lt=1)
+    validation: Float = Field(0.15, gt=0, lt=1)
+    test: Float = Field(0.15, gt=0, lt=1)
+    seed: Int = 0
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.validation + self.test
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"data.splits: train + validation + test must be 1, got {total:g}")
+        return self
+
+
 class DataSpec(Section):
     root: str | None = None
+    labels: str | None = Field(None, description="a CSV of labels (data.columns says which column is what); "
+                                                 "image paths relative to data.root, else to the CSV's folder")
+    columns: ColumnsSpec | None = None
+    splits: SplitFractions = Field(SplitFractions(), description="fractions and seed of the split by patient "
+                                                                 "of a label table without a split column")
     synthetic: SyntheticSpec | None = None
     class_map: dict[str, str] = {}
     image_size: Int = Field(224, ge=16, le=1024)
@@ -64,8 +116,16 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if (self.root is None) == (self.synthetic is None):
-            raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data)")
+        if self.synthetic is not None and (self.root is not None or self.labels is not None):
+            raise ValueError("give data.root (a folder), data.labels (a CSV) or data.synthetic (generated "
+                             "data), not synthetic with another")
+        if self.root is None and self.synthetic is None and self.labels is None:
+            raise ValueError("give exactly one of data.root (a folder) or data.synthetic (generated data), "
+                             "or data.labels (a CSV of labels)")
+        if (self.labels is None) != (self.columns is None):
+            raise ValueError("data.labels (a CSV) and data.columns (which column is what) go together")
+        if self.columns is not None and self.columns.multi and self.label_mode != "multi":
+            raise ValueError("data.columns with labels or a separator is multi-label: set data.label_mode: multi")
         if self.implies and self.label_mode != "multi":
             raise ValueError("data.implies needs data.label_mode: multi")
         if self.synthetic is not None and len({self.class_map.get(c, c) for c in self.synthetic.classes}) < 2:
