@@ -128,3 +128,14 @@ def test_seeds_are_paired_seed_by_seed() -> None:
     g_a = sum(x and not y for x, y in zip(g0, g1))
     g_b = sum(y and not x for x, y in zip(g0, g1))
     assert agree["g"]["min_p"] == pytest.approx(exact_mcnemar_by_hand(g_a, g_b))
+
+
+def test_images_per_split_counts_images_not_labels(tmp_path: Path, tiny_raw: dict) -> None:
+    """A multi-label table counts each image once per label it carries: REPORT.md's sizes are images."""
+    spec = validate({**tiny_raw, "scheduler": {"metric": "val_acc", "grace_period": 1}})
+    rows = [_row(1, "best", 0, [1] * 30 + [0] * 10, [0.6, 0.7])]
+    per_label = {"train": {"infected": 12, "normal": 10}, "validation": {"infected": 12, "normal": 10},
+                 "test": {"infected": 25, "normal": 20}}  # some images carry both labels
+    sizes = {"train": 20, "validation": 20, "test": 40}
+    md = write_report(tmp_path / "out", spec, rows, ["infected", "normal"], per_label, sizes=sizes).read_text()
+    assert "Images per split: train 20; validation 20; test 40." in md

@@ -265,3 +265,21 @@ def test_sweep_on_a_multi_label_table_of_dicom_files(tmp_path: Path) -> None:
     assert all(r["path"].endswith(".dcm") for r in rows)
     report = (out / "report" / "REPORT.md").read_text()
     assert "effusion, nodule, normal" in report
+
+
+def test_resume_with_a_changed_label_table_is_refused(tmp_path: Path) -> None:
+    """The resume guard's data record covers the table's rows: another label for one image is other data."""
+    from covid_tune.spec.load import load_spec
+    from covid_tune.sweep import resume_guard
+
+    csv_path = single_table(tmp_path / "d")
+    spec = load_spec(write_spec(tmp_path, {"labels": str(csv_path), "root": str(tmp_path / "d"),
+                                           "columns": {"path": "Image", "label": "Finding", "patient": "PatientID"}}))
+    spec.output_dir.mkdir(parents=True)
+    resume_guard.record_data(spec, tmp_path / "d")
+    assert resume_guard.check_data(spec, tmp_path / "d") is None
+    rows = list(csv.reader(open(csv_path)))
+    rows[1][1] = "normal" if rows[1][1] == "covid" else "covid"
+    write_csv(csv_path, rows[0], rows[1:])
+    problem = resume_guard.check_data(spec, tmp_path / "d")
+    assert problem and "the files under" in problem and "or the label table" in problem

@@ -25,8 +25,10 @@ from covid_tune.spec.sections import TRAINER_AXES
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
-                 data_checks: dict | None = None) -> Path:
-    """Write REPORT.md, results.csv, results.json and figures under ``out/report``."""
+                 data_checks: dict | None = None, sizes: dict[str, int] | None = None) -> Path:
+    """Write REPORT.md, results.csv, results.json and figures under ``out/report``. ``counts``: images per
+    class and split (multi-label: per label); ``sizes``: images per split (default: the sums of ``counts``,
+    right for single-label only)."""
     from covid_tune.report import figures
 
     report_dir = out / "report"
@@ -36,7 +38,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     for r in rows:
         r["vs_best"] = comparisons.get(r["group"])
         r["vs_best_auc"] = auc_comparisons.get(r["group"])
-    n_val = sum(counts.get("validation", {}).values())
+    sizes = sizes if sizes is not None else {s: sum(c.values()) for s, c in counts.items()}
+    n_val = sizes.get("validation", 0)
     stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
     flat = [flat_row(r) for r in rows]
     pd.DataFrame(flat, columns=CSV_COLUMNS).to_csv(report_dir / "results.csv", index=False)
@@ -60,7 +63,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     n_seeds = max(Counter(r["group"] for r in flat).values(), default=0)
     md = sections.interrupted_banner(rows) + [f"# {spec.name}", "",
           f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
-          + "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()) + ".",
+          + "; ".join(f"{s} {n}" for s, n in sizes.items()) + ".",
           *sections.duplicates_lines(data_checks),
           f"Best epoch per configuration chosen by `{spec.scheduler.metric}`"
           + {"best": "", "ema": " smoothed by an EMA (alpha 0.5)", "mean3": " averaged with its neighbouring epochs"}[
@@ -221,4 +224,5 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode,
                                 out / "best", status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)
-    return write_report(out, spec, rows, index.classes, index.counts(), checks)
+    return write_report(out, spec, rows, index.classes, index.counts(), checks,
+                        sizes={s: len(items) for s, items in index.splits.items()})

@@ -46,7 +46,8 @@ VERIFIED_DIR = "state-verified"  # the recorded bytes of each guarded file, the 
 RESAVED = ("experiment_state-*.json", "basic-variant-state-*.json", "searcher-state-*.pkl")
 DATA_DIGEST_FILE = "data-digest.json"
 KEEP = 64  # digests kept per file: the copy on storage may be several saves older than the newest
-DATA_KEYS = ("root", "class_map", "synthetic")  # the data settings that decide which images and classes
+# the data settings that decide which images and classes (a label table: its path, columns and split fractions)
+DATA_KEYS = ("root", "class_map", "synthetic", "labels", "columns", "splits")
 
 
 def sha256_file(path: Path) -> str:
@@ -166,6 +167,8 @@ def data_digest(spec: Spec, root: Path) -> dict:
     """The data settings and a digest of the files under ``root`` (relative paths and sizes)."""
     files = _data_files(root)
     h = hashlib.sha256("".join(f"{p}\t{n}\n" for p, n in files).encode())
+    if spec.data.labels is not None and Path(spec.data.labels).is_file():
+        h.update(Path(spec.data.labels).read_bytes())  # a label table's rows: its labels, patients and splits
     data = spec.data.model_dump(mode="json")
     return {"settings": {k: data.get(k) for k in DATA_KEYS}, "root": str(Path(root).resolve()),
             "files": len(files), "sha256": h.hexdigest(),
@@ -192,7 +195,8 @@ def check_data(spec: Spec, root: Path) -> str | None:
     if before.get("root") != now["root"]:
         changed.append(f"data folder {before.get('root')} -> {now['root']}")
     if not changed and before.get("sha256") != now["sha256"]:
-        changed.append(f"the files under {now['root']} ({before.get('files')} then, {now['files']} now"
+        changed.append(f"the files under {now['root']} or the label table ({before.get('files')} files then, "
+                       f"{now['files']} now"
                        + (f"; class folders then {before.get('folders')}, now {now['folders']}"
                           if before.get("folders") != now["folders"] else "; same names, other sizes or files")
                        + ")")
