@@ -83,14 +83,16 @@ def read_trial(config_id: str, trial_dir: Path, result_file: Path | None = None)
     """One trial folder: its history (from ``result_file``, default the folder's result.json) and the
     checkpoints that load (each folder's own epoch and the selected epoch it carries)."""
     rec = TrialRecord(config_id, trial_dir, _read_history(result_file or trial_dir / "result.json"))
-    for folder in sorted(trial_dir.glob("checkpoint_*")):
-        for read, name in ((_checkpoint_epoch, STATE_FILE), (_selected_epoch, SELECTED_FILE)):
+    folders = sorted(trial_dir.glob("checkpoint_*"))
+    # a folder's own epoch first: an epoch whose own checkpoint is kept is read from it
+    for read, name in ((_checkpoint_epoch, STATE_FILE), (_selected_epoch, SELECTED_FILE)):
+        for folder in folders:
             try:
                 epoch = read(folder)
             except Exception as exc:
                 rec.broken.append(f"{folder / name}: {type(exc).__name__}: {exc}")
                 continue
-            if epoch is not None:
+            if epoch is not None and epoch not in rec.weights:
                 rec.checkpoints[epoch] = folder
                 rec.weights[epoch] = folder / name
     return rec
