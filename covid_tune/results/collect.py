@@ -135,7 +135,8 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
     meta_path = target / MODEL_META
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("epoch") == epoch:
         return target
-    state = torch.load(rec.weights.get(epoch, rec.checkpoints[epoch] / STATE_FILE), map_location="cpu", weights_only=True)
+    source = rec.weights.get(epoch, rec.checkpoints[epoch] / STATE_FILE)
+    state = torch.load(source, map_location="cpu", weights_only=True)
     row = next(r for r in rec.history if r["epoch"] == epoch)
     meta = {
         **asdict(hp), "config_id": rec.config_id, "classes": classes, "epoch": epoch,

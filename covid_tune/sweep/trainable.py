@@ -81,7 +81,8 @@ class Kept:
     def update(self, run: TrainingRun, metrics: dict) -> None:
         """After epoch ``metrics['epoch']`` (``run`` holding its weights): the selection so far."""
         epoch = int(metrics["epoch"])
-        self.scores = [r for r in self.scores if r["epoch"] < epoch] + [{"epoch": epoch, self.metric: metrics.get(self.metric)}]
+        self.scores = [r for r in self.scores if r["epoch"] < epoch] + [
+            {"epoch": epoch, self.metric: metrics.get(self.metric)}]
         # a copy of this epoch's weights only where they may be needed later
         current = snapshot(model_entries(run.state_dict())) if self.lookahead else None
         held = dict(self.recent)
