@@ -29,7 +29,8 @@ CPU = torch.device("cpu")
 
 TARGETS = {"head_cache_speedup": (">=", 20.0), "loader_speedup": (">=", 5.0), "tune_overhead": ("<=", 0.03),
            "grid_speedup": (">=", 3.0), "same_best_config": ("==", True), "checkpoint_kb": ("<=", 1024.0),
-           "outside_trials": ("<=", 0.25), "gpu_mfu_resnet18": (">=", 0.15), "gpu_mfu_vgg16": (">=", 0.32)}
+           "outside_trials": ("<=", 0.25), "demo_disk_mb": ("<=", 150.0), "gpu_mfu_resnet18": (">=", 0.15),
+           "gpu_mfu_vgg16": (">=", 0.32)}
 
 # dense bf16 tensor-core peak, FLOP/s (vendor datasheets); COVID_TUNE_PEAK_FLOPS overrides
 PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -239,6 +240,10 @@ def table(res: dict) -> str:
         lines.append(f"| sweeps/demo.yaml end to end, time outside the trials | | {x['wall_s']:.0f} s wall, trials "
                      f"{x['phases_s']['trials']:.0f} s; outside (s): {ph} | "
                      + judged(f"{x['outside_trials']:.3f}", "outside_trials", x["outside_trials"]))
+        if "disk_mb" in x:
+            d = x["disk_mb"]
+            lines.append(f"| sweeps/demo.yaml end to end, disk left | | {d['total']:.0f} MB (ray/ {d['ray']:.0f} MB, "
+                         f"best/ {d['best']:.0f} MB) | " + judged(f"{d['total']:.0f} MB", "demo_disk_mb", d["total"]))
     if "grid" in r:
         x = r["grid"]
         lines.append(f"| whole grid, {x['configurations']} configurations x {x['epochs']} epochs, "

@@ -101,6 +101,23 @@ SECTIONS: list[dict] = [
         ],
     },
     {
+        "title": "Disk a sweep leaves (2026-12-07)",
+        "setup": "2 CPU cores shared with other jobs; `sweeps/demo.yaml` end to end (8 trials, 4 of them resnet18 "
+                 "at 64 px), the code before and after issue 32, one run each",
+        "rows": [
+            ("sweeps/demo.yaml, the output folder (console's disk line)",
+             "549 MB (ray/ 361 MB: up to 3 checkpoints per trial with momentum; best/ 181 MB)",
+             "323 MB (ray/ 135 MB: the latest checkpoint and the selected epoch, no optimizer state once "
+             "finished; best/ 181 MB)", "323 MB", "demo_disk_mb", 323.0),
+            ("pre-flight estimate (`--dry-run`) for it", "993 MB (+81%)", "365 MB (+13%)", None, None, None),
+        ],
+        "notes": [
+            "best/ keeps each configuration's whole model (a plain state_dict that loads without the sweep): four "
+            "resnet18 models, 45 MB each, are 181 MB alone, above the 150 MB goal. ASHA cut 3 trials in the "
+            "first run and 4 in the second (its asynchronous cuts depend on timing).",
+        ],
+    },
+    {
         "title": "Feature caches shared between trials (2026-12-05)",
         "setup": "the same machine; `sweeps/cxr-real.yaml` with `grid.freeze=[fc_only,layer1-3]`, 4 lrs, 1 seed, "
                  "2 epochs (8 trials, 2 frozen prefixes), before / after, two runs each",

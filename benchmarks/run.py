@@ -26,7 +26,8 @@ runs, ratios taken minutes apart would not mean much.
   checkpoint_kb       one fc_only resnet18 checkpoint (after an epoch: weights + momentum), what a trial
                       saves (trained part only) beside the whole model's state as it was saved before
   outside_trials      sweeps/demo.yaml end to end (a subprocess, its own local Ray): the fraction of the
-                      wall clock outside Tune's trials, with every phase's seconds (results.json timing)
+                      wall clock outside Tune's trials, with every phase's seconds (results.json timing);
+                      demo_disk_mb: the MB it leaves on disk (ray/ and best/ beside)
   gpu_mfu             on a GPU only: training images/s per backbone at 224 px (bf16 autocast,
                       channels_last, data on the GPU) and FLOPs/image x images/s / peak bf16 FLOP/s;
                       beside it the course's way on the same GPU (PIL DataLoader workers, float32)
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_mfu_compiled": r.get("gpu", {}).get("gpu_mfu_compiled"),
         "checkpoint_kb": r.get("checkpoint", {}).get("checkpoint_kb"),
         "outside_trials": r.get("outside", {}).get("outside_trials"),
+        "demo_disk_mb": r.get("outside", {}).get("demo_disk_mb"),
     }
     m = res["machine"]
     print(f"\ncovid_tune benchmarks ({res['mode']}), {time.strftime('%Y-%m-%d')}: {m['cores']} cores ({m['cpu']}), "

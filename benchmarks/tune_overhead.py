@@ -131,7 +131,8 @@ def bench_checkpoint(index: DatasetIndex, work: Path) -> dict:
 
 
 def bench_outside(work: Path) -> dict:
-    """sweeps/demo.yaml end to end in a subprocess; its results.json ``timing``."""
+    """sweeps/demo.yaml end to end in a subprocess; its results.json ``timing`` and what it left on disk
+    (``disk_mb``: the output folder, ``ray/`` and ``best/``; the issue's goal for the demo is 150 MB)."""
     import subprocess
 
     out = work / "demo"
@@ -142,7 +143,12 @@ def bench_outside(work: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"the demo sweep failed (exit {proc.returncode}); see {work / 'demo.log'}")
     timing = json.loads((out / "report" / "results.json").read_text())["timing"]
-    return {**timing, "process_wall_s": wall}
+
+    def mb(folder: Path) -> float:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+
+    disk = {"total": mb(out), "ray": mb(out / "ray"), "best": mb(out / "best")}
+    return {**timing, "process_wall_s": wall, "disk_mb": disk, "demo_disk_mb": disk["total"]}
 
 
 # --- 4. the whole grid -----------------------------------------------------------------------------------

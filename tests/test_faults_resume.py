@@ -237,6 +237,29 @@ def test_resume_after_kills_at_many_moments_trains_every_epoch_once(tmp_path: Pa
     assert_each_epoch_once(experiment, epochs)
     assert all(t["status"] == "ok" for t in json.loads((out / "trials.json").read_text()).values())
     assert (out / "report" / "REPORT.md").read_text().startswith("# faults")
+    assert_finished_footprint(out, experiment)
+
+
+def assert_finished_footprint(out: Path, experiment: Path) -> None:
+    """Each finished trial holds one checkpoint folder, no optimizer state in it, and the weights of
+    the epoch picked over its whole history (the kills notwithstanding): best/ exported that epoch."""
+    import torch
+
+    from covid_tune.results.selection import pick_epoch
+
+    for params in experiment.glob("*/params.json"):
+        cid = json.loads(params.read_text())["config_id"]
+        folders = sorted(params.parent.glob("checkpoint_*"))
+        assert len(folders) == 1, (cid, folders)
+        state = torch.load(folders[0] / "state.pt", weights_only=True)
+        assert "optimizer" not in state and "torch_rng" not in state, (cid, sorted(state))
+        history = [json.loads(line) for line in (params.parent / "result.json").read_text().splitlines()]
+        want = pick_epoch(history, "val_loss", "min")
+        assert json.loads((out / "best" / cid / "model.json").read_text())["epoch"] == want, cid
+        held = {state["epoch"]}
+        if (folders[0] / "selected.pt").is_file():
+            held.add(torch.load(folders[0] / "selected.pt", weights_only=True)["epoch"])
+        assert want in held and len(held) == len(list(folders[0].glob("*.pt"))), (cid, held)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ COMMANDS = {
     "run": ("covid_tune.cli.run", "run a sweep (or --dry-run its pre-flight) and write OUTPUT/report/REPORT.md"),
     "report": ("covid_tune.cli.report", "rebuild a sweep's REPORT.md, results.csv/json and figures without training"),
     "predict": ("covid_tune.cli.predict", "classify images with a sweep's chosen model or an exported model"),
+    "export": ("covid_tune.cli.export", "export a sweep's chosen model or an exported model as ONNX or TorchScript"),
 }
 
 EPILOG = """\

@@ -172,41 +172,50 @@ def address_problem(address: str | None) -> str | None:
     return None
 
 
-def state_bytes(hp: HParams, num_classes: int) -> tuple[int, int]:
-    """Bytes of one configuration's exported model (parameters and buffers, float32) and of one
-    training checkpoint (the model plus optimizer state: SGD momentum 1x, Adam 2x the trainable
-    parameters). Built on the meta device: nothing is allocated."""
+def state_bytes(hp: HParams, num_classes: int) -> tuple[int, int, int]:
+    """Bytes of one configuration's exported model (parameters and buffers, float32), of the trained
+    part a checkpoint holds of it (:mod:`covid_tune.engine.checkpoints`) and of its optimizer state (SGD
+    momentum 1x, Adam 2x the trainable parameters). Built on the meta device: nothing is allocated."""
     import torch
 
+    from covid_tune.models.freeze import trained_state
     from covid_tune.models.registry import create_model
 
     with torch.device("meta"):
         model = create_model(hp.backbone, max(num_classes, 1), hp.freeze, "none", hp.head_hidden, hp.dropout)
-    tensors = list(model.state_dict().values())
-    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trained = sum(t.numel() * t.element_size() for t in trained_state(model).values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     factor = 2 if hp.optimizer == "adam" else (1 if hp.momentum > 0 else 0)
-    return model_bytes, model_bytes + factor * trainable
+    return model_bytes, trained, factor * trainable
 
 
 def disk_estimate(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> tuple[int, list[str]]:
-    """About how many bytes the sweep writes under its output folder at most, and the parts (text)."""
+    """About how many bytes the sweep leaves under its output folder at most, and the parts (text).
+
+    A finished trial leaves its latest ``keep_checkpoints`` checkpoints' trained part and, where an
+    earlier epoch was selected, that epoch's too (counted for every trial: an upper bound); a running
+    trial's latest checkpoint also holds its optimizer state (named, not counted: it goes when the
+    trial ends)."""
     from covid_tune.data.cache import node_memory_bytes
 
-    keep = min(spec.trainer.epochs, spec.scheduler.keep_checkpoints + 1)  # the best k and the latest
-    sizes: dict[tuple, tuple[int, int]] = {}
-    ckpt = best = 0
+    keep = min(spec.trainer.epochs, spec.scheduler.keep_checkpoints)
+    sizes: dict[tuple, tuple[int, int, int]] = {}
+    ckpt = best = optimizer = 0
     for hp in plan.values():
         key = (hp.backbone, hp.freeze, hp.head_hidden, hp.optimizer, hp.momentum > 0)
         if key not in sizes:
             sizes[key] = state_bytes(hp, num_classes)
-        best += sizes[key][0]
-        ckpt += keep * sizes[key][1]
+        model_bytes, trained, optim = sizes[key]
+        best += model_bytes
+        ckpt += (keep + (hp.epochs > 1)) * trained
+        optimizer = max(optimizer, optim)
     cache = node_memory_bytes(n_images, spec.data.image_size, spec.data.grayscale) if spec.data.cache else 0
     synth = 0
     if spec.data.synthetic is not None:
         synth = n_images * spec.data.synthetic.image_size ** 2  # PNG, at most about one byte a pixel
-    parts = [f"ray/ checkpoints up to {fmt_bytes(ckpt)} (at most {keep} per trial)", f"best/ {fmt_bytes(best)}"]
+    parts = [f"ray/ checkpoints up to {fmt_bytes(ckpt)} (the latest {keep} and the selected epoch per trial; "
+             f"up to {fmt_bytes(optimizer)} more per running trial)", f"best/ {fmt_bytes(best)}"]
     parts += [f"cache/ up to {fmt_bytes(cache)}"] if cache else []
     parts += [f"synthetic-data/ about {fmt_bytes(synth)}"] if synth else []
     return ckpt + best + cache + synth, parts

@@ -9,6 +9,11 @@ checkpoint is ~1 MB instead of ~90 MB. The digest catches a rebuild that does no
 the trial was trained from (another weights file, another torch version's random init).
 
 Full-model checkpoints (written before this format) still load.
+
+A trial keeps its latest checkpoint (the whole training state, for resume) and, beside it in the same
+folder, the weights of the epoch selected so far when that is an earlier one (:data:`SELECTED_FILE`:
+the model entries only, no optimizer state); a finished trial's state loses its optimizer state
+(:func:`finished_state`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from covid_tune.models.freeze import Classifier, trained_state
 # results and report read checkpoints without importing Ray
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
+SELECTED_FILE = "selected.pt"  # the selected earlier epoch's model entries and its "epoch"
+FINISHED_KEY = "finished"  # set in a finished trial's state, whose optimizer state was dropped
+RESUME_ONLY = ("optimizer", "torch_rng", "cuda_rng")  # what only going on training needs
 PART_KEY = "model_part"
 TRAINED = "trained"  # the value of PART_KEY in a checkpoint that holds only the trained part
 DIGEST_KEY = "frozen_digest"
@@ -53,6 +61,16 @@ def model_state(model: Classifier, digest: list[float] | None = None) -> dict:
     """The model entries of a checkpoint: the trained part, the marker, the frozen part's digest."""
     return {"model": trained_state(model), PART_KEY: TRAINED,
             DIGEST_KEY: digest if digest is not None else frozen_digest(model)}
+
+
+def model_entries(state: dict) -> dict:
+    """The model entries of a training state (what :func:`load_model_state` reads), without the rest."""
+    return {k: state[k] for k in ("model", PART_KEY, DIGEST_KEY) if k in state}
+
+
+def finished_state(state: dict) -> dict:
+    """``state`` of a trial that trains no more: the model and epoch, without optimizer and RNG states."""
+    return {**{k: v for k, v in state.items() if k not in RESUME_ONLY}, FINISHED_KEY: True}
 
 
 def is_slim(state: dict) -> bool:

@@ -324,9 +324,11 @@ class TrainingRun:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` (or a full-model checkpoint of an earlier version)."""
+        """Resume from :meth:`state_dict` (or a full-model checkpoint of an earlier version); a finished
+        trial's state (:func:`~covid_tune.engine.checkpoints.finished_state`) sets the weights and epoch only."""
         load_model_state(self.model, state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         # RNG states must be CPU byte tensors, whatever map_location the checkpoint was loaded with
         if "torch_rng" in state:

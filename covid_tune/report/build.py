@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from covid_tune.data.dataset import Duplicates, drop_duplicates, scan_dataset
 from covid_tune.engine.files import DATA_CHECKS_FILE, RESULTS_FILE, SPEC_FILE, TRIALS_FILE
-from covid_tune.report import evidence, sections
+from covid_tune.report import cards, evidence, sections
 from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line
 from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
@@ -53,6 +53,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
          "positive": next((r["clinical"]["positive"] for r in rows if r.get("clinical")), None),
          "operating_point": spec.report.operating_point,
          "rows": slim}, indent=1))
+    card_paths = cards.write_cards(out, spec, rows, classes, counts, best)
     figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
     clinical_figs = figures.write_clinical_figures(report_dir / "figures", evidence.group_curves(rows))
     cams = figures.write_cam_figures(report_dir / "figures", rows, classes)
@@ -99,6 +100,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
         md += ["## Incomplete configurations", ""]
         md += [f"- `{r['config_id']}`: " + ("error" if r["status"] == "error" else sections.missing_reason(r))
                for r in problems] + [""]
+    md += cards.markdown(out, card_paths)
     md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
     md += figures.cam_markdown(cams, rows)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")

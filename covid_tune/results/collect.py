@@ -21,7 +21,7 @@ from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex, index_targets
 from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.engine import training as engine
-from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
+from covid_tune.engine.checkpoints import METRICS_FILE, SELECTED_FILE, STATE_FILE
 from covid_tune.engine.explain import explain_split
 from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS
 from covid_tune.engine.losses import build_loss
@@ -46,6 +46,8 @@ class TrialRecord:
     # one row per reported epoch (HISTORY_KEYS, MODE_KEYS, time_total_s, hostname, node_ip, node_id)
     history: list[dict]
     checkpoints: dict[int, Path] = field(default_factory=dict)  # epoch -> checkpoint folder
+    # epoch -> the file holding its weights: the folder's state.pt, or selected.pt for the selected epoch
+    weights: dict[int, Path] = field(default_factory=dict)
     broken: list[str] = field(default_factory=list)  # checkpoints that did not load
 
 
@@ -72,15 +74,30 @@ def _checkpoint_epoch(folder: Path) -> int:
     return int(metrics["epoch"])
 
 
+def _selected_epoch(folder: Path) -> int | None:
+    """The epoch of the selected weights a checkpoint folder holds besides its own (None: none)."""
+    path = folder / SELECTED_FILE
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
 def read_trial(config_id: str, trial_dir: Path, result_file: Path | None = None) -> TrialRecord:
     """One trial folder: its history (from ``result_file``, default the folder's result.json) and the
-    checkpoints that load."""
+    checkpoints that load (each folder's own epoch and the selected epoch it carries)."""
     rec = TrialRecord(config_id, trial_dir, _read_history(result_file or trial_dir / "result.json"))
-    for folder in sorted(trial_dir.glob("checkpoint_*")):
-        try:
-            rec.checkpoints[_checkpoint_epoch(folder)] = folder
-        except Exception as exc:
-            rec.broken.append(f"{folder}: {type(exc).__name__}: {exc}")
+    folders = sorted(trial_dir.glob("checkpoint_*"))
+    # a folder's own epoch first: an epoch whose own checkpoint is kept is read from it
+    for read, name in ((_checkpoint_epoch, STATE_FILE), (_selected_epoch, SELECTED_FILE)):
+        for folder in folders:
+            try:
+                epoch = read(folder)
+            except Exception as exc:
+                rec.broken.append(f"{folder / name}: {type(exc).__name__}: {exc}")
+                continue
+            if epoch is not None and epoch not in rec.weights:
+                rec.checkpoints[epoch] = folder
+                rec.weights[epoch] = folder / name
     return rec
 
 
@@ -121,7 +138,8 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
     meta_path = target / MODEL_META
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("epoch") == epoch:
         return target
-    state = torch.load(rec.checkpoints[epoch] / STATE_FILE, map_location="cpu", weights_only=True)
+    source = rec.weights.get(epoch, rec.checkpoints[epoch] / STATE_FILE)
+    state = torch.load(source, map_location="cpu", weights_only=True)
     row = next(r for r in rec.history if r["epoch"] == epoch)
     meta = {
         **asdict(hp), "config_id": rec.config_id, "classes": classes, "epoch": epoch,

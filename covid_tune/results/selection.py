@@ -19,6 +19,9 @@ T = TypeVar("T")
 
 SELECT_RULES = ("best", "ema", "mean3")
 EMA_ALPHA = 0.5  # weight of the newest epoch: about a 3-epoch memory
+# how many later epochs an epoch's smoothed score depends on: a trial keeps the weights of every epoch
+# whose score may still change (its latest ones), so that the best of the final scores is never gone
+LOOKAHEAD = {"best": 0, "ema": 0, "mean3": 1}
 
 
 def best_of(items: Iterable[T], score: Callable[[T], float | None], mode: str) -> T | None:

@@ -231,7 +231,9 @@ class SchedulerSpec(Section):
     grace_period: Int | dict[str, Int] = Field(
         1, description="epochs before ASHA's first cut; or {freeze_level: epochs}, one per freeze level of the grid")
     reduction_factor: Float = Field(2.0, gt=1)
-    keep_checkpoints: Int = Field(2, ge=1)
+    keep_checkpoints: Int = Field(1, ge=1, description="latest checkpoints kept per trial (each with the "
+                                                     "optimizer state, for resume); the selected epoch's "
+                                                     "weights are kept besides, in the latest")
     # Ray's hedges against cutting late bloomers (ASHAScheduler's own arguments)
     brackets: Int = Field(1, ge=1, description="ASHA brackets (>1: asynchronous HyperBand); trials are dealt "
                                                "to brackets at random, bracket s makes its first cut at "
@@ -242,7 +244,7 @@ class SchedulerSpec(Section):
                                                      "to trainer.epochs")
     select: Literal["best", "ema", "mean3"] = Field(
         "best", description="best-epoch rule on the metric: raw best, best of an EMA (alpha 0.5) or of a centred "
-                            "3-epoch mean; among the kept checkpoints")
+                            "3-epoch mean")
 
     _grace = field_validator("grace_period", mode="before")(lambda v: schedule.parse_grace(v))
 

@@ -19,10 +19,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex
 from covid_tune.data.loaders import as_tensor
-from covid_tune.engine.checkpoints import METRICS_FILE, STATE_FILE
+from covid_tune.engine.checkpoints import METRICS_FILE, RESUME_ONLY, SELECTED_FILE, STATE_FILE, model_entries
 from covid_tune.engine.hparams import HParams
 from covid_tune.engine.schedule import Grace, time_metrics
 from covid_tune.engine.training import TrainingRun, default_device
+from covid_tune.results import selection
 
 FEATURES_ACTOR = "covid_tune-features"  # + sweep name + node id: one feature registry per sweep and node
 # a detached actor needs a named namespace (in the driver's anonymous one Ray warns on stdout)
@@ -31,15 +32,21 @@ CLAIM_WAIT_S = 900.0  # how long a trial waits for another one computing the sam
 T = TypeVar("T")
 
 
-def save_state(state: dict, metrics: dict, directory: Path) -> None:
-    """What one checkpoint directory holds: the full training state and that epoch's metrics."""
+def save_state(state: dict, metrics: dict, directory: Path, selected: dict | None = None) -> None:
+    """What one checkpoint directory holds: the full training state, that epoch's metrics and, when the
+    epoch selected so far is an earlier one, its model entries (``selected``, with its ``epoch``)."""
     torch.save(state, directory / STATE_FILE)
     (directory / METRICS_FILE).write_text(json.dumps(metrics))
+    if selected is not None:
+        torch.save(selected, directory / SELECTED_FILE)
 
 
-def save_checkpoint(run: TrainingRun, metrics: dict, directory: Path) -> None:
-    """:func:`save_state` of ``run``'s current state."""
-    save_state(run.state_dict(), metrics, directory)
+def save_checkpoint(run: TrainingRun, metrics: dict, directory: Path, kept: Kept | None = None) -> None:
+    """:func:`save_state` of ``run``'s current state (and of ``kept``'s selected weights)."""
+    state = run.state_dict()
+    if kept is not None:
+        state["selection"] = kept.record()
+    save_state(state, metrics, directory, kept.selected_file(run.epoch) if kept is not None else None)
 
 
 def snapshot(state: Any) -> Any:
@@ -51,6 +58,62 @@ def snapshot(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(snapshot(v) for v in state)
     return state
+
+
+class Kept:
+    """The weights a trial keeps besides its latest state: those of the epoch selected so far.
+
+    Selected as :func:`covid_tune.results.collect.best_epoch` will select at the end (``metric``, ``mode``,
+    ``rule``), among the epochs whose smoothed score is final (all but the last
+    :data:`~covid_tune.results.selection.LOOKAHEAD` ones), so the epoch picked over the whole history
+    is always either this one or the latest, whose weights are in the latest checkpoint. Each new
+    selection is copied to the CPU; a rule that looks ahead also holds the previous epoch's copy.
+    """
+
+    def __init__(self, metric: str, mode: str, rule: str) -> None:
+        self.metric, self.mode, self.rule = metric, mode, rule
+        self.lookahead = selection.LOOKAHEAD[rule]
+        self.scores: list[dict] = []  # {"epoch", metric} per epoch so far
+        self.epoch: int | None = None  # the selected epoch
+        self.weights: dict | None = None  # its model entries, on the CPU
+        self.recent: list[tuple[int, dict]] = []  # the last ``lookahead`` epochs' model entries
+
+    def update(self, run: TrainingRun, metrics: dict) -> None:
+        """After epoch ``metrics['epoch']`` (``run`` holding its weights): the selection so far."""
+        epoch = int(metrics["epoch"])
+        self.scores = [r for r in self.scores if r["epoch"] < epoch] + [
+            {"epoch": epoch, self.metric: metrics.get(self.metric)}]
+        # a copy of this epoch's weights only where they may be needed later
+        current = snapshot(model_entries(run.state_dict())) if self.lookahead else None
+        held = dict(self.recent)
+        final = [e for e in [*held, epoch] if e <= epoch - self.lookahead]
+        candidates = final + ([self.epoch] if self.epoch is not None else [])
+        picked = selection.pick_epoch(self.scores, self.metric, self.mode, self.rule, candidates)
+        if picked is not None and picked != self.epoch:
+            self.epoch = picked
+            self.weights = held[picked] if picked in held else (
+                current if current is not None else snapshot(model_entries(run.state_dict())))
+        if self.lookahead:
+            self.recent = [*self.recent, (epoch, current)][-self.lookahead:]
+
+    def record(self) -> dict:
+        """What the training state stores to go on selecting after a resume."""
+        return {"scores": self.scores, "epoch": self.epoch}
+
+    def selected_file(self, latest: int) -> dict | None:
+        """:data:`SELECTED_FILE`'s content: the selected weights, None when they are the latest's."""
+        if self.epoch is None or self.epoch == latest:
+            return None
+        return {**self.weights, "epoch": self.epoch}
+
+    def restore(self, run: TrainingRun, record: dict | None, selected: dict | None) -> None:
+        """Resume from a checkpoint's ``record`` and :data:`SELECTED_FILE` (``run`` already loaded)."""
+        if not record:
+            return
+        self.scores, self.epoch = list(record["scores"]), record["epoch"]
+        current = snapshot(model_entries(run.state_dict()))
+        self.weights = current if self.epoch == run.epoch or selected is None else selected
+        self.recent = [(run.epoch, current)] if self.lookahead else []
 
 
 class _NextEpoch:
@@ -216,7 +279,7 @@ def pretrained_state(hp: HParams, pretrained: dict[str, ray.ObjectRef] | None) -
 def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpus: float, gpu: float,
                 decoded: DecodedSplits | None = None,
                 pretrained: dict[str, ray.ObjectRef] | None = None, grace: Grace = 1,
-                share_features: str | None = None) -> None:
+                share_features: str | None = None, select: tuple[str, str, str] = ("val_loss", "min", "best")) -> None:
     """Train ``plan[config['config_id']]``, resuming from Tune's last checkpoint when there is one.
 
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
@@ -229,6 +292,8 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     ``grace`` is ``scheduler.grace_period``: a per-freeze-level one adds ``asha_time`` to each report.
     ``share_features`` (the sweep's name) makes trials of one node that share a frozen prefix and its
     inputs compute its feature cache once (:class:`RayFeatureStore`); None: each trial its own.
+    ``select`` (metric, mode, rule) is how the best epoch is chosen: each checkpoint also holds the
+    weights of the epoch selected so far (:class:`Kept`), so that only the latest checkpoint is needed.
 
     Epoch k + 1 trains while epoch k is reported (and, on a GPU, while its state, copied to the CPU
     as soon as it ended, is written); the checkpoint of epoch k holds exactly the state after epoch k.
@@ -239,10 +304,17 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     run = TrainingRun(hp, index, default_device(use_gpu=gpu > 0), decoded=decoded,
                       pretrained=pretrained_state(hp, pretrained), features=store)
     node = {"node_id": ray.get_runtime_context().get_node_id()}
+    kept = Kept(*select)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            run.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location=run.device, weights_only=True))
+            state = torch.load(Path(d) / STATE_FILE, map_location=run.device, weights_only=True)
+            if RESUME_ONLY[0] not in state:  # a finished trial's (sweep.tuning drops its optimizer state)
+                return
+            run.load_state_dict(state)
+            chosen = Path(d) / SELECTED_FILE
+            kept.restore(run, state.get("selection"),
+                         torch.load(chosen, map_location="cpu", weights_only=True) if chosen.is_file() else None)
     if run.epoch >= hp.epochs:
         return
     # a GPU trains on while the CPU writes, so copy the state and write it behind the next epoch; on a
@@ -254,14 +326,17 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
             metrics = {**pending.result(), **run.modes, **node}
             metrics.update(time_metrics(metrics["epoch"], grace, hp.freeze))
             last = run.epoch >= hp.epochs
+            kept.update(run, metrics)
             with tempfile.TemporaryDirectory() as d:
                 if background_save:
-                    state = snapshot(run.state_dict())  # before the next epoch touches weights or the RNG
+                    # before the next epoch touches weights or the RNG
+                    state = {**snapshot(run.state_dict()), "selection": kept.record()}
+                    selected = kept.selected_file(run.epoch)
                     if not last:
                         pending = _NextEpoch(run)
-                    save_state(state, metrics, Path(d))
+                    save_state(state, metrics, Path(d), selected)
                 else:
-                    save_checkpoint(run, metrics, Path(d))
+                    save_checkpoint(run, metrics, Path(d), kept)
                     if not last:
                         pending = _NextEpoch(run)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))  # SystemExit when stopped

@@ -10,12 +10,14 @@ import logging
 from pathlib import Path
 
 import ray
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex
 from covid_tune.engine import schedule
+from covid_tune.engine.checkpoints import RESUME_ONLY, STATE_FILE, finished_state
 from covid_tune.engine.files import TRIALS_FILE
 from covid_tune.engine.hparams import HParams
 from covid_tune.models.weights import load_all
@@ -36,7 +38,8 @@ def _trainable(spec: Spec, plan: dict[str, HParams], index: DatasetIndex, decode
     # one copy of the cache per node; pretrained is a small dict of references, one per backbone
     fn = tune.with_parameters(train_trial, plan=plan, index=index, cpus=spec.resources.cpus, gpu=spec.resources.gpu,
                               decoded=decoded, pretrained=pretrained, grace=spec.scheduler.grace_period,
-                              share_features=spec.name)
+                              share_features=spec.name,
+                              select=(spec.scheduler.metric, spec.scheduler.mode, spec.scheduler.select))
     return tune.with_resources(fn, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
 
 
@@ -230,9 +233,8 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
             run_config=tune.RunConfig(
                 name=spec.name,
                 storage_path=spec.storage_root,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=sched.keep_checkpoints,
-                                                        checkpoint_score_attribute=sched.metric,
-                                                        checkpoint_score_order=sched.mode),
+                # the latest k (the selected epoch's weights travel in each, see trainable.Kept)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=sched.keep_checkpoints),
                 failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures),
                 # pickled with the Tuner: also on --resume (EvaluateFinishedTrials then does nothing)
                 callbacks=[ResumeFromLastReport(), RecordHyperparameters()]
@@ -253,6 +255,7 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         release_feature_stores(spec.name)  # the sweep's shared feature caches
         resume_guard.record_experiment_state(spec)  # the state Tune saved last
     trials = trial_outcomes(plan, grid, outcomes.ended, interrupted=bool(stop is not None and stop.signum))
+    finish_checkpoints(grid, {c for c, status in outcomes.ended.items() if status == "ok"})
     (spec.output_dir / TRIALS_FILE).write_text(json.dumps(trials, indent=2))
     if spec.remote_storage:
         download_experiment(spec)
@@ -260,6 +263,40 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     if failed:
         log.warning(f"{len(failed)} trial(s) failed: {', '.join(failed)}")
     return trials
+
+
+def finish_checkpoints(grid, finished: set[str]) -> int:
+    """Drop the optimizer and RNG states from the kept checkpoints of the ``finished`` trials (by config
+    id): nothing resumes them. Each state file is replaced whole (a copy, then a rename), so a driver
+    killed meanwhile leaves the old one or the new one; a trial whose files cannot be read is left as it
+    is. Returns how many files were rewritten."""
+    import io
+
+    import pyarrow.fs
+
+    done = 0
+    for result in grid:
+        if (result.config or {}).get("config_id") not in finished:
+            continue
+        checkpoints = [c for c, _ in (result.best_checkpoints or [])] or [c for c in [result.checkpoint] if c]
+        for checkpoint in checkpoints:
+            fs, path = checkpoint.filesystem, f"{checkpoint.path}/{STATE_FILE}"
+            try:
+                if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+                    continue
+                with fs.open_input_stream(path) as f:
+                    state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+                if RESUME_ONLY[0] not in state:
+                    continue
+                buffer = io.BytesIO()
+                torch.save(finished_state(state), buffer)
+                with fs.open_output_stream(path + ".tmp") as f:
+                    f.write(buffer.getvalue())
+                fs.move(path + ".tmp", path)
+                done += 1
+            except Exception as exc:  # noqa: BLE001 - a smaller footprint is never worth failing a sweep over
+                log.warning(f"could not drop the optimizer state of {path}: {type(exc).__name__}: {exc}")
+    return done
 
 
 def trial_outcomes(plan: dict[str, HParams], grid, ended: dict[str, str], interrupted: bool) -> dict[str, dict]:
