@@ -156,9 +156,17 @@ def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path
     assert metas[chosen]["metrics"]["val_loss"] == min(m["metrics"]["val_loss"] for m in metas.values())
     test = json.loads((demo_run / "best" / chosen / "eval.json").read_text())["splits"]["test"]
     pred = pd.read_csv(out_csv).set_index("path").loc[test["files"]]
-    classes = metas[chosen]["classes"]
-    np.testing.assert_allclose(pred[classes].to_numpy(), np.array(test["probs"]), atol=1e-5)
-    assert list(pred["predicted"]) == [classes[i] for i in np.argmax(test["probs"], 1)]
+    classes, meta = metas[chosen]["classes"], metas[chosen]
+    # predict prints the temperature-scaled probabilities (fitted on validation) and decides at the
+    # operating point, both stored in model.json
+    from covid_tune.results.clinical import calibrated
+
+    scaled = calibrated(np.asarray(test["logits"]), "single", meta["temperature"])
+    np.testing.assert_allclose(pred[classes].to_numpy(), scaled, atol=1e-5)
+    assert np.array_equal(scaled.argmax(1), np.argmax(test["probs"], 1))  # scaling keeps the argmax
+    k = classes.index(meta["operating_point"]["positive"])
+    assert list(pred["predicted"]) == [classes[k] if p[k] >= meta["operating_point"]["threshold"]
+                                       else classes[1 - k] for p in scaled]
     md = (demo_run / "report" / "REPORT.md").read_text()
     assert "## Shortcut check: is the model reading the lungs?" in md and "## Grad-CAM: where each best" in md
     assert len(list((demo_run / "report" / "figures").glob("*_gradcam.png"))) == len(metas)
