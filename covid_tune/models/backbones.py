@@ -44,28 +44,23 @@ class Backbone:
     fix_state: Callable[[dict], dict] | None = None
 
 
-def _vgg16() -> nn.Module:
-    from torchvision.models import vgg16
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    """A builder of torchvision's ``name`` architecture, untrained: pretrained weights come through the
+    registry (the driver's checked copy, shipped to the trials)."""
+    def build() -> nn.Module:
+        from torchvision.models import get_model  # imported when a model is built: --help stays fast
 
-    return vgg16(weights=None)
-
-
-def _vgg16_weights():
-    from torchvision.models import VGG16_Weights
-
-    return VGG16_Weights.IMAGENET1K_V1
+        return get_model(name, weights=None)
+    return build
 
 
-def _resnet18() -> nn.Module:
-    from torchvision.models import resnet18
+def _imagenet_v1(name: str) -> Callable[[], object]:
+    """torchvision's IMAGENET1K_V1 weights entry of ``name``: the file name and SHA-256 the download checks."""
+    def weights() -> object:
+        from torchvision.models import get_model_weights
 
-    return resnet18(weights=None)
-
-
-def _resnet18_weights():
-    from torchvision.models import ResNet18_Weights
-
-    return ResNet18_Weights.IMAGENET1K_V1
+        return get_model_weights(name).IMAGENET1K_V1
+    return weights
 
 
 def _range(prefix: str, start: int, stop: int) -> tuple[str, ...]:
@@ -91,9 +86,9 @@ def _resnet_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
 # vgg16.features blocks: [0:5], [5:10], [10:17], [17:24], [24:31]
 VGG16 = Backbone(
     name="vgg16",
-    build=_vgg16,
+    build=_torchvision("vgg16"),
     head_attr="classifier.6",
-    imagenet_weights=_vgg16_weights,
+    imagenet_weights=_imagenet_v1("vgg16"),
     stages=_vgg_stages,
     cam_layer="features.29",  # the last conv block's ReLU, before the final max-pool (14x14 at 224 px)
     freeze_levels={
@@ -107,9 +102,9 @@ VGG16 = Backbone(
 _RESNET_STEM = ("conv1", "bn1")
 RESNET18 = Backbone(
     name="resnet18",
-    build=_resnet18,
+    build=_torchvision("resnet18"),
     head_attr="fc",
-    imagenet_weights=_resnet18_weights,
+    imagenet_weights=_imagenet_v1("resnet18"),
     stages=_resnet_stages,
     cam_layer="layer4",
     freeze_levels={
@@ -121,41 +116,17 @@ RESNET18 = Backbone(
 )
 
 
-def _resnet50() -> nn.Module:
-    from torchvision.models import resnet50
-
-    return resnet50(weights=None)
-
-
-def _resnet50_weights():
-    from torchvision.models import ResNet50_Weights
-
-    # V1 (76.1% top-1), trained for the Resize(256)+CenterCrop(224) the pipeline uses; V2 expects 232
-    return ResNet50_Weights.IMAGENET1K_V1
-
-
 # same stages as resnet18 (Bottleneck instead of BasicBlock blocks): the same levels, fc of 2048 inputs
 RESNET50 = Backbone(
     name="resnet50",
-    build=_resnet50,
+    build=_torchvision("resnet50"),
     head_attr="fc",
-    imagenet_weights=_resnet50_weights,
+    # V1 (76.1% top-1), trained for the Resize(256)+CenterCrop(224) the pipeline uses; V2 expects 232
+    imagenet_weights=_imagenet_v1("resnet50"),
     stages=_resnet_stages,
     cam_layer="layer4",
     freeze_levels=dict(RESNET18.freeze_levels),
 )
-
-
-def _densenet121() -> nn.Module:
-    from torchvision.models import densenet121
-
-    return densenet121(weights=None)
-
-
-def _densenet121_weights():
-    from torchvision.models import DenseNet121_Weights
-
-    return DenseNet121_Weights.IMAGENET1K_V1
 
 
 # torchvision.models.densenet._load_state_dict: the published file names ``denselayerN.norm.1.weight``,
@@ -182,9 +153,9 @@ def _densenet_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
 _DENSE_STEM = ("features.conv0", "features.norm0")
 DENSENET121 = Backbone(
     name="densenet121",
-    build=_densenet121,
+    build=_torchvision("densenet121"),
     head_attr="classifier",
-    imagenet_weights=_densenet121_weights,
+    imagenet_weights=_imagenet_v1("densenet121"),
     stages=_densenet_stages,
     cam_layer="features.norm5",  # the last BatchNorm (7x7 at 224 px); the ReLU after it is functional
     fix_state=_densenet_fix_state,
@@ -200,18 +171,6 @@ DENSENET121 = Backbone(
 )
 
 
-def _efficientnet_b0() -> nn.Module:
-    from torchvision.models import efficientnet_b0
-
-    return efficientnet_b0(weights=None)
-
-
-def _efficientnet_b0_weights():
-    from torchvision.models import EfficientNet_B0_Weights
-
-    return EfficientNet_B0_Weights.IMAGENET1K_V1
-
-
 def _features_then_pool(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return _indexed("features", net.features) + [("avgpool", net.avgpool)]
 
@@ -224,9 +183,9 @@ def _efficientnet_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
 # efficientnet_b0.features: 0 stem conv, 1-7 the seven MBConv stages, 8 the 1x1 conv to 1280 channels
 EFFICIENTNET_B0 = Backbone(
     name="efficientnet_b0",
-    build=_efficientnet_b0,
+    build=_torchvision("efficientnet_b0"),
     head_attr="classifier.1",
-    imagenet_weights=_efficientnet_b0_weights,
+    imagenet_weights=_imagenet_v1("efficientnet_b0"),
     stages=_efficientnet_stages,
     cam_layer="features.8",  # the last conv (7x7 at 224 px)
     freeze_levels={
@@ -236,18 +195,6 @@ EFFICIENTNET_B0 = Backbone(
         "none": FreezeLevel("Entire network unfrozen", ()),
     },
 )
-
-
-def _convnext_tiny() -> nn.Module:
-    from torchvision.models import convnext_tiny
-
-    return convnext_tiny(weights=None)
-
-
-def _convnext_tiny_weights():
-    from torchvision.models import ConvNeXt_Tiny_Weights
-
-    return ConvNeXt_Tiny_Weights.IMAGENET1K_V1
 
 
 def _convnext_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -260,9 +207,9 @@ def _convnext_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
 # convnext_tiny.features: 0 stem, 1/3/5/7 stages 1-4 (3, 3, 9, 3 blocks), 2/4/6 the downsamplings before 2-4
 CONVNEXT_TINY = Backbone(
     name="convnext_tiny",
-    build=_convnext_tiny,
+    build=_torchvision("convnext_tiny"),
     head_attr="classifier.2",
-    imagenet_weights=_convnext_tiny_weights,
+    imagenet_weights=_imagenet_v1("convnext_tiny"),
     stages=_convnext_stages,
     cam_layer="features.7",  # stage 4 (7x7 at 224 px)
     freeze_levels={
