@@ -41,7 +41,15 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     sizes = sizes if sizes is not None else {s: sum(c.values()) for s, c in counts.items()}
     n_val = sizes.get("validation", 0)
     stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
+    # beyond report.top_k configurations the sections below detail a shortlist chosen on validation
+    short_ids = set(stats.shortlist(rows, spec.scheduler.metric, spec.scheduler.mode, spec.report.top_k))
+    for r in rows:
+        r["shortlisted"] = r["config_id"] in short_ids
+    listed = [r for r in rows if r["shortlisted"]]
+    listed_groups = {r["group"] for r in listed}
+    listed_comparisons = {g: c for g, c in comparisons.items() if g in listed_groups}
     flat = [flat_row(r) for r in rows]
+    flat_listed = [f for f in flat if f["shortlisted"]]
     pd.DataFrame(flat, columns=CSV_COLUMNS).to_csv(report_dir / "results.csv", index=False)
     slim = [{k: v for k, v in r.items() if k not in ("eval", "cam")} | {"eval": _slim_eval(r.get("eval"))}
             | {"cam": {k: v for k, v in (r.get("cam") or {}).items() if k != "maps"} or None} for r in rows]
@@ -53,15 +61,22 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
          "positive": next((r["clinical"]["positive"] for r in rows if r.get("clinical")), None),
          "operating_point": spec.report.operating_point,
          "rows": slim}, indent=1))
-    card_paths = cards.write_cards(out, spec, rows, classes, counts, best)
-    figs = figures.write_figures(report_dir / "figures", rows, classes, spec.data.label_mode)
-    clinical_figs = figures.write_clinical_figures(report_dir / "figures", evidence.group_curves(rows))
-    cams = figures.write_cam_figures(report_dir / "figures", rows, classes)
+    card_paths = cards.write_cards(out, spec, listed, classes, counts, best)
+    fig_dir = report_dir / "figures"
+    figures.remove_stale(fig_dir, [r["config_id"] for r in rows if not r["shortlisted"]],
+                         [g for g in dict.fromkeys(r["group"] for r in rows) if g not in listed_groups])
+    figs = figures.write_figures(fig_dir, listed, classes, spec.data.label_mode)
+    clinical_figs = figures.write_clinical_figures(fig_dir, evidence.group_curves(listed))
+    cams = figures.write_cam_figures(fig_dir, listed, classes)
+    overview = (figures.write_overview_figures(fig_dir, rows, spec.scheduler.metric, short_ids)
+                if len(listed) < len(rows) else {})
+    for name in () if overview else figures.OVERVIEW_FIGURES:  # from a build with a smaller top_k
+        (fig_dir / f"{name}.png").unlink(missing_ok=True)
 
     show_loss = len({r["loss"] for r in flat}) > 1 or spec.data.label_mode == "multi"
     f1_name = "macro F1" if spec.data.label_mode == "single" else "support-weighted F1"
     acc_name = "accuracy" if spec.data.label_mode == "single" else "exact-match accuracy"
-    n_seeds = max(Counter(r["group"] for r in flat).values(), default=0)
+    n_seeds = max(Counter(r["group"] for r in flat_listed).values(), default=0)
     md = sections.interrupted_banner(rows) + [f"# {spec.name}", "",
           f"Classes: {', '.join(classes)} ({spec.data.label_mode}-label). Images per split: "
           + "; ".join(f"{s} {n}" for s, n in sizes.items()) + ".",
@@ -72,10 +87,11 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
           + f"; up to {spec.trainer.epochs} epochs"
           + (", " + sections.asha_text(spec) + "." if spec.scheduler.asha else "."),
           "",
-          "## Accuracy", "", metric_table(flat, "acc", show_loss, sections.p_cells(comparisons, best),
+          *sections.shortlist_note(len(listed), len(rows), spec.report.top_k),
+          "## Accuracy", "", metric_table(flat_listed, "acc", show_loss, sections.p_cells(listed_comparisons, best),
                                           evidence.auc_p_cells(auc_comparisons, best) if auc_comparisons else None), "",
-          sections.comparison_line(rows, comparisons, best, spec.scheduler.metric), "",
-          "## F1-score", "", metric_table(flat, "f1", show_loss), "",
+          sections.comparison_line(listed, listed_comparisons, best, spec.scheduler.metric), "",
+          "## F1-score", "", metric_table(flat_listed, "f1", show_loss), "",
           f"Values in %: {acc_name} and {f1_name} of each configuration's best checkpoint, evaluated once on "
           "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
           + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""),
@@ -83,26 +99,28 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     pct = sections.pct
     ci_rows = [[f["config_id"], pct(f["test_acc"]), f"[{pct(f['test_acc_ci_low'])}, {pct(f['test_acc_ci_high'])}]",
                 (r.get("eval") or {}).get("test", {}).get("n", "-")] if f["test_acc"] is not None
-               else [f["config_id"], sections.missing(f), "-", "-"] for f, r in zip(flat, rows)]
+               else [f["config_id"], sections.missing(f), "-", "-"] for f, r in zip(flat, rows) if f["shortlisted"]]
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
-    md += evidence.discrimination_section(rows, clinical_figs, best)
-    md += evidence.operating_point_section(rows)
-    md += evidence.calibration_section(rows, clinical_figs)
-    md += sections.stopped_section(stopped)
-    md += sections.per_class_table(rows, classes)
-    md += sections.source_table(rows)
-    md += evidence.source_auc_table(rows)
-    md += sections.shortcut_section(rows, spec.data.label_mode)
+    md += evidence.discrimination_section(listed, clinical_figs, best)
+    md += evidence.operating_point_section(listed)
+    md += evidence.calibration_section(listed, clinical_figs)
+    md += sections.stopped_section([s for s in stopped if s["config_id"] in short_ids], len(stopped))
+    md += sections.per_class_table(listed, classes)
+    md += sections.source_table(listed)
+    md += evidence.source_auc_table(listed)
+    md += sections.shortcut_section(listed, spec.data.label_mode)
     problems = [r for r in flat if r["status"] not in ("ok",)]
     if problems:
         md += ["## Incomplete configurations", ""]
         md += [f"- `{r['config_id']}`: " + ("error" if r["status"] == "error" else sections.missing_reason(r))
                for r in problems] + [""]
     md += cards.markdown(out, card_paths)
-    md += figures.markdown(figs, rows, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
-    md += figures.cam_markdown(cams, rows)
+    md += figures.overview_markdown(overview)
+    md += figures.markdown(figs, listed, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
+    md += figures.cam_markdown(cams, listed)
+    md += sections.all_configurations_table(flat, spec.scheduler.metric)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
     return report_dir / "REPORT.md"
 
@@ -225,6 +243,7 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
     trials_path = out / TRIALS_FILE
     status = json.loads(trials_path.read_text()) if trials_path.is_file() else None
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode,
-                                out / "best", status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha)
+                                out / "best", status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha,
+                                top_k=spec.report.top_k)
     return write_report(out, spec, rows, index.classes, index.counts(), checks,
                         sizes={s: len(items) for s, items in index.splits.items()})

@@ -294,3 +294,129 @@ def write_clinical_figures(fig_dir: Path, curves: dict[str, list[dict]]) -> dict
         _reliability(fig_dir / f"{group}_reliability.png", group, items)
         written[group] = {"roc_pr": f"figures/{group}_roc_pr.png", "reliability": f"figures/{group}_reliability.png"}
     return written
+
+
+# --- Overview of large sweeps (issue 36) ------------------------------------------------------------
+
+PER_CONFIG_FIGURES = ("loss", "acc", "confusion", "confusion_train", "confusion_validation", "gradcam")
+PER_GROUP_FIGURES = ("roc_pr", "reliability")
+OVERVIEW_FIGURES = ("overview_validation", "overview_scores")
+MAX_PANELS = 12  # more groups than this: one panel for all, the shortlist in colour
+MAX_STRIPS = 30  # more groups than this: one histogram of every configuration's score
+
+
+def remove_stale(fig_dir: Path, config_ids: list[str], groups: list[str]) -> None:
+    """Delete the per-configuration figures of ``config_ids`` and the per-group figures of ``groups``
+    (those not shortlisted: the sweep draws each trial's curves as it ends, before the shortlist is known)."""
+    names = [f"{c}_{k}.png" for c in config_ids for k in PER_CONFIG_FIGURES]
+    names += [f"{g}_{k}.png" for g in groups for k in PER_GROUP_FIGURES]
+    for name in names:
+        (fig_dir / name).unlink(missing_ok=True)
+
+
+def _val_curves(path: Path, rows: list[dict], metric: str, listed: set[str]) -> None:
+    """Validation ``metric`` per epoch of every trial in one figure: a panel per group (up to MAX_PANELS
+    groups), else one panel; the shortlisted trials drawn bold."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.ticker import MaxNLocator
+
+    curves = {r["config_id"]: (r["group"], [(h["epoch"], h[metric]) for h in r.get("history") or []
+                                            if h.get(metric) is not None]) for r in rows}
+    digest = _digest("overview_validation", metric, sorted(listed), curves)
+    if _current(path, digest):
+        return
+    groups = list(dict.fromkeys(g for g, _ in curves.values()))
+    per_group = len(groups) <= MAX_PANELS
+    n = len(groups) if per_group else 1
+    ncols = min(4, n)
+    nrows = (n + ncols - 1) // ncols
+    size = (3.4 * ncols, 2.6 * nrows + 0.4) if per_group else (7.5, 4.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, dpi=80, squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for i, group in enumerate(groups if per_group else [None]):
+        ax = axes.flat[i]
+        mine = [(c, pts) for c, (g, pts) in curves.items() if group is None or g == group]
+        rest = [pts for c, pts in mine if c not in listed and pts]
+        # thousands of trials: one collection, not one Line2D each
+        ax.add_collection(LineCollection(rest, colors="grey", linewidths=0.6, alpha=0.35))
+        if rest:  # where each trial ended (a trial cut after its first epoch is a point, not a line)
+            ax.plot([p[-1][0] for p in rest], [p[-1][1] for p in rest], ".", ms=2, color="grey", alpha=0.5)
+        colours = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # tab10's grey is the rest's
+        shown = [(c, pts) for c, pts in mine if c in listed and pts]
+        for j, (c, pts) in enumerate(shown):
+            ax.plot(*zip(*pts), "-o", ms=3, lw=1.4, color=colours[j % len(colours)],
+                    label=c if not per_group else None)
+        ax.autoscale()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{group} ({len(mine)} trials)" if per_group else f"all {len(mine)} trials", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        if not per_group:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="shortlisted",
+                      title_fontsize=7)
+    fig.suptitle(f"Validation {metric} of every trial (grey); shortlisted in colour", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Description": digest})
+    plt.close(fig)
+
+
+def _score_spread(path: Path, rows: list[dict], metric: str, listed: set[str]) -> None:
+    """The selection score of every configuration per group (a strip per group, up to MAX_STRIPS groups),
+    else one histogram of all; shortlisted ones marked."""
+    scored = [(r["group"], r["config_id"], r["select_score"]) for r in rows if r.get("select_score") is not None]
+    digest = _digest("overview_scores", metric, sorted(listed), scored)
+    if _current(path, digest):
+        return
+    groups = list(dict.fromkeys(g for g, _, _ in scored))
+    if len(groups) <= MAX_STRIPS:
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(groups) + 2), 3.6), dpi=80)
+        jitter = np.random.default_rng(0)
+        for i, g in enumerate(groups):
+            vals = [(s, c in listed) for gg, c, s in scored if gg == g]
+            x = i + jitter.uniform(-0.15, 0.15, len(vals))
+            y = np.asarray([v for v, _ in vals])
+            mark = np.asarray([m for _, m in vals], dtype=bool)
+            ax.plot(x[~mark], y[~mark], "o", ms=3, color="grey", alpha=0.5)
+            ax.plot(x[mark], y[mark], "o", ms=5, color="tab:red")
+            if len(vals) > 1:
+                ax.plot([i - 0.3, i + 0.3], [np.median(y)] * 2, "-", color="black", lw=1.2)
+        ax.set_xticks(range(len(groups)), [g if len(g) <= 28 else g[:12] + ".." + g[-14:] for g in groups],
+                      rotation=60 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center", fontsize=6)
+        ax.set_ylabel(f"selection score ({metric})", fontsize=8)
+        ax.set_title("Validation score of each configuration by group\n(bar = median; red = shortlisted)",
+                     fontsize=8)
+    else:
+        fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=80)
+        values = np.asarray([s for _, _, s in scored])
+        ax.hist(values, bins=min(50, max(10, len(values) // 10)), color="grey", alpha=0.7)
+        for s in (s for _, c, s in scored if c in listed):
+            ax.axvline(s, color="tab:red", lw=0.8)
+        ax.set_xlabel(f"selection score ({metric})", fontsize=8)
+        ax.set_ylabel("configurations", fontsize=8)
+        ax.set_title(f"Validation score of all {len(values)} configurations ({len(groups)} groups)\n"
+                     "(red line = shortlisted)", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Description": digest})
+    plt.close(fig)
+
+
+def write_overview_figures(fig_dir: Path, rows: list[dict], metric: str, listed: set[str]) -> dict[str, str]:
+    """``overview_validation.png`` and ``overview_scores.png``: two figures whatever the number of trials."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    _val_curves(fig_dir / "overview_validation.png", rows, metric, listed)
+    _score_spread(fig_dir / "overview_scores.png", rows, metric, listed)
+    return {k: f"figures/{k}.png" for k in OVERVIEW_FIGURES}
+
+
+def overview_markdown(files: dict[str, str]) -> list[str]:
+    """REPORT.md's overview section (sweeps larger than the shortlist)."""
+    if not files:
+        return []
+    return ["## Overview of every trial", "",
+            "All trials in two figures: the validation curves of every trial (one panel per group, the "
+            "shortlisted bold), and each configuration's selection score by group.", "",
+            f"![validation curves]({files['overview_validation']})", "",
+            f"![scores by group]({files['overview_scores']})", ""]

@@ -21,7 +21,8 @@ from covid_tune.spec.sections import TRAINER_AXES
 CLINICAL_COLUMNS = ["vs_best_auc_p", "auc", "auc_ci_low", "auc_ci_high", "ap", "ap_ci_low", "ap_ci_high", "sens",
                     "spec", "ppv", "npv", "threshold", "ece", "brier", "temperature"]
 CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
-               "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", *results_mod.MODE_KEYS,
+               "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", "shortlisted",
+               *results_mod.MODE_KEYS,
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
                "test_acc_ci_low", "test_acc_ci_high", "select_score", "vs_best_p", *CLINICAL_COLUMNS,
                "node", "node_ip", "node_id", "checkpoint"]
@@ -45,6 +46,9 @@ def flat_row(row: dict) -> dict:
     for split, prefix in (("train", "train"), ("validation", "val"), ("test", "test")):
         out[f"{prefix}_acc"] = ev.get(split, {}).get("acc")
         out[f"{prefix}_f1"] = ev.get(split, {}).get("f1")
+    if "validation" not in ev:  # not evaluated (beyond the shortlist): training's validation pass at that epoch
+        at = next((h for h in row.get("history") or [] if h.get("epoch") == row.get("best_epoch")), {})
+        out["val_acc"], out["val_f1"] = at.get("val_acc"), at.get("val_f1")
     ci = ev.get("test", {}).get("acc_ci95") or [None, None]
     out["test_acc_ci_low"], out["test_acc_ci_high"] = ci
     out["vs_best_p"] = (row.get("vs_best") or {}).get("p")
@@ -73,6 +77,8 @@ def missing_reason(row: dict) -> str:
         return "not started"
     if status in UNFINISHED:
         return f"interrupted at epoch {row.get('epochs_trained')}/{row.get('epochs_max')}"
+    if row.get("shortlisted") is False:
+        return "not shortlisted"
     return "not evaluated"
 
 
@@ -172,10 +178,14 @@ def comparison_line(rows: list[dict], comparisons: dict[str, dict], best: str | 
     return line
 
 
-def stopped_section(stopped: list[dict]) -> list[str]:
-    """Every row ASHA cut: where, its last validation values, and whether the best was clearly ahead then."""
+def stopped_section(stopped: list[dict], total: int | None = None) -> list[str]:
+    """Every row ASHA cut (of the shortlist: ``total`` counts all): where, its last validation values, and
+    whether the best was clearly ahead then."""
+    others = (total or len(stopped)) - len(stopped)
+    more = ([f"{others} more configuration(s) beyond the shortlist were cut by ASHA: results.json's `stopped` "
+             "lists each.", ""] if others > 0 else [])
     if not stopped:
-        return []
+        return ["## Stopped early by ASHA", "", *more] if more else []
     metric = stopped[0]["metric"]
     extra = metric != "val_acc"  # the last value of the metric ASHA cut on, when it is not accuracy
     table = [[s["config_id"], s["rung"]] + ([f"{s['last']:.4g}" if s["last"] is not None else "-"] if extra else [])
@@ -188,7 +198,7 @@ def stopped_section(stopped: list[dict]) -> list[str]:
             "Each configuration ASHA stopped, at the epoch (rung) where it was cut, beside the best configuration's "
             "validation accuracy at that epoch (same seed) with its 95% exact (Clopper-Pearson) interval. "
             "\"not ruled out\": its validation accuracy there lies inside or above that interval, so the cut was "
-            "a bet, not evidence that it is worse; \"worse\": below the interval.", ""]
+            "a bet, not evidence that it is worse; \"worse\": below the interval.", "", *more]
 
 
 def per_class_table(rows: list[dict], classes: list[str]) -> list[str]:
@@ -269,3 +279,32 @@ def duplicates_lines(checks: dict | None) -> list[str]:
     examples = "; ".join(f"`{e}`" if " = " in e else e for e in dups.examples(2))
     return ["", f"**Duplicates across splits** (identical decoded pixels): {dups.summary()}; {effect}. "
                 f"E.g. {examples}."]
+
+
+def shortlist_note(n_listed: int, n_all: int, top_k: int) -> list[str]:
+    """The line saying that the sections below detail a shortlist (none when they show every configuration)."""
+    if n_listed >= n_all:
+        return []
+    return [f"**Shortlist**: the tables and figures below detail {n_listed} of {n_all} configurations: each "
+            f"group's best on validation plus the {top_k} best overall (`report.top_k: {top_k}`), chosen on "
+            "validation only; only they were evaluated on test (docs/outputs.md says why). A group's mean ± std "
+            "is over its shortlisted seeds. Every configuration is in \"All configurations\" below and in "
+            "results.csv / results.json.", ""]
+
+
+def all_configurations_table(flat: list[dict], metric: str) -> list[str]:
+    """One compact row per configuration (validation only: test is evaluated for the shortlist alone); none
+    when every configuration is shortlisted."""
+    if all(f.get("shortlisted") is not False for f in flat):
+        return []
+    table = [[f["sr"], f["config_id"], f"{f['epochs_trained']}{'*' if f['stopped_early'] else ''}",
+              "-" if f["best_epoch"] is None else f["best_epoch"],
+              "-" if f["select_score"] is None else f"{f['select_score']:.4g}", pct(f["val_acc"]),
+              "yes" if f.get("shortlisted") is not False else ("-" if f["status"] == "ok" else missing_reason(f))]
+             for f in flat]
+    return ["## All configurations", "",
+            tabulate(table, headers=["Sr #", "config_id", "Epochs", "Best epoch", f"Score ({metric})",
+                                     "Val acc (%)", "Shortlisted"], tablefmt="github", disable_numparse=True), "",
+            f"Every configuration of the grid, validation only: epochs trained (`*` = stopped early by ASHA), the "
+            f"selected epoch, its selection score (`{metric}`) and validation accuracy in %. Shortlisted = "
+            "detailed above and evaluated on test.", ""]

@@ -27,7 +27,7 @@ from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS
 from covid_tune.engine.losses import build_loss
 from covid_tune.engine.metrics import bootstrap_ci
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
-from covid_tune.results import clinical, selection
+from covid_tune.results import clinical, selection, stats
 from covid_tune.spec.load import Spec
 from covid_tune.spec.sections import TRAINER_AXES, ReportSpec
 
@@ -166,6 +166,7 @@ def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, d
 
 
 CLINICAL_KEYS = ("positive", "operating_point")  # report settings that change only the clinical block
+LAYOUT_KEYS = ("top_k",)  # report settings that change no evaluation (which are made, not what each holds)
 
 
 def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int = 64,
@@ -182,7 +183,7 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
     cache = model_dir / EVAL_FILE
     model, meta = load_exported(model_dir)
     explain = explain or ReportSpec().model_dump()
-    settings = {k: v for k, v in explain.items() if k not in CLINICAL_KEYS}
+    settings = {k: v for k, v in explain.items() if k not in CLINICAL_KEYS + LAYOUT_KEYS}
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if (cached.get("epoch") == meta["epoch"] and cached.get("explain_settings") == settings
@@ -275,9 +276,14 @@ def evaluator_for(explain: dict) -> Callable[..., dict]:
 
 def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIndex, metric: str, mode: str,
              out_dir: Path, trial_status: dict[str, dict] | None = None,
-             evaluator: Evaluator = evaluate_locally, rule: str = "best", asha: bool = True) -> list[dict]:
+             evaluator: Evaluator = evaluate_locally, rule: str = "best", asha: bool = True,
+             top_k: int | None = None) -> list[dict]:
     """One row per planned configuration: best epoch (by ``metric`` smoothed by ``rule``), its validation
     score under that rule (``select_score``), exported checkpoint, train/val/test metrics.
+
+    Every configuration with a checkpoint is exported; with ``top_k`` only the shortlist
+    (:func:`covid_tune.results.stats.shortlist`, chosen on validation) is evaluated (``eval``), the rest
+    carry ``shortlisted: False`` and their validation numbers from training only.
 
     ``stopped_early`` (ASHA cut it) only with ``asha``: a trial cut short otherwise is "interrupted"
     (trials.json) or "incomplete" (no trials.json), never stopped by ASHA."""
@@ -312,6 +318,11 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
                 row["checkpoint"] = str(target / MODEL_WEIGHTS)
                 to_eval.append((row, target))
         rows.append(row)
+    if top_k is not None:
+        keep = set(stats.shortlist(rows, metric, mode, top_k))
+        for row in rows:
+            row["shortlisted"] = row["config_id"] in keep
+        to_eval = [(row, target) for row, target in to_eval if row["shortlisted"]]
     sources = source_groups(index, "test")
     if to_eval:
         for (row, target), ev in zip(to_eval, evaluator([t for _, t in to_eval], index)):

@@ -35,6 +35,18 @@ def best_of(items: Iterable[T], score: Callable[[T], float | None], mode: str) -
     return best
 
 
+def top(items: Iterable[T], score: Callable[[T], float | None], mode: str, k: int) -> list[T]:
+    """The ``k`` best items by ``score``, best first: :func:`best_of` taken again over what is left, so
+    ties go exactly as it breaks them (the earliest of equals). Items scored None are left out."""
+    left, out = list(items), []
+    while len(out) < k:
+        i = best_of(range(len(left)), lambda j: score(left[j]), mode)
+        if i is None:
+            break
+        out.append(left.pop(i))
+    return out
+
+
 def smooth(values: list[float], rule: str, alpha: float = EMA_ALPHA) -> list[float]:
     """``values`` (one per epoch, in order) smoothed by ``rule``."""
     if rule == "best":

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import binomtest
 
-from covid_tune.results.selection import best_of
+from covid_tune.results.selection import best_of, top
 
 ALPHA = 0.05  # "indistinguishable from the best" means p >= ALPHA
 
@@ -46,16 +46,46 @@ def selection_score(row: dict, metric: str) -> float | None:
     return None if at is None or at.get(metric) is None else float(at[metric])
 
 
-def best_group(rows: list[dict], metric: str, mode: str) -> str | None:
-    """The group (configuration over its seeds) with the best mean selection score on validation.
-
-    Chosen on validation, as the sweep chooses, never on test; ties go to the earlier group."""
+def _group_scores(rows: list[dict], metric: str) -> dict[str, list[float]]:
+    """Each group's selection scores on validation (its seeds with one), groups in plan order."""
     scores: dict[str, list[float]] = {}
     for r in rows:
-        s = selection_score(r, metric)
-        if s is not None and _test_correct(r) is not None:
+        s = selection_score(r, metric) if r.get("group") is not None else None  # the console's rows have none
+        if s is not None:
             scores.setdefault(r["group"], []).append(s)
-    return best_of(scores, lambda g: float(np.mean(scores[g])), mode)
+    return scores
+
+
+def best_group(rows: list[dict], metric: str, mode: str) -> str | None:
+    """The group (configuration over its seeds) with the best mean selection score on validation, among
+    the groups with a test evaluation (the comparisons need the best's test outcomes).
+
+    Chosen on validation, as the sweep chooses, never on test; the mean is over every seed with a
+    validation score, evaluated on test or not (a sweep beyond ``report.top_k`` evaluates only its
+    shortlist); ties go to the earlier group."""
+    scores = _group_scores(rows, metric)
+    tested = {r.get("group") for r in rows if _test_correct(r) is not None}
+    return best_of([g for g in scores if g in tested], lambda g: float(np.mean(scores[g])), mode)
+
+
+def shortlist(rows: list[dict], metric: str, mode: str, k: int) -> list[str]:
+    """The config ids REPORT.md details and the sweep evaluates on test (``report.top_k`` = ``k``), in plan order.
+
+    Every configuration when there are at most ``k``; else the best configuration (seed) of each group
+    plus the ``k`` best configurations overall, all by the validation score they were selected on (never
+    test), ties to the earliest as :func:`~covid_tune.results.selection.best_of` breaks them. With more
+    than ``k`` groups, only the ``k`` best groups (by mean score over their seeds, as :func:`best_group`
+    ranks them) contribute their best, so the shortlist never exceeds ``2 k``."""
+    if len(rows) <= k:
+        return [r["config_id"] for r in rows]
+    scores = _group_scores(rows, metric)
+    groups = top(scores, lambda g: float(np.mean(scores[g])), mode, k)
+    members: dict[str, list[dict]] = {}
+    for r in rows:
+        members.setdefault(r["group"], []).append(r)
+    chosen = {best_of(members[g], lambda r: selection_score(r, metric), mode)["config_id"] for g in groups}
+    chosen |= {r["config_id"] for r in top(rows, lambda r: selection_score(r, metric), mode, k)}
+    return [r["config_id"] for r in rows if r["config_id"] in chosen]
 
 
 def compare_to_best(rows: list[dict], metric: str, mode: str) -> tuple[str | None, dict[str, dict]]:

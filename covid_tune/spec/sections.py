@@ -334,6 +334,9 @@ class ReportSpec(Section):
     operating_point: str = Field("youden", description="the threshold on the positive class's calibrated "
                                                        "probability, chosen on validation: youden | sensitivity=X "
                                                        "| specificity=X | a fixed threshold such as 0.5")
+    top_k: Int = Field(8, ge=1, description="beyond this many configurations REPORT.md details (and test "
+                                            "evaluates) a shortlist: each group's best on validation plus the "
+                                            "top_k overall")
 
     _switch = field_validator("shortcut_check", mode="before")(_on_off)
     _rule = field_validator("operating_point", mode="before")(_operating_point)
