@@ -207,10 +207,11 @@ def test_dry_run_of_a_good_tree_counts_files(tmp_path: Path, image_folder) -> No
 
 
 def test_help_and_version_load_neither_torch_nor_ray() -> None:
-    code = ("import sys, contextlib, io\nfrom covid_tune import run\n"
-            "for a in (['--help'], ['--version']):\n"
+    # `covid-tune run --help` and `covid-tune --version`, in one process
+    code = ("import sys, contextlib, io\nfrom covid_tune.cli import main, run\n"
+            "for call in (lambda: run.parse_args(['--help']), lambda: main.main(['--version'])):\n"
             "    with contextlib.redirect_stdout(io.StringIO()) as f:\n"
-            "        try: run.parse_args(a)\n"
+            "        try: call()\n"
             "        except SystemExit: pass\n"
             "    print(repr(f.getvalue()))\n"
             "print(sorted(m for m in ('torch', 'ray', 'pandas', 'pydantic') if m in sys.modules))")
