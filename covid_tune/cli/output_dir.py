@@ -136,10 +136,22 @@ def overwrite_problem(spec: Spec) -> str | None:
             "or choose another output folder (--output)")
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (where a mkdir of ``path`` would start)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def not_writable(folder: Path) -> str | None:
+    """Why this user cannot create files in ``folder``, or None. Tried with a probe file: ``os.access``
+    says yes to root even on a read-only file system."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".covid_tune-probe-"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def location_problem(spec: Spec) -> str | None:
@@ -161,16 +173,13 @@ def location_problem(spec: Spec) -> str | None:
     if spec.ray.storage_path and not spec.remote_storage:
         folders.append(("ray.storage_path", Path(spec.storage_root)))
     for key, folder in folders:
-        existing = _nearest_existing(folder)
+        existing = nearest_existing(folder)
         if not existing.is_dir():
             shown = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
             return f"{key} {folder} {shown}; choose a folder (--output DIR)"
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".covid_tune-probe-", dir=existing)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            return (f"{key} {folder} is not writable ({existing}: {exc.strerror or exc}); "
+        why = not_writable(existing)
+        if why:
+            return (f"{key} {folder} is not writable ({existing}: {why}); "
                     "choose a folder you can write to (--output DIR)")
     return None
 

@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from covid_tune.cli.main import setup_logging, verbosity_options
+from covid_tune.cli.output_dir import nearest_existing, not_writable
 from covid_tune.engine.files import MODEL_META, MODEL_WEIGHTS, RESULTS_FILE, SPEC_FILE
 
 log = logging.getLogger(__name__)
@@ -277,13 +277,12 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         if problem:
             return f"--csv {args.csv}: {problem}"
     if args.cam is not None:
-        cam = args.cam
-        while not cam.exists() and cam.parent != cam:  # the nearest existing folder is where mkdir starts
-            cam = cam.parent
+        cam = nearest_existing(args.cam)
         if not cam.is_dir():
             return f"--cam {args.cam}: {cam} is not a folder"
-        if not os.access(cam, os.W_OK | os.X_OK):
-            return f"--cam {args.cam}: folder {cam} is not writable"
+        why = not_writable(cam)
+        if why:
+            return f"--cam {args.cam}: folder {cam} is not writable ({why})"
     return None
 
 
@@ -295,12 +294,8 @@ def _unwritable_file(path: Path) -> str | None:
         return f"folder {parent} does not exist" if not parent.exists() else f"{parent} is not a folder"
     if path.exists() and not os.access(path, os.W_OK):
         return "file is not writable"
-    try:  # os.access says yes to root even on a read-only file system; a probe file does not lie
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".covid_tune-probe-"):
-            pass
-    except OSError as exc:
-        return f"folder {parent} is not writable ({exc.strerror or exc})"
-    return None
+    why = not_writable(parent)
+    return f"folder {parent} is not writable ({why})" if why else None
 
 
 def main(argv: list[str] | None = None) -> int:
