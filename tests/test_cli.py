@@ -84,3 +84,17 @@ def test_missing_imagenet_weights_exits_2_with_the_file_to_place(tmp_path: Path,
     assert "downloads are off (COVID_TUNE_OFFLINE=1)" in proc.stderr
     assert "resnet18-f37072fd.pth" in proc.stderr
     assert str(env_home / "hub" / "checkpoints") in proc.stderr
+
+
+def test_the_command_lists_its_subcommands_and_refuses_unknown_ones(capsys) -> None:
+    from covid_tune.cli.main import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS) and "exit codes" in out
+    assert main([]) == 2  # no command: the usage, and the exit code of bad input
+    assert main(["sweeps/demo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'sweeps/demo.yaml' (a spec? covid-tune run sweeps/demo.yaml); choose from run" in err
+    assert main(["frobnicate"]) == 2
+    assert "choose from run, report, predict, export" in capsys.readouterr().err

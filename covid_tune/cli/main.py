@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         hint = f" (a spec? covid-tune run {command})" if command.endswith((".yaml", ".yml")) else ""
-        print(f"covid-tune: unknown command {command!r}{hint}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"covid_tune: unknown command {command!r}{hint}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     return module.main(rest, started=started) if command == "run" else module.main(rest)
