@@ -277,6 +277,23 @@ def disk_problem(spec: Spec, needed: int) -> str | None:
             "(--output) or fewer trials")
 
 
+def start_problems(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> list[str]:
+    """What stops a sweep before anything is written, besides its spec, data and resources: an output
+    folder that cannot hold it, less free disk space than the estimate (when ``n_images`` is known), a
+    cluster address nothing answers at. The run and the dry run both ask this."""
+    from covid_tune.cli.output_dir import location_problem
+
+    problems = []
+    where = location_problem(spec)
+    if where:
+        problems.append(where)
+    elif n_images:
+        full = disk_problem(spec, disk_estimate(spec, plan, num_classes, n_images)[0])
+        problems += [full] if full else []
+    unreachable = address_problem(spec.ray.address)
+    return problems + ([unreachable] if unreachable else [])
+
+
 def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwrite: bool = False,
               exists: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Print the grid and every check (``out``), every problem at once (``err``); return 2 if any, else 0."""
@@ -292,15 +309,7 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     lines.append("scheduler: " + scheduler_text(sched.asha, sched.metric, sched.mode, rungs, spec.trainer.epochs)
                  + per_level)
     lines += _disk(spec, plan, len(classes) or 2, n_images)
-    from covid_tune.cli.output_dir import location_problem
-
-    where = location_problem(spec)
-    problems += [where] if where else []
-    if not where and n_images:
-        full = disk_problem(spec, disk_estimate(spec, plan, len(classes) or 2, n_images)[0])
-        problems += [full] if full else []
-    unreachable = address_problem(spec.ray.address)
-    problems += [unreachable] if unreachable else []
+    problems += start_problems(spec, plan, len(classes) or 2, n_images)
     if exists and not (resume or overwrite):
         problems.append(f"{spec.experiment_path} already holds a sweep named {spec.name!r}; a run needs --resume "
                         "to finish it or --overwrite to start again")

@@ -417,20 +417,10 @@ def before_writing(spec: Spec, plan: dict) -> list[str]:
     """Why the sweep cannot start, found before anything is written: an output folder that is no folder
     of its own (or a file, or not writable), trials larger than this machine, a cluster address nothing
     answers at, less free disk space than the pre-flight estimate. Empty: go on."""
-    from covid_tune.cli.output_dir import location_problem
-    from covid_tune.cli.preflight import address_problem, data_size, disk_estimate, disk_problem, resource_problems
+    from covid_tune.cli.preflight import data_size, resource_problems, start_problems
 
-    where = location_problem(spec)
-    if where:
-        return [where]
-    problems = resource_problems(spec)
-    unreachable = address_problem(spec.ray.address)
-    problems += [unreachable] if unreachable else []
-    size = data_size(spec)
-    if size is not None:
-        full = disk_problem(spec, disk_estimate(spec, plan, max(size[0], 2), size[1])[0])
-        problems += [full] if full else []
-    return problems
+    num_classes, n_images = data_size(spec) or (2, 0)
+    return resource_problems(spec) + start_problems(spec, plan, max(num_classes, 2), n_images)
 
 
 def _duplicate_action(action: str) -> str:
