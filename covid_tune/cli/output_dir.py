@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from covid_tune.engine.files import SPEC_FILE
+from covid_tune.engine.files import SPEC_FILE, write_atomic
 
 if TYPE_CHECKING:
     from covid_tune.spec.load import Spec
@@ -112,9 +112,7 @@ def record_experiment(spec: Spec) -> None:
     if spec.experiment_path not in data["experiments"]:
         data["experiments"].append(spec.experiment_path)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(out / MARKER)
+    write_atomic(out / MARKER, json.dumps(data, indent=1))
 
 
 def overwrite_problem(spec: Spec) -> str | None:

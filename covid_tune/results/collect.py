@@ -23,7 +23,7 @@ from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.engine import training as engine
 from covid_tune.engine.checkpoints import METRICS_FILE, SELECTED_FILE, STATE_FILE
 from covid_tune.engine.explain import explain_split
-from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS
+from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS, write_atomic
 from covid_tune.engine.losses import build_loss
 from covid_tune.engine.metrics import bootstrap_ci
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
@@ -235,9 +235,7 @@ def _add_clinical(ev: dict, meta: dict, explain: dict) -> None:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(content))
 
 
 def store_operating_point(model_dir: Path, result: dict | None) -> None:
@@ -254,9 +252,7 @@ def store_operating_point(model_dir: Path, result: dict | None) -> None:
         new.pop("temperature", None)
         new.pop("operating_point", None)
     if new != meta:
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(new, indent=2, sort_keys=True))  # as save_exported writes it
-        tmp.replace(meta_path)
+        write_atomic(meta_path, json.dumps(new, indent=2, sort_keys=True))  # as save_exported writes it
 
 
 Evaluator = Callable[[list[Path], DatasetIndex], list[dict]]

@@ -15,7 +15,7 @@ from ray import tune
 
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex
-from covid_tune.engine.files import EVAL_FILE, MODEL_META
+from covid_tune.engine.files import EVAL_FILE, MODEL_META, write_atomic
 from covid_tune.engine.hparams import HParams
 from covid_tune.spec.load import Spec
 
@@ -59,9 +59,7 @@ def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index
         refs.append(task.remote(evaluate, ray.put(files), index_ref, **extra))
     outs = ray.get(refs)
     for d, out in zip(model_dirs, outs):
-        tmp = Path(d) / (EVAL_FILE + ".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(Path(d) / EVAL_FILE)
+        write_atomic(Path(d) / EVAL_FILE, json.dumps(out))
     return outs
 
 

@@ -34,6 +34,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from covid_tune.engine.files import write_atomic
+
 if TYPE_CHECKING:
     from covid_tune.spec.load import Spec
 
@@ -67,9 +69,7 @@ def guarded_files(folder: Path) -> list[Path]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # a killed driver leaves the old record or the new one, never half of one
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def record_state(output_dir: Path, digests: dict[str, str]) -> None:
@@ -96,9 +96,7 @@ def record_files(output_dir: Path, files: dict[str, bytes]) -> None:
     folder = Path(output_dir) / VERIFIED_DIR
     folder.mkdir(exist_ok=True)
     for name, data in files.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / name)
+        write_atomic(folder / name, data)
 
 
 def clear_record(output_dir: Path) -> None:
@@ -138,9 +136,7 @@ def check_state(spec: Spec) -> str | None:
         copy = Path(spec.output_dir) / VERIFIED_DIR / path.name
         resaved = any(fnmatch.fnmatch(path.name, pattern) for pattern in RESAVED)
         if resaved and copy.is_file() and sha256_file(copy) in known.get(path.name, []):
-            tmp = path.with_name(f".{path.name}.covid_tune-tmp")
-            tmp.write_bytes(copy.read_bytes())
-            os.replace(tmp, path)
+            write_atomic(path, copy.read_bytes())
             log.warning(f"{path} is not the file covid_tune last recorded (a driver killed while Tune saves its "
                         "state leaves one): resuming from the recorded copy, a moment older; the unrecorded file "
                         "is never read")
