@@ -291,7 +291,45 @@ def start_problems(spec: Spec, plan: dict[str, HParams], num_classes: int, n_ima
         full = disk_problem(spec, disk_estimate(spec, plan, num_classes, n_images)[0])
         problems += [full] if full else []
     unreachable = address_problem(spec.ray.address)
-    return problems + ([unreachable] if unreachable else [])
+    return problems + ([unreachable] if unreachable else []) + tracking_problems(spec)
+
+
+# a database store needs SQLAlchemy, which mlflow-skinny leaves out
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def tracking_problems(spec: Spec) -> list[str]:
+    """A tracker the spec names whose package is not installed (found without importing it)."""
+    from importlib.util import find_spec
+
+    problems = []
+    if spec.tracking.mlflow is not None:
+        if find_spec("mlflow") is None:
+            problems.append("tracking.mlflow needs the mlflow package, not installed here: "
+                            "pip install 'covid_tune[mlflow]' (or leave out tracking.mlflow)")
+        elif (spec.tracking.mlflow.resolved_uri(spec.output_dir).split(":")[0].split("+")[0] in MLFLOW_DATABASES
+              and find_spec("sqlalchemy") is None):
+            problems.append(f"tracking.mlflow.uri {spec.tracking.mlflow.uri}: a database store needs the full mlflow "
+                            "package (pip install mlflow), not mlflow-skinny; or use a folder (a file store) or a "
+                            "server (http://...)")
+    if spec.tracking.wandb is not None and find_spec("wandb") is None:
+        problems.append("tracking.wandb needs the wandb package, not installed here: "
+                        "pip install 'covid_tune[wandb]' (or leave out tracking.wandb)")
+    return problems
+
+
+def _tracking(spec: Spec) -> list[str]:
+    """The dry run's line on the trackers the sweep logs to."""
+    t, parts = spec.tracking, []
+    if t.mlflow is not None:
+        parts.append(f"MLflow {t.mlflow.resolved_uri(spec.output_dir)} (experiment {t.mlflow.experiment or spec.name})")
+    if t.wandb is not None:
+        from covid_tune.engine.files import WANDB_FOLDER
+
+        where = Path(t.wandb.dir).resolve() if t.wandb.dir else spec.output_dir
+        parts.append(f"W&B project {t.wandb.project}, {t.wandb.mode}" + (f", runs in {where / WANDB_FOLDER}"
+                                                                      if t.wandb.mode == "offline" else ""))
+    return [f"tracking: {'; '.join(parts)}"] if parts else []
 
 
 def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwrite: bool = False,
@@ -309,6 +347,7 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     lines.append("scheduler: " + scheduler_text(sched.asha, sched.metric, sched.mode, rungs, spec.trainer.epochs)
                  + per_level)
     lines += _disk(spec, plan, len(classes) or 2, n_images)
+    lines += _tracking(spec)
     problems += start_problems(spec, plan, len(classes) or 2, n_images)
     if exists and not (resume or overwrite):
         problems.append(f"{spec.experiment_path} already holds a sweep named {spec.name!r}; a run needs --resume "
