@@ -241,8 +241,9 @@ def test_resume_after_kills_at_many_moments_trains_every_epoch_once(tmp_path: Pa
 
 
 def assert_finished_footprint(out: Path, experiment: Path) -> None:
-    """Each finished trial holds one checkpoint folder, no optimizer state in it, and the weights of
-    the epoch picked over its whole history (the kills notwithstanding): best/ exported that epoch."""
+    """Each finished trial holds one checkpoint folder, no optimizer state in it, and the epoch picked
+    over its whole history (the kills notwithstanding): best/ exported that epoch, and holds its weights
+    alone (the trial's files keep their epochs, no weights: engine.checkpoints.released)."""
     import torch
 
     from covid_tune.results.selection import pick_epoch
@@ -257,9 +258,13 @@ def assert_finished_footprint(out: Path, experiment: Path) -> None:
         want = pick_epoch(history, "val_loss", "min")
         assert json.loads((out / "best" / cid / "model.json").read_text())["epoch"] == want, cid
         held = {state["epoch"]}
+        files = [state]
         if (folders[0] / "selected.pt").is_file():
-            held.add(torch.load(folders[0] / "selected.pt", weights_only=True)["epoch"])
+            files.append(torch.load(folders[0] / "selected.pt", weights_only=True))
+            held.add(files[-1]["epoch"])
         assert want in held and len(held) == len(list(folders[0].glob("*.pt"))), (cid, held)
+        assert all(f.get("exported") and "model" not in f for f in files), cid
+        assert (out / "best" / cid / "model.pt").is_file()
 
 
 # --------------------------------------------------------------------------------------------

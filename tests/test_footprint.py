@@ -108,3 +108,59 @@ def test_one_folder_holds_the_latest_state_and_the_selected_weights(index: Datas
     torch.save(done, small)
     torch.save(state, full)
     assert small.tell() < full.tell()
+
+
+def test_a_finished_trial_gives_its_weights_up_once_best_holds_them(index: DatasetIndex, tmp_path: Path) -> None:
+    """After export, a finished trial's folder keeps its epochs (state.pt, selected.pt, metrics) but no
+    weights: best/ holds the chosen epoch's once. The report picks the same epoch again and reads best/;
+    without best/ it says where the weights went."""
+    from covid_tune.engine.checkpoints import EXPORTED_KEY, MODEL_KEYS
+
+    run = TrainingRun(HP, index, CPU)
+    losses = {1: 0.9, 2: 0.2, 3: 0.5}
+    kept, history = Kept("val_loss", "min", "best"), []
+    folder = tmp_path / "trial" / "checkpoint_000002"
+    folder.mkdir(parents=True)
+    for epoch in range(1, 4):
+        row = {**run.run_epoch(), "val_loss": losses[epoch]}
+        kept.update(run, row)
+        history.append(row)
+    save_checkpoint(run, row, folder, kept)
+    torch.save(finished_state(torch.load(folder / STATE_FILE, weights_only=True)), folder / STATE_FILE)
+    rec = results.read_trial("c", tmp_path / "trial")
+    rec.history = history
+    target = results.export_best(rec, HP, index.classes, "val_loss", "min", tmp_path / "best")
+    exported = (target / "model.pt").read_bytes()
+    before = sum(p.stat().st_size for p in folder.glob("*.pt"))
+    freed = results.release_exported(rec, target)
+    after = sum(p.stat().st_size for p in folder.glob("*.pt"))
+    assert freed == before - after and after < 20_000 < before
+    for name, epoch in ((STATE_FILE, 3), (SELECTED_FILE, 2)):
+        state = torch.load(folder / name, weights_only=True)
+        assert state[EXPORTED_KEY] and state["epoch"] == epoch and not set(MODEL_KEYS) & set(state), name
+    assert results.release_exported(rec, target) == 0  # done once
+
+    again = results.read_trial("c", tmp_path / "trial")
+    again.history = history
+    assert sorted(again.weights) == [2, 3] and results.best_epoch(again, "val_loss", "min") == 2
+    assert results.export_best(again, HP, index.classes, "val_loss", "min", tmp_path / "best") == target
+    assert (target / "model.pt").read_bytes() == exported
+    (target / "model.json").unlink()
+    with pytest.raises(FileNotFoundError, match="weights of epoch 2 are kept in .*model.pt only"):
+        results.export_best(again, HP, index.classes, "val_loss", "min", tmp_path / "best")
+
+
+def test_an_unfinished_trial_keeps_its_weights(index: DatasetIndex, tmp_path: Path) -> None:
+    """A trial that may still resume (its optimizer state kept) is never released."""
+    run = TrainingRun(HP, index, CPU)
+    folder = tmp_path / "trial" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    row = {**run.run_epoch(), "val_loss": 0.5}
+    kept = Kept("val_loss", "min", "best")
+    kept.update(run, row)
+    save_checkpoint(run, row, folder, kept)
+    rec = results.read_trial("c", tmp_path / "trial")
+    rec.history = [row]
+    target = results.export_best(rec, HP, index.classes, "val_loss", "min", tmp_path / "best")
+    assert results.release_exported(rec, target) == 0
+    assert "model" in torch.load(folder / STATE_FILE, weights_only=True)

@@ -92,3 +92,15 @@ def test_the_worker_output_dispatcher_exists() -> None:
     from covid_tune.sweep.ray_internals import stdstream_dispatcher
 
     assert hasattr(stdstream_dispatcher(), "handlers")
+
+
+def test_the_mlflow_callback_keeps_its_runs_by_trial(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("mlflow")
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from covid_tune.sweep.ray_internals import mlflow_run_id
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    callback = MLflowLoggerCallback(tracking_uri=(tmp_path / "mlruns").as_uri(), experiment_name="x")
+    callback.setup()
+    assert callback._trial_runs == {} and mlflow_run_id(callback, "t") is None

@@ -190,35 +190,66 @@ def state_bytes(hp: HParams, num_classes: int) -> tuple[int, int, int]:
     return model_bytes, trained, factor * trainable
 
 
-def disk_estimate(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> tuple[int, list[str]]:
-    """About how many bytes the sweep leaves under its output folder at most, and the parts (text).
+# what Tune leaves per trial besides checkpoints (params.json, result.json, progress.csv, TensorBoard
+# events, a finished trial's state without weights): measured on the demo, ~25-45 KB per trial of 6 epochs
+TRIAL_FILES_BYTES = 40_000
 
-    A finished trial leaves its latest ``keep_checkpoints`` checkpoints' trained part and, where an
-    earlier epoch was selected, that epoch's too (counted for every trial: an upper bound); a running
-    trial's latest checkpoint also holds its optimizer state (named, not counted: it goes when the
-    trial ends)."""
+
+def concurrent_trials(spec: Spec, n_trials: int) -> int:
+    """How many trials may run at once: ``ray.max_concurrent``, else as many as this machine's CPUs hold
+    (a cluster's size is unknown here: every trial)."""
+    if spec.ray.max_concurrent:
+        return min(n_trials, spec.ray.max_concurrent)
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        return n_trials
+    return max(1, min(n_trials, int(local_resources()["CPU"] // spec.resources.cpus)))
+
+
+def disk_estimate(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> tuple[int, list[str]]:
+    """About how many bytes the sweep leaves under its output folder, and the parts (text).
+
+    Each configuration's exported model (best/), Tune's small files per trial (a finished trial's
+    checkpoint gives its weights up once best/ holds the chosen epoch), the decoded cache and generated
+    data. While trials run, each also holds its latest ``keep_checkpoints`` checkpoints' trained part with
+    the optimizer state, and the selected epoch's: :func:`running_bytes`, named in the text, not counted."""
     from covid_tune.data.cache import node_memory_bytes
 
-    keep = min(spec.trainer.epochs, spec.scheduler.keep_checkpoints)
     sizes: dict[tuple, tuple[int, int, int]] = {}
-    ckpt = best = optimizer = 0
+    best = 0
     for hp in plan.values():
         key = (hp.backbone, hp.freeze, hp.head_hidden, hp.optimizer, hp.momentum > 0)
         if key not in sizes:
             sizes[key] = state_bytes(hp, num_classes)
-        model_bytes, trained, optim = sizes[key]
-        best += model_bytes
-        ckpt += (keep + (hp.epochs > 1)) * trained
-        optimizer = max(optimizer, optim)
+        best += sizes[key][0]
+    ray = TRIAL_FILES_BYTES * len(plan)
     cache = node_memory_bytes(n_images, spec.data.image_size, spec.data.grayscale) if spec.data.cache else 0
     synth = 0
     if spec.data.synthetic is not None:
         synth = n_images * spec.data.synthetic.image_size ** 2  # PNG, at most about one byte a pixel
-    parts = [f"ray/ checkpoints up to {fmt_bytes(ckpt)} (the latest {keep} and the selected epoch per trial; "
-             f"up to {fmt_bytes(optimizer)} more per running trial)", f"best/ {fmt_bytes(best)}"]
+    running = running_bytes(spec, plan, num_classes, sizes)
+    parts = [f"best/ {fmt_bytes(best)} (each configuration's model)",
+             f"ray/ about {fmt_bytes(ray)} once finished (up to {fmt_bytes(running)} more while trials run: "
+             "their checkpoints)"]
     parts += [f"cache/ up to {fmt_bytes(cache)}"] if cache else []
     parts += [f"synthetic-data/ about {fmt_bytes(synth)}"] if synth else []
-    return ckpt + best + cache + synth, parts
+    return best + ray + cache + synth, parts
+
+
+def running_bytes(spec: Spec, plan: dict[str, HParams], num_classes: int,
+                  sizes: dict[tuple, tuple[int, int, int]] | None = None) -> int:
+    """The most the running trials' checkpoints hold at once: per trial its latest ``keep_checkpoints``
+    trained parts with the optimizer state and the selected epoch's trained part, for the largest trials
+    that may run together (:func:`concurrent_trials`)."""
+    sizes = {} if sizes is None else sizes
+    keep = min(spec.trainer.epochs, spec.scheduler.keep_checkpoints)
+    per_trial = []
+    for hp in plan.values():
+        key = (hp.backbone, hp.freeze, hp.head_hidden, hp.optimizer, hp.momentum > 0)
+        if key not in sizes:
+            sizes[key] = state_bytes(hp, num_classes)
+        _, trained, optim = sizes[key]
+        per_trial.append(keep * (trained + optim) + (hp.epochs > 1) * trained)
+    return sum(sorted(per_trial, reverse=True)[:concurrent_trials(spec, len(plan))])
 
 
 def _disk(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> list[str]:
@@ -288,10 +319,50 @@ def start_problems(spec: Spec, plan: dict[str, HParams], num_classes: int, n_ima
     if where:
         problems.append(where)
     elif n_images:
-        full = disk_problem(spec, disk_estimate(spec, plan, num_classes, n_images)[0])
+        # room for the running trials' checkpoints too, not only for what the sweep leaves
+        full = disk_problem(spec, disk_estimate(spec, plan, num_classes, n_images)[0]
+                            + running_bytes(spec, plan, num_classes))
         problems += [full] if full else []
     unreachable = address_problem(spec.ray.address)
-    return problems + ([unreachable] if unreachable else [])
+    return problems + ([unreachable] if unreachable else []) + tracking_problems(spec)
+
+
+# a database store needs SQLAlchemy, which mlflow-skinny leaves out
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def tracking_problems(spec: Spec) -> list[str]:
+    """A tracker the spec names whose package is not installed (found without importing it)."""
+    from importlib.util import find_spec
+
+    problems = []
+    if spec.tracking.mlflow is not None:
+        if find_spec("mlflow") is None:
+            problems.append("tracking.mlflow needs the mlflow package, not installed here: "
+                            "pip install 'covid_tune[mlflow]' (or leave out tracking.mlflow)")
+        elif (spec.tracking.mlflow.resolved_uri(spec.output_dir).split(":")[0].split("+")[0] in MLFLOW_DATABASES
+              and find_spec("sqlalchemy") is None):
+            problems.append(f"tracking.mlflow.uri {spec.tracking.mlflow.uri}: a database store needs the full mlflow "
+                            "package (pip install mlflow), not mlflow-skinny; or use a folder (a file store) or a "
+                            "server (http://...)")
+    if spec.tracking.wandb is not None and find_spec("wandb") is None:
+        problems.append("tracking.wandb needs the wandb package, not installed here: "
+                        "pip install 'covid_tune[wandb]' (or leave out tracking.wandb)")
+    return problems
+
+
+def _tracking(spec: Spec) -> list[str]:
+    """The dry run's line on the trackers the sweep logs to."""
+    t, parts = spec.tracking, []
+    if t.mlflow is not None:
+        parts.append(f"MLflow {t.mlflow.resolved_uri(spec.output_dir)} (experiment {t.mlflow.experiment or spec.name})")
+    if t.wandb is not None:
+        from covid_tune.engine.files import WANDB_FOLDER
+
+        where = Path(t.wandb.dir).resolve() if t.wandb.dir else spec.output_dir
+        parts.append(f"W&B project {t.wandb.project}, {t.wandb.mode}" + (f", runs in {where / WANDB_FOLDER}"
+                                                                      if t.wandb.mode == "offline" else ""))
+    return [f"tracking: {'; '.join(parts)}"] if parts else []
 
 
 def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwrite: bool = False,
@@ -309,6 +380,7 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     lines.append("scheduler: " + scheduler_text(sched.asha, sched.metric, sched.mode, rungs, spec.trainer.epochs)
                  + per_level)
     lines += _disk(spec, plan, len(classes) or 2, n_images)
+    lines += _tracking(spec)
     problems += start_problems(spec, plan, len(classes) or 2, n_images)
     if exists and not (resume or overwrite):
         problems.append(f"{spec.experiment_path} already holds a sweep named {spec.name!r}; a run needs --resume "

@@ -275,6 +275,7 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
     except SpecError as exc:
         log.error("%s", exc)
         return 2
+    tracker_environment(spec, quiet=not args.verbose)
     from covid_tune.cli.console import resources_text, scheduler_text, summary_lines
     from covid_tune.cli.output_dir import OutputLock, check_output, experiment_exists, record_experiment
     from covid_tune.data.dataset import DatasetError
@@ -407,10 +408,39 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
         console.line(line)
     if dups and dups.total:
         console.line(f"data: {dups.summary()} ({_duplicate_action(dups.action)})")
+    for line in log_to_trackers(spec, plan, path.parent):
+        console.line(line)
     console.line("phases: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
                  + f"; {timing['outside_trials']:.0%} of {timing['wall_s']:.0f} s outside the trials"
                  + (f"; {early} test evaluation(s) started as their trial ended" if early else ""))
     return 1 if any(t["status"] == "error" for t in trials.values()) else 0
+
+
+def tracker_environment(spec: Spec, quiet: bool) -> None:
+    """The trackers' switches for this process and the Ray it starts (a user's own settings win): MLflow 3
+    refuses a folder store (``file:``) unless MLFLOW_ALLOW_FILE_STORE is set, and a spec that names one
+    (or no uri: OUTPUT/mlruns) asks for it; W&B's banners and run summaries (one per trial) are left out
+    of the compact console."""
+    if spec.tracking.mlflow is not None and spec.tracking.mlflow.resolved_uri(spec.output_dir).startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if spec.tracking.wandb is not None and quiet:
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def log_to_trackers(spec: Spec, plan: dict, report_dir: Path) -> list[str]:
+    """After the report: REPORT.md's folder and the chosen model (predict's choice) to each tracker of the
+    spec; the console lines saying where. Nothing without ``tracking``."""
+    if spec.tracking.mlflow is None and spec.tracking.wandb is None:
+        return []
+    from covid_tune.cli.predict import TargetError, best_model_dir
+    from covid_tune.sweep import tracking
+
+    try:
+        chosen = best_model_dir(spec.output_dir)
+    except TargetError as exc:
+        log.warning(f"tracking: no chosen model to log ({exc})")
+        chosen = None
+    return tracking.log_outcome(spec, plan, report_dir, chosen)
 
 
 def before_writing(spec: Spec, plan: dict) -> list[str]:

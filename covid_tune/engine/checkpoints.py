@@ -13,7 +13,9 @@ Full-model checkpoints (written before this format) still load.
 A trial keeps its latest checkpoint (the whole training state, for resume) and, beside it in the same
 folder, the weights of the epoch selected so far when that is an earlier one (:data:`SELECTED_FILE`:
 the model entries only, no optimizer state); a finished trial's state loses its optimizer state
-(:func:`finished_state`).
+(:func:`finished_state`) and, once its chosen epoch is exported (``OUTPUT/best/<config_id>/model.pt``),
+its model entries too (:func:`released`): both files keep their epoch, the report finds the same
+epoch again and reads its weights from best/, and no weights are on disk twice.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
 SELECTED_FILE = "selected.pt"  # the selected earlier epoch's model entries and its "epoch"
 FINISHED_KEY = "finished"  # set in a finished trial's state, whose optimizer state was dropped
+EXPORTED_KEY = "exported"  # set in a finished trial's files whose weights went: best/<config_id>/ holds them
 RESUME_ONLY = ("optimizer", "torch_rng", "cuda_rng")  # what only going on training needs
 PART_KEY = "model_part"
 TRAINED = "trained"  # the value of PART_KEY in a checkpoint that holds only the trained part
@@ -63,9 +66,18 @@ def model_state(model: Classifier, digest: list[float] | None = None) -> dict:
             DIGEST_KEY: digest if digest is not None else frozen_digest(model)}
 
 
+MODEL_KEYS = ("model", PART_KEY, DIGEST_KEY)
+
+
 def model_entries(state: dict) -> dict:
     """The model entries of a training state (what :func:`load_model_state` reads), without the rest."""
-    return {k: state[k] for k in ("model", PART_KEY, DIGEST_KEY) if k in state}
+    return {k: state[k] for k in MODEL_KEYS if k in state}
+
+
+def released(state: dict) -> dict:
+    """``state`` (a finished trial's, or its :data:`SELECTED_FILE`) without its model entries, marked
+    :data:`EXPORTED_KEY`: what is left once the exported model holds the weights that matter."""
+    return {**{k: v for k, v in state.items() if k not in MODEL_KEYS}, EXPORTED_KEY: True}
 
 
 def finished_state(state: dict) -> dict:

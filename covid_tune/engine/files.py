@@ -18,6 +18,8 @@ TRIALS_FILE = "trials.json"  # each trial's final status (ok, error, interrupted
 SPLITS_CSV = "splits.csv"  # a label table's split by patient (path, patient, split), as the run used it
 DATA_CHECKS_FILE = "data-checks.json"  # what the driver found in the data (duplicates), for a rebuilt report
 RESULTS_FILE = "report/results.json"  # every number of the report, the best configuration among them
+MLFLOW_FOLDER = "mlruns"  # tracking.mlflow's file store when no uri is given
+WANDB_FOLDER = "wandb"  # what W&B writes into tracking.wandb.dir (default: the output folder)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -7,6 +7,7 @@ it needs no running Ray and works on interrupted sweeps too.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -21,7 +22,14 @@ from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex, index_targets
 from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.engine import training as engine
-from covid_tune.engine.checkpoints import METRICS_FILE, SELECTED_FILE, STATE_FILE
+from covid_tune.engine.checkpoints import (
+    EXPORTED_KEY,
+    FINISHED_KEY,
+    METRICS_FILE,
+    SELECTED_FILE,
+    STATE_FILE,
+    released,
+)
 from covid_tune.engine.explain import explain_split
 from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS, write_atomic
 from covid_tune.engine.losses import build_loss
@@ -140,6 +148,10 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
         return target
     source = rec.weights.get(epoch, rec.checkpoints[epoch] / STATE_FILE)
     state = torch.load(source, map_location="cpu", weights_only=True)
+    if state.get(EXPORTED_KEY):
+        raise FileNotFoundError(f"{rec.config_id}: the weights of epoch {epoch} are kept in {target / MODEL_WEIGHTS} "
+                                f"only (the finished trial's checkpoint {source} gave them up once exported), and "
+                                f"{target / MODEL_META} is missing or names another epoch")
     row = next(r for r in rec.history if r["epoch"] == epoch)
     meta = {
         **asdict(hp), "config_id": rec.config_id, "classes": classes, "epoch": epoch,
@@ -152,6 +164,36 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
     # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one
     save_exported(engine.full_model_state(hp, len(classes), state, pretrained), meta, target)
     return target
+
+
+def release_exported(rec: TrialRecord, target: Path) -> int:
+    """Once ``target`` (best/<config_id>/) holds a finished trial's chosen epoch, drop the model entries
+    from the trial's checkpoint files (:func:`~covid_tune.engine.checkpoints.released`): the chosen
+    weights are in ``target``, the others are never read again (nothing resumes a finished trial, the
+    report picks the same epoch). Only a state marked finished (its optimizer state already dropped)
+    is touched, each file replaced whole. Returns the bytes freed."""
+    meta = target / MODEL_META
+    if not (meta.is_file() and (target / MODEL_WEIGHTS).is_file()):
+        return 0
+    folders = sorted({rec.weights[e].parent for e in rec.weights})
+    states = [f / STATE_FILE for f in folders if (f / STATE_FILE).is_file()]
+    loaded = {p: torch.load(p, map_location="cpu", weights_only=True) for p in states}
+    if not loaded or not all(s.get(FINISHED_KEY) for s in loaded.values()):
+        return 0
+    freed = 0
+    for folder in folders:
+        for path in (folder / STATE_FILE, folder / SELECTED_FILE):
+            if not path.is_file():
+                continue
+            state = loaded.get(path) or torch.load(path, map_location="cpu", weights_only=True)
+            if state.get(EXPORTED_KEY):
+                continue
+            before = path.stat().st_size
+            buffer = io.BytesIO()
+            torch.save(released(state), buffer)
+            write_atomic(path, buffer.getvalue())
+            freed += before - path.stat().st_size
+    return freed
 
 
 def _eval_loader(index: DatasetIndex, split: str, meta: dict, batch_size: int, device: torch.device,
@@ -308,6 +350,8 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
             row.update({k: last.get(k) for k in MODE_KEYS})
             row["stopped_early"] = asha and status == "ok" and 0 < len(rec.history) < hp.epochs
             target = export_best(rec, hp, index.classes, metric, mode, out_dir, rule=rule)
+            if target is not None and status == "ok":
+                release_exported(rec, target)  # best/ holds the weights that matter: none twice on disk
             if target is not None:
                 row["best_epoch"] = json.loads((target / MODEL_META).read_text())["epoch"]
                 row["select_score"] = selection.score_at(rec.history, metric, rule, row["best_epoch"])

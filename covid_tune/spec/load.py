@@ -26,6 +26,7 @@ from covid_tune.spec.sections import (
     ResourcesSpec,
     SchedulerSpec,
     Section,
+    TrackingSpec,
     TrainerSpec,
 )
 
@@ -47,6 +48,7 @@ class Spec(Section):
     resources: ResourcesSpec = ResourcesSpec()
     ray: RaySpec = RaySpec()
     report: ReportSpec = ReportSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
     @classmethod

@@ -1,14 +1,17 @@
-"""The sections of a sweep spec (data, grid, trainer, scheduler, resources, ray, report) as frozen
+"""The sections of a sweep spec (data, grid, trainer, scheduler, resources, ray, report, tracking) as frozen
 pydantic models, each checking its own keys; :mod:`covid_tune.spec.load` puts them together, checks what
 spans sections and loads YAML."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from covid_tune.engine import schedule
+from covid_tune.engine.files import MLFLOW_FOLDER
 from covid_tune.engine.losses import LOSSES
 from covid_tune.models import registry as models
 
@@ -340,3 +343,36 @@ class ReportSpec(Section):
 
     _switch = field_validator("shortcut_check", mode="before")(_on_off)
     _rule = field_validator("operating_point", mode="before")(_operating_point)
+
+
+class MlflowSpec(Section):
+    """Each trial a run of an MLflow experiment (Ray's MLflowLoggerCallback); the chosen model at the end."""
+
+    uri: str | None = Field(None, description="tracking URI: a server (http://...), a folder (a path or file: URI: "
+                                              "a file store) or a database (sqlite:///..., needs the full mlflow "
+                                              "package); default MLFLOW_TRACKING_URI, else OUTPUT/mlruns")
+    experiment: str | None = Field(None, min_length=1, description="the experiment's name (default: the sweep's "
+                                                                   "name)")
+
+    def resolved_uri(self, output_dir: Path) -> str:
+        """The URI the sweep logs to: ``uri`` (a bare path made an absolute ``file:`` URI), else
+        MLFLOW_TRACKING_URI, else a file store in ``output_dir/mlruns``."""
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or str(output_dir / MLFLOW_FOLDER)
+        return Path(uri).resolve().as_uri() if ":" not in uri else uri
+
+
+class WandbSpec(Section):
+    """Each trial a run of a Weights & Biases project (Ray's WandbLoggerCallback); a summary run at the end."""
+
+    project: str = Field(min_length=1, description="the W&B project")
+    mode: Literal["offline", "online"] = Field("offline", description="offline writes runs to disk only "
+                                                                      "(`wandb sync` uploads them later)")
+    dir: str | None = Field(None, description="the folder W&B writes its wandb/ folder into (default: OUTPUT)")
+
+
+class TrackingSpec(Section):
+    """Experiment trackers the sweep logs to (each an optional extra: pip install 'covid_tune[mlflow]' or
+    'covid_tune[wandb]')."""
+
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None

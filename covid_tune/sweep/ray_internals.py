@@ -4,8 +4,9 @@ Tune restores a trial from the checkpoint its experiment snapshot names, and tha
 the epochs already reported (see :class:`ResumeFromLastReport`). Mending it needs Tune's private
 bookkeeping: the trial's checkpoint manager (``_checkpoint_results``, ``_latest_checkpoint_result``),
 ``ray.train._internal.session._TrainingResult`` and ``StorageContext.current_checkpoint_index``.
-Two smaller uses live here too: :func:`tuner_run_config` (a restored Tuner's pickled run config,
-given this run's console) and :func:`stdstream_dispatcher` (the workers' forwarded output, filtered).
+Smaller uses live here too: :func:`tuner_run_config` (a restored Tuner's pickled run config,
+given this run's console), :func:`stdstream_dispatcher` (the workers' forwarded output, filtered) and
+:func:`mlflow_run_id` (the MLflow run Ray's logger callback opened for a trial).
 Nothing else in covid_tune uses a private Ray name; ``tests/test_resume.py`` checks that each one
 still exists in the installed Ray, so a Ray upgrade that moves them fails there, by name, first.
 """
@@ -322,3 +323,9 @@ def stdstream_dispatcher():
     except ImportError:
         return None
     return global_worker_stdstream_dispatcher
+
+
+def mlflow_run_id(callback, trial) -> str | None:
+    """The MLflow run Ray's ``MLflowLoggerCallback`` opened for ``trial`` (its private ``_trial_runs``
+    map), None before the trial started: the one way to add params to the run Ray made."""
+    return getattr(callback, "_trial_runs", {}).get(trial)

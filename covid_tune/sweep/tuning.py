@@ -244,7 +244,12 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         )
         resume_guard.record_experiment_state(spec)  # tuner.pkl, written once, just now
     outcomes = TrialOutcomes()
-    _use_console(tuner, view, verbose, [outcomes, RecordStateDigest(str(spec.output_dir))])
+    trackers = []
+    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+        from covid_tune.sweep import tracking  # loads the trackers' packages: only when the spec names one
+
+        trackers = tracking.callbacks(spec, plan)  # never pickled with the Tuner: a resumed sweep makes its own
+    _use_console(tuner, view, verbose, [outcomes, RecordStateDigest(str(spec.output_dir)), *trackers])
     if stop is not None:
         stop.in_tune = True
     try:
