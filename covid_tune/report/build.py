@@ -21,7 +21,7 @@ from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
-from covid_tune.spec.sections import TRAINER_AXES
+from covid_tune.spec.sections import SWEPT_AXES
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
@@ -118,7 +118,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
                for r in problems] + [""]
     md += cards.markdown(out, card_paths)
     md += figures.overview_markdown(overview)
-    md += figures.markdown(figs, listed, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
+    md += figures.markdown(figs, listed, tuple(a for a in SWEPT_AXES if len({r.get(a) for r in flat}) > 1))
     md += figures.cam_markdown(cams, listed)
     md += sections.all_configurations_table(flat, spec.scheduler.metric)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")
