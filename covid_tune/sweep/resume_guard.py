@@ -5,8 +5,8 @@ Tune 2.60's restore (``ray/tune/impl/tuner_internal.py``, ``TuneController.resum
 ``tuner.pkl`` (``pickle.loads``), the newest ``experiment_state-*.json`` (JSON whose non-JSON values are
 embedded cloudpickle blobs, decoded with ``allow_cloudpickle=True``), the search algorithm's
 ``basic-variant-state-*.json`` / ``search_gen_state-*.json`` and ``searcher-state-*.pkl``
-(``cloudpickle.load``) and the callbacks' saved state. Trial folders hold ``params.pkl`` (not read on
-restore) and checkpoints (read with ``torch.load(weights_only=True)``). So every regular file at the experiment folder's top level is
+(``cloudpickle.load``) and the callbacks' saved state. Trial folders hold ``params.pkl`` (not read
+on restore) and checkpoints (read with ``torch.load(weights_only=True)``). So every regular file at the experiment folder's top level is
 guarded: its SHA-256 is recorded in ``OUTPUT/state-digest.json`` each time Tune writes it during a
 covid_tune run (``ray_internals.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once)
 and when the run ends, and the recorded bytes are kept in ``OUTPUT/state-verified/``. ``--resume``
