@@ -7,8 +7,8 @@ embedded cloudpickle blobs, decoded with ``allow_cloudpickle=True``), the search
 ``basic-variant-state-*.json`` / ``search_gen_state-*.json`` and ``searcher-state-*.pkl``
 (``cloudpickle.load``) and the callbacks' saved state. Trial folders hold ``params.pkl`` (not read
 on restore) and checkpoints (read with ``torch.load(weights_only=True)``). So every regular file at the
-experiment folder's top level is guarded: its SHA-256 is recorded in ``OUTPUT/state-digest.json`` each time Tune writes it during a
-covid_tune run (``ray_internals.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once)
+experiment folder's top level is guarded: its SHA-256 is recorded in ``OUTPUT/state-digest.json`` each
+time Tune writes it during a covid_tune run (``ray_internals.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once)
 and when the run ends, and the recorded bytes are kept in ``OUTPUT/state-verified/``. ``--resume``
 refuses (exit 2) a file whose digest is not among those recorded, an unrecorded file, or a folder with
 no record at all, before Tune reads anything; except a state file Tune saves again and again
