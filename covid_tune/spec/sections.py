@@ -219,6 +219,7 @@ class Distribution(Section):
     def _one_kind(cls, raw: Any) -> Any:
         # one message for a kind that does not exist or several kinds, instead of pydantic's per-key ones
         if isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if v is not None}  # a dumped spec lists the kinds not given as null
             unknown = [k for k in raw if k not in DISTRIBUTIONS]
             if unknown or len(raw) != 1:
                 what = f"unknown distribution {unknown[0]!r}" if unknown else f"{len(raw)} distributions given"
