@@ -15,6 +15,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -325,29 +326,24 @@ class GridSpec(Section):
                 raise ValueError(f"repeated value(s) {repeated}")
         return value
 
-    @model_validator(mode="after")
-    def _distribution_values(self) -> GridSpec:
+    @field_validator(*AXIS_ITEMS)
+    @classmethod
+    def _distribution_values(cls, dist: Any, info: ValidationInfo) -> Any:
         # a distribution's bounds and choices obey the axis's own bounds; only numbers are drawn from ranges
-        problems = []
-        for axis, item in AXIS_ITEMS.items():
-            dist = getattr(self, axis)
-            if not isinstance(dist, Distribution):
-                continue
-            if dist.kind != "choice" and axis in CATEGORICAL_AXES:
-                problems.append(f"grid.{axis}: {dist.kind} draws numbers; {axis} takes choice: [...]")
-                continue
-            if axis == "augment" and any(v not in AUGMENT_PRESETS for v in dist.args):
-                problems.append("grid.augment: choice draws among preset names (allowed: "
-                                f"{', '.join(AUGMENT_PRESETS)}); list custom mappings as a grid axis instead")
-                continue
-            try:
-                TypeAdapter(list[item]).validate_python(dist.args)
-            except ValidationError as err:
-                msgs = sorted({e["msg"].removeprefix("Value error, ") for e in err.errors()})
-                problems.append(f"grid.{axis}: {dist.text()}: {'; '.join(msgs)}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        axis = info.field_name
+        if not isinstance(dist, Distribution):
+            return dist
+        if dist.kind != "choice" and axis in CATEGORICAL_AXES:
+            raise ValueError(f"{dist.kind} draws numbers; {axis} takes choice: [...]")
+        if axis == "augment" and any(v not in AUGMENT_PRESETS for v in dist.args):
+            raise ValueError(f"choice draws among preset names (allowed: {', '.join(AUGMENT_PRESETS)}); list "
+                             "custom mappings as a grid axis instead")
+        try:
+            TypeAdapter(list[AXIS_ITEMS[axis]]).validate_python(dist.args)
+        except ValidationError as err:
+            msgs = sorted({e["msg"].removeprefix("Value error, ") for e in err.errors()})
+            raise ValueError(f"{dist.text()}: {'; '.join(msgs)}") from None
+        return dist
 
     def distributions(self) -> dict[str, Distribution]:
         """The sampled axes, in the order of :data:`SWEPT_AXES`."""
