@@ -14,6 +14,7 @@ import numpy as np
 from tabulate import tabulate
 
 from covid_tune.spec.load import Spec
+from covid_tune.spec.plan import readable
 from covid_tune.spec.sections import INTEGER_AXES, Distribution
 
 FIGURE = "search_parallel.png"
@@ -124,10 +125,6 @@ def write_figure(path: Path, points: list[dict], dists: dict[str, Distribution],
     return path
 
 
-def _fmt(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
 def section(spec: Spec, rows: list[dict], fig_dir: Path) -> list[str]:
     """REPORT.md's ``## Search`` lines (none when nothing was sampled)."""
     dists = spec.grid.distributions()
@@ -159,8 +156,8 @@ def section(spec: Spec, rows: list[dict], fig_dir: Path) -> list[str]:
     for cell in dict.fromkeys(p["cell"] for p in points):
         mine = [p for p in points if p["cell"] == cell]
         top = (max if mode == "max" else min)(mine, key=lambda p: p["score"])
-        best_rows.append([cell, top["group"].rsplit("-", 1)[-1], *[_fmt(top[a]) for a in dists], f"{top['score']:.4f}",
-                          len(mine)])
+        best_rows.append([cell, top["group"].rsplit("-", 1)[-1], *[readable(top[a]) for a in dists],
+                          f"{top['score']:.4f}", len(mine)])
     md += ["### Best sample per grid cell", "",
            tabulate(best_rows, headers=["grid cell", "sample", *dists, metric, "samples scored"], tablefmt="github",
                     disable_numparse=True), ""]

@@ -15,6 +15,7 @@ from covid_tune.engine.losses import LOSS_LABELS
 from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
 from covid_tune.spec.load import Spec
+from covid_tune.spec.plan import readable
 from covid_tune.spec.sections import SWEPT_AXES
 
 # test numbers of the positive class (single-label) or macro means (multi-label), results.clinical.headline
@@ -129,7 +130,7 @@ def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: di
         first = members[0]
         cells = [sr, first["backbone"], first["layers"]]
         cells += [LOSS_LABELS.get(first["loss"], first["loss"])] if show_loss else []
-        cells += [f"{first[a]:g}" if isinstance(first[a], float) else first[a] for a in axes]
+        cells += [readable(first[a]) for a in axes]
         cells += [_epochs_cell(members)]
         cells += [_cell([m[f"{p}_{key}"] for m in members], members) for p in ("train", "val", "test")]
         cells += [vs_best.get(first["group"], "-")] if vs_best is not None else []

@@ -29,6 +29,14 @@ def _fmt(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def readable(value: object) -> str:
+    """A setting for a table: a float as typed when it has at most 4 significant digits (0.001, 3e-05),
+    else to 3 (a sampled 0.005023417 reads 0.00502); params.json and results.csv keep every digit."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:g}" if float(f"{value:.4g}") == value else f"{value:.3g}"
+
+
 def _id_part(axis: str, value: object) -> str:
     return f"aug{augment_label(value)}" if axis == "augment" else f"{axis}{_fmt(value)}"
 
@@ -140,7 +148,7 @@ def plan_table(plan: dict[str, HParams], spec: Spec | None = None) -> str:
     rows = []
     for i, (cid, h) in enumerate(plan.items(), 1):
         rows.append([i, cid, h.backbone, freeze_label(h.backbone, h.freeze), h.loss, h.seed]
-                    + ["(sampled)" if a in at_run_time else _fmt(_axis_value(h, a)) for a in extra] + [h.epochs])
+                    + ["(sampled)" if a in at_run_time else readable(_axis_value(h, a)) for a in extra] + [h.epochs])
     headers = ["Sr #", "config_id", "Backbone", "Layers", "Loss", "Seed"] + extra + ["Max epochs"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
