@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
@@ -168,14 +169,14 @@ def test_optuna_and_random_run_end_to_end_with_asha(tiny_raw: dict, tmp_path: Pa
         assert len({(p["lr"], p["dropout"]) for p in params}) == 2  # two samples, two settings
         progress = next((out / "ray" / "tiny").glob("*/progress.csv")).read_text().splitlines()[0]
         assert "hp/lr" in progress and "hp/dropout" in progress
-        results = json.loads((out / "report" / "results.json").read_text())
+        table = pd.read_csv(out / "report" / "results.csv").set_index("config_id")
         md = (out / "report" / "REPORT.md").read_text()
         assert "## Search" in md and "### Best sample per grid cell" in md, algorithm
         assert (out / "report" / "figures" / "search_parallel.png").is_file()
         accuracy = md.split("## Accuracy")[1].split("## F1-score")[0]
         for p in params:  # the tables show 3 significant digits; results and params.json keep them all
             assert f"{p['lr']:.3g}" in accuracy, (p["lr"], accuracy)
-        assert results, algorithm
+            assert table.loc[p["config_id"], "lr"] == p["lr"] and table.loc[p["config_id"], "dropout"] == p["dropout"]
 
 
 def test_the_optuna_searcher_resumes_from_its_saved_state_without_repeating_a_trial(tiny_raw: dict,
