@@ -153,7 +153,7 @@ def test_hparams_carry_spec_settings(tiny_raw: dict) -> None:
     plan = expand(validate(tiny_raw))
     assert len(plan) == 2 * 2
     for h in plan.values():
-        assert h.epochs == 3 and h.image_size == 32 and h.augment is False and h.grayscale is False
+        assert h.epochs == 3 and h.image_size == 32 and h.augment == "none" and h.grayscale is False
         assert h.label_mode == "multi" and h.implies == {"infected": ["normal"]} and h.threshold == 0.4
         assert h.focal_alpha == 0.3 and h.focal_gamma == 1.5 and h.weights == "none"
         assert h.lr == 0.01 and h.batch_size == 16 and h.head_hidden == 16

@@ -41,7 +41,7 @@ def test_tiny_raw_validates(tiny_raw: dict, tmp_path: Path) -> None:
     assert spec.grid.freeze == ["fc_only", "none"]
     assert spec.grid.loss == ["ce"] and spec.grid.seed == [0]
     assert spec.trainer.lr == 0.01 and spec.trainer.epochs == 2 and spec.trainer.weights == "none"
-    assert spec.data.image_size == 32 and spec.data.augment is False
+    assert spec.data.image_size == 32 and spec.data.augment == "none"
     assert spec.data.synthetic is not None and spec.data.synthetic.classes == ["infected", "normal"]
     assert spec.data.synthetic.train == 24 and spec.data.root is None
     assert spec.output == str((tmp_path / "out").resolve())

@@ -69,7 +69,7 @@ def test_cxr_real_spec_is_the_measured_study() -> None:
     spec = validate(load_sweep("cxr-real.yaml"))
     t = spec.trainer
     assert (t.optimizer, t.lr, t.lr_schedule, t.epochs, t.head_hidden) == ("adam", 1e-3, "cosine", 12, 0)
-    assert spec.scheduler.select == "ema" and spec.scheduler.grace_period >= 4 and not spec.data.augment
+    assert spec.scheduler.select == "ema" and spec.scheduler.grace_period >= 4 and spec.data.augment == "none"
     plan = expand(spec)
     assert len(plan) == 6 and {p.seed for p in plan.values()} == {0, 1, 2}
     assert {p.freeze for p in plan.values()} == {"layer1", "none"}

@@ -370,7 +370,10 @@ def preflight(spec: Spec, plan: dict[str, HParams], resume: bool = False, overwr
     """Print the grid and every check (``out``), every problem at once (``err``); return 2 if any, else 0."""
     out, err = out or sys.stdout, err or sys.stderr
     problems: list[str] = []
-    print(plan_mod.plan_table(plan), file=out)
+    print(plan_mod.plan_table(plan, spec), file=out)
+    searched = plan_mod.search_summary(spec, plan)
+    if searched:
+        print("\n" + searched, file=out)
     print(f"\n{len(plan)} trial(s); output: {spec.output_dir}", file=out)
     lines, classes, n_images = _data(spec, problems)
     lines += _weights(spec, problems)

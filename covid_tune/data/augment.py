@@ -35,6 +35,42 @@ class AugmentSettings:
 
 
 COURSE = AugmentSettings()
+# torchvision's usual fine-tuning transforms: RandomRotation(15), RandomResizedCrop(scale=(0.7, 1)), flip
+LIGHT = AugmentSettings(degrees=15.0, scale=(0.7, 1.0))
+PRESETS: dict[str, AugmentSettings | None] = {"none": None, "light": LIGHT, "course": COURSE}
+# a spec's custom augmentation: its keys and, for each one left out, the value that does nothing
+CUSTOM_DEFAULTS = {"rotation": 0.0, "scale": (1.0, 1.0), "ratio": (3 / 4, 4 / 3), "flip": False}
+
+
+def augment_settings(augment: bool | str | dict | None) -> AugmentSettings | None:
+    """What a trial's ``augment`` means: None (no augmentation) or the settings of the batched pipeline.
+
+    ``augment`` is a preset name (``none``, ``light``, ``course``), a custom ``{rotation, scale, ratio,
+    flip}`` mapping (keys left out do nothing) or, as before presets, true (course) / false (none).
+    """
+    if augment is None or isinstance(augment, bool):
+        return COURSE if augment else None
+    if isinstance(augment, str):
+        if augment not in PRESETS:
+            raise ValueError(f"unknown augmentation {augment!r} (allowed: {', '.join(PRESETS)} or a mapping)")
+        return PRESETS[augment]
+    d = {**CUSTOM_DEFAULTS, **dict(augment)}
+    return AugmentSettings(degrees=float(d["rotation"]), scale=tuple(float(v) for v in d["scale"]),
+                           ratio=tuple(float(v) for v in d["ratio"]), flip=bool(d["flip"]))
+
+
+def augment_label(augment: bool | str | dict | None) -> str:
+    """A short readable name for config ids and tables: the preset's name, or ``r15s0.7-1f`` for a
+    custom one (rotation, crop scale, ``f`` = flip, ``a`` + ratio when not 3/4-4/3)."""
+    if augment is None or isinstance(augment, bool):
+        return "course" if augment else "none"
+    if isinstance(augment, str):
+        return augment
+    s = augment_settings(augment)
+    text = f"r{s.degrees:g}s{s.scale[0]:g}-{s.scale[1]:g}" + ("f" if s.flip else "")
+    if tuple(s.ratio) != CUSTOM_DEFAULTS["ratio"]:
+        text += f"a{s.ratio[0]:.3g}-{s.ratio[1]:.3g}"
+    return text
 
 
 def sample_affine(n: int, generator: torch.Generator, settings: AugmentSettings = COURSE) -> torch.Tensor:

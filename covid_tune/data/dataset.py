@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from covid_tune.data.augment import augment_settings
 from covid_tune.data.dicom import DICOM_EXTENSIONS, DicomUnavailable, decode_dicom, is_dicom
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
@@ -351,14 +352,16 @@ def index_targets(index: DatasetIndex, split: str, label_mode: str,
 
 # --- transforms ----------------------------------------------------------------------------
 
-def train_transform(image_size: int, augment: bool = True) -> T.Compose:
-    """The course's training preset: rotation, random resized crop, flip, ImageNet normalization."""
-    if not augment:
+def train_transform(image_size: int, augment: bool | str | dict = True) -> T.Compose:
+    """The training transform: rotation, random resized crop, flip (as ``augment`` sets them,
+    :func:`covid_tune.data.augment.augment_settings`; the course's preset by default), ImageNet normalization."""
+    settings = augment_settings(augment)
+    if settings is None:
         return eval_transform(image_size)
     return T.Compose([
-        T.RandomRotation(30),
-        T.RandomResizedCrop(image_size),
-        T.RandomHorizontalFlip(),
+        T.RandomRotation(settings.degrees),
+        T.RandomResizedCrop(image_size, scale=settings.scale, ratio=settings.ratio),
+        *([T.RandomHorizontalFlip()] if settings.flip else []),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from covid_tune.data import dataset as data_mod
-from covid_tune.data.augment import COURSE, AugmentSettings, make_batch
+from covid_tune.data.augment import COURSE, AugmentSettings, augment_settings, make_batch
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.engine.hparams import HParams
 
@@ -113,7 +113,7 @@ class FeatureLoader(_Batches):
 
 
 def make_loader(index: data_mod.DatasetIndex, split: str, image_size: int, batch_size: int, label_mode: str,
-                implies: dict, grayscale: bool = True, train: bool = False, augment: bool = True,
+                implies: dict, grayscale: bool = True, train: bool = False, augment: bool | str | dict = True,
                 num_workers: int = 0, seed: int = 0) -> DataLoader:
     """A DataLoader over one split: shuffled and augmented for training, fixed order otherwise."""
     targets = data_mod.index_targets(index, split, label_mode, implies)
@@ -167,7 +167,7 @@ class DataSource:
 
 def data_source(hp: HParams, index: data_mod.DatasetIndex, device: torch.device,
                 decoded: DecodedSplits | None = None, channels_last: bool = False) -> DataSource:
-    """``hp``'s train (shuffled, augmented when ``hp.augment``) and validation loaders over ``index``:
+    """``hp``'s train (shuffled, augmented as ``hp.augment`` says) and validation loaders over ``index``:
     device-resident :class:`TensorLoader` s over ``decoded`` (checked against ``index`` first), else
     PIL :func:`make_loader` s."""
     if decoded is None:
@@ -176,11 +176,13 @@ def data_source(hp: HParams, index: data_mod.DatasetIndex, device: torch.device,
         train = make_loader(index, "train", train=True, augment=hp.augment, **common)
         return DataSource(train, make_loader(index, "validation", **common), False, index, hp, device)
     decoded.check(index, hp.image_size, hp.grayscale)
+    settings = augment_settings(hp.augment)
 
     def tensors(split: str, train: bool) -> TensorLoader:
         targets = data_mod.index_targets(index, split, hp.label_mode, hp.implies)
         return TensorLoader(decoded[split], targets, hp.image_size, hp.batch_size, shuffle=train,
-                            augment=train and hp.augment, seed=hp.seed, device=device, channels_last=channels_last)
+                            augment=train and settings is not None, seed=hp.seed, device=device,
+                            channels_last=channels_last, settings=settings or COURSE)
 
     keys = tuple(decoded.keys.get(split) for split in ("train", "validation"))
     return DataSource(tensors("train", True), tensors("validation", False), True, index, hp, device, channels_last,

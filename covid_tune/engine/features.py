@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 import torch
 from torch import nn
 
+from covid_tune.data.augment import augment_settings
 from covid_tune.data.loaders import FeatureLoader
 from covid_tune.engine.hparams import HParams
 from covid_tune.models.freeze import PrefixSplit
@@ -111,7 +112,7 @@ def plan_feature_cache(hp: HParams, model: nn.Module, split: PrefixSplit, n_imag
                        amp_dtype: torch.dtype | None = None) -> FeaturePlan:
     """:func:`feature_cache_mode` for ``hp``, turned off again when ``n_images`` prefix outputs (one probe
     forward pass, in eval mode) would take more than ``hp.feature_cache_gb``."""
-    mode = feature_cache_mode(hp.feature_cache, bool(split), hp.augment)
+    mode = feature_cache_mode(hp.feature_cache, bool(split), augment_settings(hp.augment) is not None)
     if mode == "off":
         return FeaturePlan(mode)
     need = n_images * prefix_output_bytes(model, split.prefix, hp.image_size, device, amp_dtype)

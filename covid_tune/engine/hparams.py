@@ -40,7 +40,9 @@ class HParams:
     implies: dict = field(default_factory=dict)
     threshold: float = 0.5
     grayscale: bool = True
-    augment: bool = True
+    # none | light | course | {rotation, scale, ratio, flip} (covid_tune.data.augment.augment_settings); true/false
+    # are course/none
+    augment: str | dict | bool = "course"
     num_workers: int = 0
     feature_cache: str = "auto"  # auto | on | off: train what follows the frozen prefix on its outputs, computed once
     feature_cache_gb: float = 2.0  # the most memory (GB) one trial's cached prefix outputs may take

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from covid_tune.data import dataset as data_mod
+from covid_tune.data.augment import augment_settings
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.loaders import FeatureLoader, data_source, set_loader_epoch
 from covid_tune.engine.checkpoints import frozen_digest, is_slim, load_model_state, model_state
@@ -273,7 +274,8 @@ class TrainingRun:
     def modes(self) -> dict[str, int]:
         """Which paths this run takes, as 0/1 numbers for the reported metrics."""
         return dict(zip(self.MODE_KEYS, (int(self.decoded is not None), int(self.feature_mode != "off"),
-                                          int(self.hp.augment and self.feature_mode == "off"),
+                                          int(augment_settings(self.hp.augment) is not None
+                                              and self.feature_mode == "off"),
                                           int(self.device.type == "cuda"), int(self.compiled))))
 
     def feature_loaders(self) -> tuple[FeatureLoader, FeatureLoader]:

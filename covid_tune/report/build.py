@@ -21,7 +21,7 @@ from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
-from covid_tune.spec.sections import TRAINER_AXES
+from covid_tune.spec.sections import SWEPT_AXES
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
@@ -30,6 +30,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     class and split (multi-label: per label); ``sizes``: images per split (default: the sums of ``counts``,
     right for single-label only)."""
     from covid_tune.report import figures
+    from covid_tune.report.search import section as search_section
 
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
           "each split without augmentation. Epochs = epochs trained; `*` = stopped early by ASHA."
           + (f" Several seeds: mean ± sample std over {n_seeds} seeds." if n_seeds > 1 else ""),
           "", paths_line(flat), ""]
+    md += search_section(spec, rows, fig_dir)
     pct = sections.pct
     ci_rows = [[f["config_id"], pct(f["test_acc"]), f"[{pct(f['test_acc_ci_low'])}, {pct(f['test_acc_ci_high'])}]",
                 (r.get("eval") or {}).get("test", {}).get("n", "-")] if f["test_acc"] is not None
@@ -118,7 +120,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
                for r in problems] + [""]
     md += cards.markdown(out, card_paths)
     md += figures.overview_markdown(overview)
-    md += figures.markdown(figs, listed, tuple(a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1))
+    md += figures.markdown(figs, listed, tuple(a for a in SWEPT_AXES if len({r.get(a) for r in flat}) > 1))
     md += figures.cam_markdown(cams, listed)
     md += sections.all_configurations_table(flat, spec.scheduler.metric)
     (report_dir / "REPORT.md").write_text("\n".join(md) + "\n")

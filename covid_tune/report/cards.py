@@ -56,7 +56,7 @@ def _training_lines(spec: Spec, row: dict) -> list[str]:
         f"- Loss `{row['loss']}`, optimizer `{row['optimizer']}`, learning rate {row['lr']} "
         f"(schedule `{row['lr_schedule']}`), momentum {row['momentum']}, weight decay {row['weight_decay']}, "
         f"batch size {row['batch_size']}, seed {row['seed']}.",
-        f"- Images {d.image_size} px, grayscale {d.grayscale}, augmentation {d.augment}.",
+        f"- Images {d.image_size} px, grayscale {d.grayscale}, augmentation {row.get('augment', 'course')}.",
         f"- Epochs trained {row['epochs_trained']} of {row['epochs_max']}{stopped}; selected epoch "
         f"{row['best_epoch']} by `{spec.scheduler.metric}` (rule `{spec.scheduler.select}`, score "
         f"{_num(row.get('select_score'))}).",

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from covid_tune.engine.files import MODEL_META
+from covid_tune.spec.plan import readable
 
 FIGURE_VERSION = 1  # part of every digest: bump it when the drawing changes, so old files are redrawn
 
@@ -120,7 +121,7 @@ def markdown(figs: dict[str, dict[str, str]], rows: list[dict], axes: tuple[str,
         files = figs.get(row["config_id"], {})
         if not files:
             continue
-        settings = "".join(f", {a} {row[a]:g}" if isinstance(row[a], float) else f", {a} {row[a]}" for a in axes)
+        settings = "".join(f", {a} {readable(row[a])}" for a in axes)
         lines += [f"### {row['sr']}. {row['backbone']}, {row['layers']}, {row['loss']}{settings}, "
                   f"seed {row['seed']}", ""]
         order = ("loss", "acc", "confusion_train", "confusion_validation", "confusion")

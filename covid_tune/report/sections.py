@@ -15,12 +15,13 @@ from covid_tune.engine.losses import LOSS_LABELS
 from covid_tune.results import clinical, stats
 from covid_tune.results import collect as results_mod
 from covid_tune.spec.load import Spec
-from covid_tune.spec.sections import TRAINER_AXES
+from covid_tune.spec.plan import readable
+from covid_tune.spec.sections import SWEPT_AXES
 
 # test numbers of the positive class (single-label) or macro means (multi-label), results.clinical.headline
 CLINICAL_COLUMNS = ["vs_best_auc_p", "auc", "auc_ci_low", "auc_ci_high", "ap", "ap_ci_low", "ap_ci_high", "sens",
                     "spec", "ppv", "npv", "threshold", "ece", "brier", "temperature"]
-CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *TRAINER_AXES,
+CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *SWEPT_AXES,
                "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", "shortlisted",
                *results_mod.MODE_KEYS,
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
@@ -123,13 +124,13 @@ def metric_table(flat: list[dict], key: str, show_loss: bool = True, vs_best: di
     groups: dict[str, list[dict]] = {}
     for r in flat:
         groups.setdefault(r["group"], []).append(r)
-    axes = [a for a in TRAINER_AXES if len({r[a] for r in flat}) > 1]
+    axes = [a for a in SWEPT_AXES if len({r.get(a) for r in flat}) > 1]
     lines = []
     for sr, members in enumerate(groups.values(), 1):
         first = members[0]
         cells = [sr, first["backbone"], first["layers"]]
         cells += [LOSS_LABELS.get(first["loss"], first["loss"])] if show_loss else []
-        cells += [f"{first[a]:g}" if isinstance(first[a], float) else first[a] for a in axes]
+        cells += [readable(first[a]) for a in axes]
         cells += [_epochs_cell(members)]
         cells += [_cell([m[f"{p}_{key}"] for m in members], members) for p in ("train", "val", "test")]
         cells += [vs_best.get(first["group"], "-")] if vs_best is not None else []

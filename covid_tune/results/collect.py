@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from covid_tune.data.augment import augment_label
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex, index_targets
 from covid_tune.data.loaders import TensorLoader, make_loader
@@ -37,6 +38,7 @@ from covid_tune.engine.metrics import bootstrap_ci
 from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, freeze_label, load_exported, save_exported
 from covid_tune.results import clinical, selection, stats
 from covid_tune.spec.load import Spec
+from covid_tune.spec.plan import with_trial_values
 from covid_tune.spec.sections import TRAINER_AXES, ReportSpec
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class TrialRecord:
     # epoch -> the file holding its weights: the folder's state.pt, or selected.pt for the selected epoch
     weights: dict[int, Path] = field(default_factory=dict)
     broken: list[str] = field(default_factory=list)  # checkpoints that did not load
+    params: dict = field(default_factory=dict)  # params.json: the settings the trial was given (sampled ones too)
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -115,12 +118,14 @@ def collect(experiment: Path) -> dict[str, TrialRecord]:
     for params in sorted(Path(experiment).glob("*/params.json")):
         trial_dir = params.parent
         try:
-            cid = json.loads(params.read_text()).get("config_id")
+            given = json.loads(params.read_text())
         except json.JSONDecodeError:  # a trial folder Tune was still creating when the sweep stopped
             continue
+        cid = given.get("config_id")
         if cid is None:
             continue
         rec = read_trial(cid, trial_dir)
+        rec.params = given
         if cid in records and len(records[cid].history) >= len(rec.history):
             continue
         records[cid] = rec
@@ -329,6 +334,8 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
     rows, to_eval = [], []
     for sr, (cid, hp) in enumerate(plan.items(), 1):
         rec = records.get(cid)
+        if rec is not None:
+            hp = with_trial_values(hp, rec.params)  # what a searcher sampled at run time
         # no trials.json: the sweep was interrupted before Tune finished
         status = (trial_status or {}).get(cid, {}).get("status", "incomplete")
         row = {"sr": sr, "config_id": cid, "group": hp.group, "backbone": hp.backbone, "freeze": hp.freeze,
@@ -337,7 +344,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
                "stopped_early": False,
                "status": status if rec else "not started", "checkpoint": None, "history": [],
                "node": None, "node_ip": None, "node_id": None, **dict.fromkeys(MODE_KEYS)}
-        row.update({k: getattr(hp, k) for k in TRAINER_AXES})
+        row.update({k: getattr(hp, k) for k in TRAINER_AXES}, augment=augment_label(hp.augment))
         if rec is not None:
             for problem in rec.broken:
                 warnings.warn(f"{cid}: skipping unreadable checkpoint {problem}", stacklevel=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ from covid_tune.engine import schedule
 from covid_tune.engine.losses import LOSSES
 from covid_tune.models import registry as models
 from covid_tune.spec.sections import (
+    UNION_TAGS,
     DataSpec,
     GridSpec,
     RaySpec,
     ReportSpec,
     ResourcesSpec,
     SchedulerSpec,
+    SearchSpec,
     Section,
     TrackingSpec,
     TrainerSpec,
@@ -43,6 +46,7 @@ class Spec(Section):
     output: str | None = None
     data: DataSpec
     grid: GridSpec
+    search: SearchSpec = SearchSpec()
     trainer: TrainerSpec = TrainerSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -84,6 +88,7 @@ class Spec(Section):
         grace = schedule.grace_problems(self.scheduler.grace_period, self.all_freeze_levels(), self.trainer.epochs)
         problems += grace or _asha_problems(self.scheduler, self.trainer.epochs)
         problems += _positive_problems(self)
+        problems += _search_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -154,6 +159,21 @@ def _positive_problems(spec: Spec) -> list[str]:
     return []
 
 
+def _search_problems(spec: Spec) -> list[str]:
+    """A distribution needs a search that samples; a search that samples needs a distribution."""
+    sampled, algorithm = list(spec.grid.distributions()), spec.search.algorithm
+    if sampled and algorithm == "grid":
+        return [f"grid.{a}: a distribution needs search.algorithm random or optuna (it is grid; or list values)"
+                for a in sampled]
+    if not sampled and algorithm != "grid":
+        return [f"search.algorithm {algorithm}: no grid axis is a distribution, so nothing is sampled (give one, "
+                "e.g. grid.lr: {loguniform: [1.0e-4, 1.0e-2]}, or use grid)"]
+    if not sampled and spec.search.samples > 1:
+        return [f"search.samples ({spec.search.samples}): only a search that samples (random, optuna) draws "
+                "several settings per grid cell"]
+    return []
+
+
 def _asha_problems(sched: SchedulerSpec, epochs: int) -> list[str]:
     # in ASHA's time units, where a per-level grace is its smallest value (covid_tune.engine.schedule)
     sched = sched.model_copy(update={"grace_period": schedule.min_grace(sched.grace_period)})
@@ -178,15 +198,22 @@ def _asha_problems(sched: SchedulerSpec, epochs: int) -> list[str]:
     return problems
 
 
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    """The section model inside a field's type (through Optional, unions, lists and Annotated)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return next((m for m in map(_model_in, typing.get_args(ann)) if m is not None), None)
+
+
 def _allowed_keys(loc: tuple) -> list[str] | None:
     model: Any = Spec
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list axis
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
-        ann = field.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,))
-                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = _model_in(field.annotation)
         if model is None:
             return None
     return list(model.model_fields)
@@ -195,7 +222,8 @@ def _allowed_keys(loc: tuple) -> list[str] | None:
 def _error_lines(err: ValidationError, skip: set[tuple] = frozenset()) -> list[str]:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("list[", "dict["))))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("list[", "dict[")))
+                    and p not in UNION_TAGS)
         if any(loc[: len(s)] == s for s in skip):
             continue
         key = ".".join(str(p) for p in loc) or "(top level)"
@@ -220,6 +248,8 @@ def _drop_bad_keys(raw: dict, err: ValidationError) -> list[tuple]:
             continue
         path = []
         for part in e["loc"]:
+            if part in UNION_TAGS:
+                continue
             if not isinstance(part, str) or part.startswith(("list[", "dict[")):
                 break
             path.append(part)

@@ -8,7 +8,19 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from covid_tune.engine import schedule
 from covid_tune.engine.files import MLFLOW_FOLDER
@@ -16,6 +28,7 @@ from covid_tune.engine.losses import LOSSES
 from covid_tune.models import registry as models
 
 TRAINER_AXES = ("optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "batch_size", "head_hidden", "dropout")
+SWEPT_AXES = TRAINER_AXES + ("augment",)  # every axis a grid may list or sample besides backbone/freeze/loss/seed
 METRICS = ("val_acc", "val_f1", "val_loss")
 
 
@@ -93,6 +106,57 @@ class SplitFractions(Section):
         return self
 
 
+AUGMENT_PRESETS = ("none", "light", "course")
+# the branch names of the spec's tagged unions: pydantic puts them into an error's location, messages leave them out
+UNION_TAGS = ("[preset]", "[mapping]", "[list]", "[distribution]")
+
+
+class AugmentSpec(Section):
+    """A custom training augmentation (the batched pipeline's settings); a key left out does nothing."""
+
+    rotation: Float = Field(0.0, ge=0, le=180, description="random rotation within +-degrees")
+    scale: tuple[Float, Float] = Field((1.0, 1.0), description="RandomResizedCrop's area fraction [lo, hi]")
+    ratio: tuple[Float, Float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop's aspect ratio [lo, hi]")
+    flip: bool = Field(False, description="random horizontal flip")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"[{v[0]:g}, {v[1]:g}]: need 0 < lo <= hi <= 1 (a share of the image's area)")
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"[{v[0]:g}, {v[1]:g}]: need 0 < lo <= hi (width / height)")
+        return v
+
+
+def _augment_value(value: Any) -> Any:
+    # true/false from before the presets; one message for anything that is neither a preset nor a mapping
+    if isinstance(value, bool):
+        return "course" if value else "none"
+    if isinstance(value, str) and value not in AUGMENT_PRESETS or not isinstance(value, (str, dict, AugmentSpec)):
+        raise ValueError(f"{value!r} is not an augmentation (allowed: {', '.join(AUGMENT_PRESETS)}, true (course), "
+                         "false (none) or a mapping of rotation, scale, ratio, flip)")
+    return value
+
+
+# a preset's name or a custom mapping; the discriminator keeps pydantic to the one form given (one message)
+Augment = Annotated[
+    Annotated[Literal["none", "light", "course"], Tag(UNION_TAGS[0])] | Annotated[AugmentSpec, Tag(UNION_TAGS[1])],
+    Discriminator(lambda v: UNION_TAGS[0] if isinstance(v, str) else UNION_TAGS[1]),
+    BeforeValidator(_augment_value),
+]
+
+
+def augment_value(value: str | AugmentSpec) -> str | dict:
+    """A spec's augmentation as a trial carries it (a preset's name or a plain mapping)."""
+    return value if isinstance(value, str) else value.model_dump(mode="json")
+
+
 class DataSpec(Section):
     root: str | None = None
     labels: str | None = Field(None, description="a CSV of labels (data.columns says which column is what); "
@@ -112,7 +176,9 @@ class DataSpec(Section):
                             "warn (kept, named in the console and REPORT.md), error (refused before training), "
                             "drop (removed from the later split)")
     grayscale: bool = True
-    augment: bool = True
+    augment: Augment = Field("course", description="training augmentation: none | light (rotation 15, crop scale "
+                                                    "0.7-1, flip) | course (rotation 30, crop scale 0.08-1, flip) | "
+                                                    "{rotation, scale, ratio, flip}; true = course, false = none")
     num_workers: Int = Field(0, ge=0)
     cache: bool = Field(True, description="decode + resize every image once into OUTPUT/cache (uint8), "
                                           "augment as tensors on the trial's device; false = PIL DataLoader")
@@ -138,7 +204,96 @@ class DataSpec(Section):
 
 
 def _as_list(value: Any) -> Any:
-    return value if value is None or isinstance(value, (list, dict)) else [value]
+    return value if value is None or isinstance(value, (list, dict, BaseModel)) else [value]
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+
+
+class Distribution(Section):
+    """A grid axis sampled instead of listed: exactly one of ``loguniform: [lo, hi]``, ``uniform: [lo, hi]``,
+    ``choice: [values]`` (search.algorithm random or optuna draws search.samples settings per grid cell)."""
+
+    loguniform: tuple[Float, Float] | None = None
+    uniform: tuple[Float, Float] | None = None
+    choice: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, raw: Any) -> Any:
+        # one message for a kind that does not exist or several kinds, instead of pydantic's per-key ones
+        if isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if v is not None}  # a dumped spec lists the kinds not given as null
+            unknown = [k for k in raw if k not in DISTRIBUTIONS]
+            if unknown or len(raw) != 1:
+                what = f"unknown distribution {unknown[0]!r}" if unknown else f"{len(raw)} distributions given"
+                raise ValueError(f"{what} (allowed: exactly one of {', '.join(DISTRIBUTIONS)}, e.g. "
+                                 "{loguniform: [1.0e-4, 1.0e-2]})")
+        return raw
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Distribution:
+        for kind in ("loguniform", "uniform"):
+            bounds = getattr(self, kind)
+            if bounds is None:
+                continue
+            lo, hi = bounds
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform [{lo:g}, {hi:g}]: a log scale needs low > 0")
+            if lo >= hi:
+                raise ValueError(f"{kind} [{lo:g}, {hi:g}]: low must be below high")
+        if self.choice is not None:
+            repeated = sorted({str(v) for v in self.choice if self.choice.count(v) > 1})
+            if repeated:
+                raise ValueError(f"choice: repeated value(s) {repeated}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> list:
+        return list(getattr(self, self.kind))
+
+    def text(self) -> str:
+        """``loguniform[0.0001, 0.01]``, as the dry run and the report show it."""
+        return f"{self.kind}[{', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in self.args)}]"
+
+
+def _axis(item: Any) -> Any:
+    """A grid axis: a list of ``item`` values, or a :class:`Distribution` (tagged: one message per problem)."""
+    return Annotated[
+        Annotated[list[item], Tag(UNION_TAGS[2])] | Annotated[Distribution, Tag(UNION_TAGS[3])],
+        Discriminator(lambda v: UNION_TAGS[3] if isinstance(v, (dict, Distribution)) else UNION_TAGS[2]),
+    ] | None
+
+
+class SearchSpec(Section):
+    """How the distributions of the grid are searched; the listed axes stay a full grid."""
+
+    algorithm: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid = lists only; random = independent draws per grid cell (seeded); optuna = "
+                            "Optuna's TPE (Ray Tune's OptunaSearch), one search per grid cell")
+    samples: Int = Field(1, ge=1, description="settings drawn per grid cell (each trained once per grid.seed)")
+    seed: Int = Field(0, description="the draws' seed: the same seed draws the same settings (random) or "
+                                     "seeds TPE's sampler (optuna)")
+
+
+# each grid axis's item type (the bounds of the trainer key it replaces); a distribution's values obey it too
+AXIS_ITEMS: dict[str, Any] = {
+    "optimizer": Literal["sgd", "adam"],
+    "lr": Annotated[Float, Field(gt=0)],
+    "lr_schedule": Literal["constant", "cosine"],
+    "momentum": Annotated[Float, Field(ge=0, lt=1)],
+    "weight_decay": Annotated[Float, Field(ge=0)],
+    "batch_size": Annotated[Int, Field(ge=1)],
+    "head_hidden": Annotated[Int, Field(ge=0)],
+    "dropout": Annotated[Float, Field(ge=0, lt=1)],
+    "augment": Augment,
+}
+CATEGORICAL_AXES = ("optimizer", "lr_schedule", "augment")
+INTEGER_AXES = ("batch_size", "head_hidden")
 
 
 class GridSpec(Section):
@@ -148,15 +303,16 @@ class GridSpec(Section):
     freeze: list[str] | dict[str, list[str]] = ["none"]
     loss: list[str] = Field(default=["ce"], min_length=1)
     seed: list[Int] = Field(default=[0], min_length=1)
-    # the same bounds as the trainer keys they replace
-    optimizer: list[Literal["sgd", "adam"]] | None = None
-    lr: list[Annotated[Float, Field(gt=0)]] | None = None
-    lr_schedule: list[Literal["constant", "cosine"]] | None = None
-    momentum: list[Annotated[Float, Field(ge=0, lt=1)]] | None = None
-    weight_decay: list[Annotated[Float, Field(ge=0)]] | None = None
-    batch_size: list[Annotated[Int, Field(ge=1)]] | None = None
-    head_hidden: list[Annotated[Int, Field(ge=0)]] | None = None
-    dropout: list[Annotated[Float, Field(ge=0, lt=1)]] | None = None
+    # the same bounds as the trainer keys they replace; each a list or a distribution (SearchSpec)
+    optimizer: _axis(AXIS_ITEMS["optimizer"]) = None
+    lr: _axis(AXIS_ITEMS["lr"]) = None
+    lr_schedule: _axis(AXIS_ITEMS["lr_schedule"]) = None
+    momentum: _axis(AXIS_ITEMS["momentum"]) = None
+    weight_decay: _axis(AXIS_ITEMS["weight_decay"]) = None
+    batch_size: _axis(AXIS_ITEMS["batch_size"]) = None
+    head_hidden: _axis(AXIS_ITEMS["head_hidden"]) = None
+    dropout: _axis(AXIS_ITEMS["dropout"]) = None
+    augment: _axis(AXIS_ITEMS["augment"]) = None  # data.augment's values, one grid axis
 
     _wrap = field_validator("*", mode="before")(_as_list)
 
@@ -164,12 +320,37 @@ class GridSpec(Section):
     @classmethod
     def _no_repeats(cls, value: Any) -> Any:
         # a repeated value would give two trials the same config id
+        if isinstance(value, Distribution):
+            return value
         lists = value.values() if isinstance(value, dict) else [value] if value is not None else []
         for values in lists:
             repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
             if repeated:
                 raise ValueError(f"repeated value(s) {repeated}")
         return value
+
+    @field_validator(*AXIS_ITEMS)
+    @classmethod
+    def _distribution_values(cls, dist: Any, info: ValidationInfo) -> Any:
+        # a distribution's bounds and choices obey the axis's own bounds; only numbers are drawn from ranges
+        axis = info.field_name
+        if not isinstance(dist, Distribution):
+            return dist
+        if dist.kind != "choice" and axis in CATEGORICAL_AXES:
+            raise ValueError(f"{dist.kind} draws numbers; {axis} takes choice: [...]")
+        if axis == "augment" and any(v not in AUGMENT_PRESETS for v in dist.args):
+            raise ValueError(f"choice draws among preset names (allowed: {', '.join(AUGMENT_PRESETS)}); list "
+                             "custom mappings as a grid axis instead")
+        try:
+            TypeAdapter(list[AXIS_ITEMS[axis]]).validate_python(dist.args)
+        except ValidationError as err:
+            msgs = sorted({e["msg"].removeprefix("Value error, ") for e in err.errors()})
+            raise ValueError(f"{dist.text()}: {'; '.join(msgs)}") from None
+        return dist
+
+    def distributions(self) -> dict[str, Distribution]:
+        """The sampled axes, in the order of :data:`SWEPT_AXES`."""
+        return {a: getattr(self, a) for a in SWEPT_AXES if isinstance(getattr(self, a), Distribution)}
 
     @field_validator("backbone")
     @classmethod

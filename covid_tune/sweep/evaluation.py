@@ -146,13 +146,15 @@ class Evaluations:
     def trial_finished(self, trial) -> None:
         """Export and evaluate a finished trial's best checkpoint (never raises: the report retries)."""
         from covid_tune.results.collect import read_trial
+        from covid_tune.spec.plan import with_trial_values
 
         try:
             cid = trial.config["config_id"]
             rec = read_trial(cid, Path(trial.storage.trial_fs_path),
                              Path(trial.storage.trial_driver_staging_path) / "result.json")
+            hp = with_trial_values(self.plan[cid], trial.config)  # with what a searcher sampled
             self._pending[cid] = self._actor().export_and_evaluate.remote(
-                rec, self.plan[cid], self.index.classes, self.spec.scheduler.metric, self.spec.scheduler.mode,
+                rec, hp, self.index.classes, self.spec.scheduler.metric, self.spec.scheduler.mode,
                 self.spec.output_dir / "best", self.spec.output_dir / "report" / "figures", self.spec.data.label_mode)
             self.early += 1
         except Exception as exc:  # noqa: BLE001

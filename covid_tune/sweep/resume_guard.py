@@ -1,21 +1,21 @@
 """What a ``--resume`` must find as covid_tune left it: Tune's state files (Tune unpickles them) and the data.
 
 Tune 2.60's restore (``ray/tune/impl/tuner_internal.py``, ``TuneController.resume`` in
-``ray/tune/execution/tune_controller.py``) unpickles, from the experiment folder's top level:
-``tuner.pkl`` (``pickle.loads``), the newest ``experiment_state-*.json`` (JSON whose non-JSON values are
-embedded cloudpickle blobs, decoded with ``allow_cloudpickle=True``), the search algorithm's
-``basic-variant-state-*.json`` / ``searcher-state-*.pkl`` (``cloudpickle.load``) and the callbacks'
-saved state. Trial folders hold ``params.pkl`` (not read on restore) and checkpoints (read with
-``torch.load(weights_only=True)``). So every regular file at the experiment folder's top level is
-guarded: its SHA-256 is recorded in ``OUTPUT/state-digest.json`` each time Tune writes it during a
-covid_tune run (``ray_internals.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once)
-and when the run ends, and the recorded bytes are kept in ``OUTPUT/state-verified/``. ``--resume``
-refuses (exit 2) a file whose digest is not among those recorded, an unrecorded file, or a folder with
-no record at all, before Tune reads anything; except a state file Tune saves again and again
-(``RESAVED``) whose recorded copy is there: a driver killed while Tune saves its state leaves a newer
-file than the last record, so that file is replaced by the recorded copy, never read, and Tune resumes
-from it (a snapshot a moment older, which Tune's restore handles as any lagging
-snapshot; ``ray_internals.ResumeFromLastReport`` catches each trial up to its last reported epoch).
+``ray/tune/execution/tune_controller.py``) unpickles, from the experiment folder's top level: ``tuner.pkl``
+(``pickle.loads``), the newest ``experiment_state-*.json`` (JSON whose non-JSON values are embedded
+cloudpickle blobs, decoded with ``allow_cloudpickle=True``), the search algorithm's ``basic-variant-
+state-*.json`` / ``search_gen_state-*.json`` and ``searcher-state-*.pkl`` (``cloudpickle.load``) and the
+callbacks' saved state. Trial folders hold ``params.pkl`` (not read on restore) and checkpoints (read with
+``torch.load(weights_only=True)``). So every regular file at the experiment folder's top level is guarded: its
+SHA-256 is recorded in ``OUTPUT/state-digest.json`` each time Tune writes it during a covid_tune run
+(``ray_internals.RecordStateDigest``; ``tuner.pkl`` right after Tune writes it, once) and when the run ends,
+and the recorded bytes are kept in ``OUTPUT/state-verified/``. ``--resume`` refuses (exit 2) a file whose
+digest is not among those recorded, an unrecorded file, or a folder with no record at all, before Tune reads
+anything; except a state file Tune saves again and again (``RESAVED``) whose recorded copy is there: a driver
+killed while Tune saves its state leaves a newer file than the last record, so that file is replaced by the
+recorded copy, never read, and Tune resumes from it (a snapshot a moment older, which Tune's restore handles
+as any lagging snapshot; ``ray_internals.ResumeFromLastReport`` catches each trial up to its last reported
+epoch).
 
 The data a sweep started with (``data.root``, ``class_map``, synthetic settings, and a digest of the
 file list: relative paths and sizes) is recorded in ``OUTPUT/data-digest.json`` at the first start;
@@ -45,7 +45,8 @@ STATE_DIGEST_FILE = "state-digest.json"
 VERIFIED_DIR = "state-verified"  # the recorded bytes of each guarded file, the newest record
 # the files Tune saves again and again during a run (its templates in ray/tune): a kill can land between
 # such a save and its record; tuner.pkl is written once, before any trial, and recorded right after
-RESAVED = ("experiment_state-*.json", "basic-variant-state-*.json", "searcher-state-*.pkl")
+# (a searcher, search.algorithm optuna, saves search_gen_state-*.json and searcher-state-*.pkl)
+RESAVED = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 DATA_DIGEST_FILE = "data-digest.json"
 KEEP = 64  # digests kept per file: the copy on storage may be several saves older than the newest
 # the data settings that decide which images and classes (a label table: its path, columns and split fractions)

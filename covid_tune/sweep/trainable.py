@@ -24,6 +24,7 @@ from covid_tune.engine.hparams import HParams
 from covid_tune.engine.schedule import Grace, time_metrics
 from covid_tune.engine.training import TrainingRun, default_device
 from covid_tune.results import selection
+from covid_tune.spec.plan import with_trial_values
 
 FEATURES_ACTOR = "covid_tune-features"  # + sweep name + node id: one feature registry per sweep and node
 # a detached actor needs a named namespace (in the driver's anonymous one Ray warns on stdout)
@@ -280,7 +281,8 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
                 decoded: DecodedSplits | None = None,
                 pretrained: dict[str, ray.ObjectRef] | None = None, grace: Grace = 1,
                 share_features: str | None = None, select: tuple[str, str, str] = ("val_loss", "min", "best")) -> None:
-    """Train ``plan[config['config_id']]``, resuming from Tune's last checkpoint when there is one.
+    """Train ``plan[config['config_id']]`` (with the settings ``config`` carries), resuming from Tune's last
+    checkpoint when there is one.
 
     ``decoded`` (the sweep's decoded cache, from Ray's object store: zero-copy, read-only, one copy
     per node) selects the tensor pipeline; without it the trial decodes with PIL. Each epoch's
@@ -298,7 +300,8 @@ def train_trial(config: dict, plan: dict[str, HParams], index: DatasetIndex, cpu
     Epoch k + 1 trains while epoch k is reported (and, on a GPU, while its state, copied to the CPU
     as soon as it ended, is written); the checkpoint of epoch k holds exactly the state after epoch k.
     """
-    hp = plan[config["config_id"]]
+    # a searcher's samples (optuna) arrive in the config, not in the plan
+    hp = with_trial_values(plan[config["config_id"]], config)
     torch.set_num_threads(max(1, int(cpus)))
     store = RayFeatureStore(share_features) if share_features else None
     run = TrainingRun(hp, index, default_device(use_gpu=gpu > 0), decoded=decoded,

@@ -27,6 +27,7 @@ from covid_tune.sweep import resume_guard
 from covid_tune.sweep.cluster import check_resources, check_shared_paths, models_travel, start_shared
 from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations
 from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport, tuner_run_config
+from covid_tune.sweep.search import cell_search
 from covid_tune.sweep.trainable import release_feature_stores, train_trial
 
 log = logging.getLogger(__name__)
@@ -221,15 +222,19 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         resume_guard.clear_record(spec.output_dir)  # a new sweep's record
         sched = spec.scheduler
         scheduler = make_scheduler(spec)
+        # optuna: the searcher hands out the plan's trials with its samples (sweep.search); else the plan's grid
+        searched = spec.search.algorithm == "optuna"
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(spec, plan),
+            param_space={} if searched else param_space(spec, plan),
             # reuse_actors: a worker process that finished (or ASHA stopped) a trial starts the next one,
             # skipping a process start and torch's imports (seconds per trial); train_trial leaves no
             # thread or state behind
             tune_config=tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=scheduler,
                                         max_concurrent_trials=spec.ray.max_concurrent, reuse_actors=True,
-                                        trial_dirname_creator=_trial_dirname),
+                                        trial_dirname_creator=_trial_dirname,
+                                        search_alg=cell_search(spec, plan) if searched else None,
+                                        num_samples=len(plan) if searched else 1),
             run_config=tune.RunConfig(
                 name=spec.name,
                 storage_path=spec.storage_root,
