@@ -225,7 +225,17 @@ def sweep_index(spec: Spec, checks: dict | None = None):
     dups = (checks or {}).get("duplicates")
     if dups and dups.get("action") == "drop":
         index = drop_duplicates(index, Duplicates.from_dict(dups))
-    return index
+    return add_folds(spec, index)
+
+
+def add_folds(spec: Spec, index):
+    """``index`` with its cross-validation folds (``data.folds``; the index as it is without). Raises
+    :class:`~covid_tune.data.folds.FoldError` (a ValueError) for a group that crosses into test."""
+    if not spec.data.folds:
+        return index
+    from covid_tune.data.folds import with_folds
+
+    return with_folds(index, spec.data.folds, spec.data.group_by, spec.data.fold_seed)
 
 
 def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None, index=None) -> Path:

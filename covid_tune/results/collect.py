@@ -19,6 +19,7 @@ import torch
 
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex, index_targets
+from covid_tune.data.folds import fold_view
 from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.engine import training as engine
 from covid_tune.engine.checkpoints import METRICS_FILE, SELECTED_FILE, STATE_FILE
@@ -192,6 +193,8 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
                 _add_clinical(cached, meta, explain)
                 _write_json(cache, cached)
             return cached
+    if meta.get("fold") is not None:  # a fold's model: validation is its held-out fold (out-of-fold outputs)
+        index, decoded = fold_view(index, decoded, meta["fold"])
     device = engine.default_device()
     model.to(device)
     loss_fn = build_loss(meta["loss"], meta["focal_alpha"], meta["focal_gamma"])
@@ -290,7 +293,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
         # no trials.json: the sweep was interrupted before Tune finished
         status = (trial_status or {}).get(cid, {}).get("status", "incomplete")
         row = {"sr": sr, "config_id": cid, "group": hp.group, "backbone": hp.backbone, "freeze": hp.freeze,
-               "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed,
+               "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed, "fold": hp.fold,
                "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "select_score": None,
                "stopped_early": False,
                "status": status if rec else "not started", "checkpoint": None, "history": [],
