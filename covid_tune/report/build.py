@@ -16,8 +16,9 @@ from tabulate import tabulate
 from covid_tune.data.dataset import Duplicates, drop_duplicates, scan_dataset
 from covid_tune.engine.files import DATA_CHECKS_FILE, RESULTS_FILE, SPEC_FILE, TRIALS_FILE
 from covid_tune.report import cards, evidence, sections
+from covid_tune.report import crossval as crossval_report
 from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line
-from covid_tune.results import clinical, stats
+from covid_tune.results import clinical, crossval, stats
 from covid_tune.results import collect as results_mod
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
@@ -25,7 +26,8 @@ from covid_tune.spec.sections import TRAINER_AXES
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
-                 data_checks: dict | None = None, sizes: dict[str, int] | None = None) -> Path:
+                 data_checks: dict | None = None, sizes: dict[str, int] | None = None,
+                 ensembles: dict[str, dict] | None = None) -> Path:
     """Write REPORT.md, results.csv, results.json and figures under ``out/report``. ``counts``: images per
     class and split (multi-label: per label); ``sizes``: images per split (default: the sums of ``counts``,
     right for single-label only)."""
@@ -38,6 +40,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     for r in rows:
         r["vs_best"] = comparisons.get(r["group"])
         r["vs_best_auc"] = auc_comparisons.get(r["group"])
+    cv = crossval.cross_validation(rows)  # data.folds: estimates per configuration ({} without folds)
+    ensembles = ensembles or {}
     sizes = sizes if sizes is not None else {s: sum(c.values()) for s, c in counts.items()}
     n_val = sizes.get("validation", 0)
     stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
@@ -57,7 +61,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
         {"name": spec.name, "data_root": spec.data.root, "classes": classes, "counts": counts,
          "metric": spec.scheduler.metric, "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
          "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
-         "seed_agreement": stats.seed_agreement(rows),
+         "seed_agreement": stats.seed_agreement(rows), "cross_validation": cv, "ensembles": ensembles,
          "positive": next((r["clinical"]["positive"] for r in rows if r.get("clinical")), None),
          "operating_point": spec.report.operating_point,
          "rows": slim}, indent=1))
@@ -103,6 +107,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
+    md += crossval_report.section(cv, best, ensembles)
     md += evidence.discrimination_section(listed, clinical_figs, best)
     md += evidence.operating_point_section(listed)
     md += evidence.calibration_section(listed, clinical_figs)
