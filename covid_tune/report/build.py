@@ -18,7 +18,7 @@ from covid_tune.engine.files import DATA_CHECKS_FILE, RESULTS_FILE, SPEC_FILE, T
 from covid_tune.report import cards, evidence, sections
 from covid_tune.report import crossval as crossval_report
 from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line
-from covid_tune.results import clinical, crossval, stats
+from covid_tune.results import clinical, crossval, ensemble, stats
 from covid_tune.results import collect as results_mod
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
@@ -260,5 +260,12 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode,
                                 out / "best", status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha,
                                 top_k=spec.report.top_k)
+    ensembles = {}
+    best = stats.best_group(rows, spec.scheduler.metric, spec.scheduler.mode)
+    target = ensemble.export_ensemble(rows, best, spec.report.ensemble, out / "best")
+    if target is not None:  # the chosen configuration as one model, evaluated as any exported model is
+        ev = evaluator([target], index)[0]
+        results_mod.store_operating_point(target, ev.get("clinical"))
+        ensembles[best] = ensemble.summary(ev, ensemble.members(rows, best, spec.report.ensemble))
     return write_report(out, spec, rows, index.classes, index.counts(), checks,
-                        sizes={s: len(items) for s, items in index.splits.items()})
+                        sizes={s: len(items) for s, items in index.splits.items()}, ensembles=ensembles)

@@ -214,7 +214,10 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
         if split != "train" and res.logits is not None:
             out["splits"][split].update(logits=res.logits.tolist(), y=res.y_true.astype(int).tolist())
     probs, out["shortcut"], out["cam"] = explain_split(model, meta, loader, index.labels("test"), index.paths("test"),
-                                                       device, explain["shortcut_check"], explain["gradcam"])
+                                                       device, explain["shortcut_check"],
+                                                       # Grad-CAM needs one backbone's layers: none for an ensemble
+                                                       {**explain["gradcam"], "per_class": 0} if "ensemble" in meta
+                                                       else explain["gradcam"])
     out["splits"]["test"].update(probs=probs, files=index.paths("test"))
     _add_clinical(out, meta, explain)
     _write_json(cache, out)

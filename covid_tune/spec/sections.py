@@ -361,6 +361,11 @@ class ReportSpec(Section):
     operating_point: str = Field("youden", description="the threshold on the positive class's calibrated "
                                                        "probability, chosen on validation: youden | sensitivity=X "
                                                        "| specificity=X | a fixed threshold such as 0.5")
+    ensemble: Literal["auto", "seeds", "folds", "none"] = Field(
+        "auto", description="the chosen configuration also as one model averaging its members' probabilities "
+                            "(best/<group>/ensemble/): auto = every member the sweep trained for it (seeds x "
+                            "folds); seeds = the seeds of its first fold; folds = its lowest seed of every fold; "
+                            "none = no ensemble")
     top_k: Int = Field(8, ge=1, description="beyond this many configurations REPORT.md details (and test "
                                             "evaluates) a shortlist: each group's best on validation plus the "
                                             "top_k overall")
