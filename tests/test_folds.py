@@ -171,3 +171,43 @@ def test_dry_run_prints_the_folds_and_refuses_a_crossing_group(tmp_path: Path) -
     proc = dry_run(tmp_path, bad, "patient_group")
     assert proc.returncode == 2 and "group(s) in both test and train/validation" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_fold_sweep_end_to_end(tmp_path: Path) -> None:
+    """folds 2 x 1 configuration x 1 seed on a tiny tree with a manifest: 2 trials, the report's CV section,
+    the ensemble of both folds evaluated and taken by predict."""
+    import json
+
+    root = make_tree(tmp_path / "d", {"train": 8, "validation": 4, "test": 4})
+    spec = {"name": "cv", "data": {"root": str(root), "folds": 2, "group_by": "patient_group", "image_size": 32,
+                                   "augment": False},
+            "grid": {"backbone": "tiny_cnn", "freeze": "none"},
+            "trainer": {"epochs": 2, "weights": "none", "batch_size": 8, "head_hidden": 8, "lr": 0.01},
+            "scheduler": {"metric": "val_loss", "asha": False}, "resources": {"cpus": 1},
+            "report": {"shortcut_check": False, "gradcam": {"per_class": 0}}, "output": str(tmp_path / "out")}
+    path = tmp_path / "cv.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    trials = json.loads((out / "trials.json").read_text())
+    assert sorted(trials) == ["tiny_cnn-none-ce-f0-s0", "tiny_cnn-none-ce-f1-s0"]
+    assert {t["status"] for t in trials.values()} == {"ok"}
+    # each fold's model was validated on its own held-out fold: together every pooled image once
+    files = []
+    for cid in trials:
+        ev = json.loads((out / "best" / cid / "eval.json").read_text())
+        files.append(ev["splits"]["validation"]["n"])
+    assert sum(files) == 24
+    md = (out / "report" / "REPORT.md").read_text()
+    assert "## Cross-validation" in md and "### Ensembles" in md
+    results = json.loads((out / "report" / "results.json").read_text())
+    cv = results["cross_validation"]["tiny_cnn-none-ce"]
+    assert cv["k"] == 2 and cv["oof"]["n"] == 24
+    ens = out / "best" / "tiny_cnn-none-ce" / "ensemble"
+    assert (ens / "eval.json").is_file() and results["ensembles"]["tiny_cnn-none-ce"]["members"] == 2
+    pred = subprocess.run([sys.executable, "-m", "covid_tune", "predict", str(out), str(root / "test")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert pred.returncode == 0 and "ensemble" in pred.stderr, pred.stderr[-2000:]
