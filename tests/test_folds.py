@@ -151,6 +151,31 @@ def test_spec_messages(tiny_raw: dict, data: dict, needles: list[str]) -> None:
         assert needle in str(info.value), str(info.value)
 
 
+def test_resume_refuses_other_fold_settings(tmp_path: Path) -> None:
+    """A fold trial resumed under another data.group_by or data.fold_seed would validate on images it
+    trained on: the resume guard's data record holds them (only with folds: other sweeps' records stay)."""
+    from covid_tune.sweep import resume_guard
+
+    root = make_tree(tmp_path / "d", {"train": 4, "validation": 2, "test": 2})
+
+    def spec(**data):
+        return validate({"name": "cv", "data": {"root": str(root), **data}, "grid": {"backbone": "tiny_cnn"},
+                         "trainer": {"weights": "none"}, "output": str(tmp_path / "out")})
+
+    first = spec(folds=2, group_by="patient_group")
+    first.output_dir.mkdir(parents=True)
+    resume_guard.record_data(first, root)
+    assert resume_guard.check_data(first, root) is None
+    for changed, needle in [({"fold_seed": 1}, "data.fold_seed: 0 -> 1"),
+                            ({"group_by": "none"}, "data.group_by: 'patient_group' -> 'none'")]:
+        problem = resume_guard.check_data(spec(**{"folds": 2, "group_by": "patient_group", **changed}), root)
+        assert problem and problem.startswith("--resume: the data differ") and needle in problem, problem
+    plain = spec()
+    resume_guard.record_data(plain, root)
+    assert "fold_seed" not in resume_guard.data_digest(plain, root)["settings"]
+    assert resume_guard.check_data(plain, root) is None
+
+
 def dry_run(tmp_path: Path, root: Path, group_by: str) -> subprocess.CompletedProcess:
     spec = {"name": "cv", "data": {"root": str(root), "folds": 2, "group_by": group_by, "image_size": 32},
             "grid": {"backbone": "tiny_cnn", "freeze": "none"}, "trainer": {"epochs": 1, "weights": "none"},
