@@ -17,10 +17,11 @@ half of training (mean |change|: what makes a pick noisy), and the test accuracy
 
 With ``--resplits K`` every run is repeated on K other splits of the same 1,018 images, grouped by
 patient (``manifest.csv``'s ``patient_group``; no patient crosses splits) and stratified by class:
-scikit-learn's ``StratifiedGroupKFold`` cuts the pool into 6 folds; split k tests on fold k, validates
-on fold k+1 and trains on the other four (about 680 / 170 / 170 images). None of these splits was used
-while the shipped sweep was designed (each test fold shares 16-32 images with the dataset's own test
-split, but trains on other images), so they give a fairer estimate of a recipe than the own split.
+covid_tune/data/folds.py (the sweep's seeded ``StratifiedGroupKFold``) cuts the pool into 6 folds; split
+k tests on fold k, validates on fold k+1 and trains on the other four (about 680 / 170 / 170 images).
+None of these splits was used while the shipped sweep was designed (each test fold shares 16-32 images
+with the dataset's own test split, but trains on other images), so they give a fairer estimate of a
+recipe than the own split.
 """
 
 from __future__ import annotations
@@ -39,13 +40,12 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 from covid_tune.data.cache import build_decoded_cache  # noqa: E402
 from covid_tune.data.dataset import DatasetIndex, encode_targets, scan_dataset  # noqa: E402
+from covid_tune.data.folds import FoldError, assign_folds, image_groups  # noqa: E402
 from covid_tune.data.loaders import TensorLoader  # noqa: E402
 from covid_tune.engine import training as engine
-from covid_tune.results.collect import source_groups  # noqa: E402
 from covid_tune.results.selection import pick_epoch  # noqa: E402
 
 # name -> (metric, mode, smoothing rule)
@@ -59,19 +59,22 @@ FOLDS = 6
 
 def resplit(index: DatasetIndex, k: int) -> DatasetIndex:
     """``index`` with its images pooled and cut again by patient (``ROOT/manifest.csv``'s
-    ``patient_group``): test fold k, validation fold k+1, train the rest."""
-    pool = [item for items in index.splits.values() for item in items]
-    groups = [g for split in index.splits for g in source_groups(index, split, "patient_group") or []]
-    if len(groups) != len(pool):
-        raise SystemExit(f"--resplits needs {index.root / 'manifest.csv'} with a patient_group column")
+    ``patient_group``): test fold k, validation fold k+1, train the rest. The grouping and the seeded
+    ``StratifiedGroupKFold`` are the sweep's own (``covid_tune/data/folds.py``)."""
+    names = tuple(index.splits)
+    pool = [item for s in names for item in index.splits[s]]
+    try:
+        by_split = image_groups(index, "patient_group", names)
+    except FoldError as e:
+        raise SystemExit(f"--resplits needs {index.root / 'manifest.csv'} with a patient_group column: {e}") from None
+    groups = [g for s in names for g in by_split[s]]
     # stratify on the original class (covid / pneumonia / normal), finer than the mapped labels
     strata = [Path(path).parent.name for path, _ in pool]
-    folds = [test for _, test in StratifiedGroupKFold(FOLDS, shuffle=True, random_state=0)
-             .split(np.zeros(len(pool)), strata, groups)]
-    test, val = set(folds[k % FOLDS]), set(folds[(k + 1) % FOLDS])
-    held_out = test | val
+    fold_of = assign_folds(strata, groups, FOLDS, seed=0)
+    test, val = np.flatnonzero(fold_of == k % FOLDS), np.flatnonzero(fold_of == (k + 1) % FOLDS)
+    held_out = set(test.tolist()) | set(val.tolist())
     splits = {"train": [pool[i] for i in range(len(pool)) if i not in held_out],
-              "validation": [pool[i] for i in sorted(val)], "test": [pool[i] for i in sorted(test)]}
+              "validation": [pool[i] for i in val], "test": [pool[i] for i in test]}
     return DatasetIndex(index.root, index.classes, splits, index.original_classes)
 
 

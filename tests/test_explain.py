@@ -82,7 +82,8 @@ def test_report_spec_section_is_validated() -> None:
     msg = str(err.value)
     assert "report.shortcut_check.box: unknown key (allowed: enabled, box_width, box_height, margin)" in msg
     assert "report.shortcut_check.box_width: Input should be less than 1" in msg
-    assert "report.saliency: unknown key (allowed: shortcut_check, gradcam, positive, operating_point, top_k)" in msg
+    assert ("report.saliency: unknown key (allowed: shortcut_check, gradcam, positive, operating_point, ensemble, "
+            "top_k)") in msg
 
 
 def test_label_names() -> None:

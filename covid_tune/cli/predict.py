@@ -64,12 +64,11 @@ def load_model(model_dir: Path):
     """The exported model and its checked ``model.json``; any unreadable or mismatched file is a TargetError."""
     import torch
 
-    from covid_tune.models.registry import create_model
+    from covid_tune.models.registry import exported_module
 
     meta = read_meta(model_dir)
     try:
-        model = create_model(meta["backbone"], len(meta["classes"]), freeze=meta["freeze"], weights="none",
-                             head_hidden=meta["head_hidden"], dropout=meta["dropout"])
+        model = exported_module(meta)  # a single model, or an ensemble (best/<group>/ensemble/)
     except (KeyError, ValueError, TypeError) as exc:
         raise TargetError(f"{model_dir / MODEL_META}: cannot rebuild the model ({exc})") from None
     pt = model_dir / MODEL_WEIGHTS
@@ -90,7 +89,9 @@ def load_model(model_dir: Path):
 
 
 def best_model_dir(sweep: Path, config: str | None = None) -> Path:
-    """The exported model of ``config``, or of the report's best configuration (``best_group`` in
+    """The exported model of ``config``, or the report's best configuration's ensemble where one was built
+    (``best/<group>/ensemble/``, ``report.ensemble``), else the model of the report's best configuration
+    (``best_group`` in
     ``report/results.json``: the best mean over its seeds on validation) and, among its seeds, the one whose
     best epoch scored best on the sweep's selection metric (the value each ``model.json`` records; ties:
     plan order, as results.best_epoch does for epochs). Without a report: the best of all exported models."""
@@ -122,7 +123,18 @@ def best_model_dir(sweep: Path, config: str | None = None) -> Path:
                    lambda c: metas[c]["metrics"][metric], spec.scheduler.mode)
     if best is None:
         raise TargetError(f"{sweep}: no exported model records {metric}")
-    return sweep / "best" / best
+    ensemble = _best_ensemble(sweep)
+    return ensemble if ensemble is not None else sweep / "best" / best
+
+
+def _best_ensemble(sweep: Path) -> Path | None:
+    """The report's best configuration's ensemble folder (``best/<group>/ensemble/``), if it was built."""
+    try:
+        best = json.loads((sweep / RESULTS_FILE).read_text()).get("best_group")
+    except (OSError, ValueError, AttributeError):
+        return None
+    folder = sweep / "best" / str(best) / "ensemble"
+    return folder if best and (folder / MODEL_META).is_file() and (folder / MODEL_WEIGHTS).is_file() else None
 
 
 def _best_group_ids(sweep: Path) -> list[str]:

@@ -57,7 +57,25 @@ def _data(spec: Spec, problems: list[str]) -> tuple[list[str], list[str], int]:
     if index.skipped:
         lines.append(f"  {len(index.skipped)} unreadable file(s) left out (data.on_bad_file: skip)")
     lines += _duplicates(spec, index, problems)
+    lines += _folds(spec, index, problems)
     return lines, index.classes, sum(len(v) for v in index.splits.values())
+
+
+def _folds(spec: Spec, index, problems: list[str]) -> list[str]:
+    """Report lines on the cross-validation folds (``data.folds``): each fold's images, groups and classes;
+    a group in both test and train/validation is a problem."""
+    from covid_tune.data.folds import FoldError, fold_table, with_folds
+
+    d = spec.data
+    if not d.folds:
+        return []
+    try:
+        with_folds(index, d.folds, d.group_by, d.fold_seed)
+    except FoldError as exc:
+        problems.append(str(exc))
+        return [f"folds: {d.folds} by {d.group_by}: refused"]
+    return [f"folds: {d.folds} of train + validation by {d.group_by} (seed {d.fold_seed}); test kept out"
+            ] + fold_table(index, d.group_by)
 
 
 def _duplicates(spec: Spec, index, problems: list[str]) -> list[str]:

@@ -116,6 +116,12 @@ def prepare(spec: Spec) -> tuple[DatasetIndex, DecodedSplits | None, dict[str, d
     with _removed_on_error(spec.output_dir / "cache"):  # a refusal leaves no cache files of this run behind
         decoded = prepare_cache(spec, index)
         index, decoded = check_duplicates(spec, index, decoded)
+        if spec.data.folds:
+            from covid_tune.data.folds import fold_table
+
+            index = report_mod.add_folds(spec, index)  # FoldError (a ValueError): exit 2
+            log.info(f"{spec.data.folds} folds of train + validation by {spec.data.group_by}:\n"
+                     + "\n".join(fold_table(index, spec.data.group_by)))
     return index, decoded, pretrained
 
 

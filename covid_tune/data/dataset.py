@@ -53,6 +53,8 @@ class DatasetIndex:
     # each image's first label, for per-class samples
     hot: dict[str, np.ndarray] | None = None
     patients: dict[str, list[str]] | None = None  # a label table's patient of each image, per split
+    # data.folds: the fold of each pooled image (train rows, then validation rows); covid_tune.data.folds
+    folds: np.ndarray | None = None
 
     def paths(self, split: str) -> list[str]:
         return [p for p, _ in self.splits[split]]

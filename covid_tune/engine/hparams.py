@@ -23,6 +23,7 @@ class HParams:
     loss: str
     seed: int = 0
     group: str = ""
+    fold: int | None = None  # data.folds: the held-out fold this trial validates on (covid_tune.data.folds)
     epochs: int = 1
     optimizer: str = "sgd"
     lr: float = 1e-3

@@ -25,6 +25,7 @@ from torch import nn
 from covid_tune.data import dataset as data_mod
 from covid_tune.data.augment import augment_settings
 from covid_tune.data.cache import DecodedSplits
+from covid_tune.data.folds import fold_view
 from covid_tune.data.loaders import FeatureLoader, data_source, set_loader_epoch
 from covid_tune.engine.checkpoints import frozen_digest, is_slim, load_model_state, model_state
 from covid_tune.engine.features import (
@@ -237,6 +238,8 @@ class TrainingRun:
                  decoded: DecodedSplits | None = None, pretrained: dict | None = None,
                  features: FeatureStore | None = None) -> None:
         seed_everything(hp.seed)
+        if hp.fold is not None:  # data.folds: train on the other folds, validate on this one
+            index, decoded = fold_view(index, decoded, hp.fold)
         self.hp = hp
         self.classes = list(index.classes)
         self.device = device or default_device()

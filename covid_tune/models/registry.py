@@ -162,11 +162,41 @@ def save_exported(state_dict: dict, meta: dict, out_dir: Path) -> None:
     (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
+class Ensemble(nn.Module):
+    """Several exported models of one configuration as one: the mean of the members' probabilities (softmax
+    rows, or sigmoids for multi-label), returned as logits of that mean (``log p``, or ``logit p``), so that
+    whatever applies softmax/sigmoid to a model's outputs reads the averaged probabilities."""
+
+    def __init__(self, members: list[nn.Module], label_mode: str = "single") -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.label_mode = label_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x).float() for m in self.members]
+        if self.label_mode == "single":
+            p = torch.stack([o.softmax(1) for o in outs]).mean(0)
+            return p.clamp_min(1e-30).log()
+        p = torch.stack([o.sigmoid() for o in outs]).mean(0)
+        return torch.logit(p.clamp(1e-7, 1 - 1e-7))
+
+
+def exported_module(meta: dict) -> nn.Module:
+    """The untrained module ``model.json`` describes: a :class:`Classifier`, or an :class:`Ensemble` of
+    ``meta["ensemble"]["members"]`` of them (the members share backbone and head)."""
+    def one() -> Classifier:
+        return create_model(meta["backbone"], len(meta["classes"]), freeze=meta["freeze"], weights="none",
+                            head_hidden=meta["head_hidden"], dropout=meta["dropout"])
+
+    if "ensemble" in meta:
+        return Ensemble([one() for _ in meta["ensemble"]["members"]], meta.get("label_mode", "single"))
+    return one()
+
+
 def load_exported(model_dir: str | Path) -> tuple[Classifier, dict]:
-    """Rebuild a model from ``model.pt`` + ``model.json`` alone, in eval mode."""
+    """Rebuild a model (or an ensemble, :class:`Ensemble`) from ``model.pt`` + ``model.json`` alone, in eval mode."""
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / MODEL_META).read_text())
-    model = create_model(meta["backbone"], len(meta["classes"]), freeze=meta["freeze"], weights="none",
-                         head_hidden=meta["head_hidden"], dropout=meta["dropout"])
+    model = exported_module(meta)
     model.load_state_dict(torch.load(model_dir / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval(), meta

@@ -16,8 +16,9 @@ from tabulate import tabulate
 from covid_tune.data.dataset import Duplicates, drop_duplicates, scan_dataset
 from covid_tune.engine.files import DATA_CHECKS_FILE, RESULTS_FILE, SPEC_FILE, TRIALS_FILE
 from covid_tune.report import cards, evidence, sections
+from covid_tune.report import crossval as crossval_report
 from covid_tune.report.sections import CSV_COLUMNS, flat_row, metric_table, paths_line
-from covid_tune.results import clinical, stats
+from covid_tune.results import clinical, crossval, ensemble, stats
 from covid_tune.results import collect as results_mod
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec, SpecError, validate
@@ -25,7 +26,8 @@ from covid_tune.spec.sections import SWEPT_AXES
 
 
 def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], counts: dict,
-                 data_checks: dict | None = None, sizes: dict[str, int] | None = None) -> Path:
+                 data_checks: dict | None = None, sizes: dict[str, int] | None = None,
+                 ensembles: dict[str, dict] | None = None) -> Path:
     """Write REPORT.md, results.csv, results.json and figures under ``out/report``. ``counts``: images per
     class and split (multi-label: per label); ``sizes``: images per split (default: the sums of ``counts``,
     right for single-label only)."""
@@ -39,6 +41,8 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     for r in rows:
         r["vs_best"] = comparisons.get(r["group"])
         r["vs_best_auc"] = auc_comparisons.get(r["group"])
+    cv = crossval.cross_validation(rows)  # data.folds: estimates per configuration ({} without folds)
+    ensembles = ensembles or {}
     sizes = sizes if sizes is not None else {s: sum(c.values()) for s, c in counts.items()}
     n_val = sizes.get("validation", 0)
     stopped = stats.stopped_rows(rows, best, n_val, spec.scheduler.metric)
@@ -58,7 +62,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
         {"name": spec.name, "data_root": spec.data.root, "classes": classes, "counts": counts,
          "metric": spec.scheduler.metric, "select": spec.scheduler.select, "best_group": best, "alpha": stats.ALPHA,
          "indistinguishable_from_best": stats.indistinguishable(comparisons, best), "stopped": stopped,
-         "seed_agreement": stats.seed_agreement(rows),
+         "seed_agreement": stats.seed_agreement(rows), "cross_validation": cv, "ensembles": ensembles,
          "positive": next((r["clinical"]["positive"] for r in rows if r.get("clinical")), None),
          "operating_point": spec.report.operating_point,
          "rows": slim}, indent=1))
@@ -105,6 +109,7 @@ def write_report(out: Path, spec: Spec, rows: list[dict], classes: list[str], co
     md += ["## Test accuracy, 95% bootstrap confidence interval", "",
            tabulate(ci_rows, headers=["config_id", "Test acc (%)", "95% CI (%)", "n"], tablefmt="github",
                     disable_numparse=True), ""]
+    md += crossval_report.section(cv, best, ensembles)
     md += evidence.discrimination_section(listed, clinical_figs, best)
     md += evidence.operating_point_section(listed)
     md += evidence.calibration_section(listed, clinical_figs)
@@ -227,7 +232,17 @@ def sweep_index(spec: Spec, checks: dict | None = None):
     dups = (checks or {}).get("duplicates")
     if dups and dups.get("action") == "drop":
         index = drop_duplicates(index, Duplicates.from_dict(dups))
-    return index
+    return add_folds(spec, index)
+
+
+def add_folds(spec: Spec, index):
+    """``index`` with its cross-validation folds (``data.folds``; the index as it is without). Raises
+    :class:`~covid_tune.data.folds.FoldError` (a ValueError) for a group that crosses into test."""
+    if not spec.data.folds:
+        return index
+    from covid_tune.data.folds import with_folds
+
+    return with_folds(index, spec.data.folds, spec.data.group_by, spec.data.fold_seed)
 
 
 def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None, index=None) -> Path:
@@ -247,5 +262,12 @@ def build(out: Path, spec: Spec, evaluator: results_mod.Evaluator | None = None,
     rows = results_mod.assemble(spec.experiment_dir, plan, index, spec.scheduler.metric, spec.scheduler.mode,
                                 out / "best", status, evaluator, rule=spec.scheduler.select, asha=spec.scheduler.asha,
                                 top_k=spec.report.top_k)
+    ensembles = {}
+    best = stats.best_group(rows, spec.scheduler.metric, spec.scheduler.mode)
+    target = ensemble.export_ensemble(rows, best, spec.report.ensemble, out / "best")
+    if target is not None:  # the chosen configuration as one model, evaluated as any exported model is
+        ev = evaluator([target], index)[0]
+        results_mod.store_operating_point(target, ev.get("clinical"))
+        ensembles[best] = ensemble.summary(ev, ensemble.members(rows, best, spec.report.ensemble))
     return write_report(out, spec, rows, index.classes, index.counts(), checks,
-                        sizes={s: len(items) for s, items in index.splits.items()})
+                        sizes={s: len(items) for s, items in index.splits.items()}, ensembles=ensembles)

@@ -21,6 +21,7 @@ import torch
 from covid_tune.data.augment import augment_label
 from covid_tune.data.cache import DecodedSplits
 from covid_tune.data.dataset import DatasetIndex, index_targets
+from covid_tune.data.folds import fold_view
 from covid_tune.data.loaders import TensorLoader, make_loader
 from covid_tune.engine import training as engine
 from covid_tune.engine.checkpoints import (
@@ -239,6 +240,8 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
                 _add_clinical(cached, meta, explain)
                 _write_json(cache, cached)
             return cached
+    if meta.get("fold") is not None:  # a fold's model: validation is its held-out fold (out-of-fold outputs)
+        index, decoded = fold_view(index, decoded, meta["fold"])
     device = engine.default_device()
     model.to(device)
     loss_fn = build_loss(meta["loss"], meta["focal_alpha"], meta["focal_gamma"])
@@ -258,7 +261,10 @@ def evaluate_export(model_dir: str | Path, index: DatasetIndex, batch_size: int 
         if split != "train" and res.logits is not None:
             out["splits"][split].update(logits=res.logits.tolist(), y=res.y_true.astype(int).tolist())
     probs, out["shortcut"], out["cam"] = explain_split(model, meta, loader, index.labels("test"), index.paths("test"),
-                                                       device, explain["shortcut_check"], explain["gradcam"])
+                                                       device, explain["shortcut_check"],
+                                                       # Grad-CAM needs one backbone's layers: none for an ensemble
+                                                       {**explain["gradcam"], "per_class": 0} if "ensemble" in meta
+                                                       else explain["gradcam"])
     out["splits"]["test"].update(probs=probs, files=index.paths("test"))
     _add_clinical(out, meta, explain)
     _write_json(cache, out)
@@ -339,7 +345,7 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
         # no trials.json: the sweep was interrupted before Tune finished
         status = (trial_status or {}).get(cid, {}).get("status", "incomplete")
         row = {"sr": sr, "config_id": cid, "group": hp.group, "backbone": hp.backbone, "freeze": hp.freeze,
-               "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed,
+               "layers": freeze_label(hp.backbone, hp.freeze), "loss": hp.loss, "seed": hp.seed, "fold": hp.fold,
                "epochs_max": hp.epochs, "epochs_trained": 0, "best_epoch": None, "select_score": None,
                "stopped_early": False,
                "status": status if rec else "not started", "checkpoint": None, "history": [],

@@ -34,6 +34,12 @@ def _from_counts(a_only: int, b_only: int) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p": p}
 
 
+def member(row: dict) -> int | str:
+    """Which member of its group a row is: its seed, or ``f<fold>-s<seed>`` for a fold trial (data.folds), so
+    that seed s of fold f is paired with seed s of fold f."""
+    return row["seed"] if row.get("fold") is None else f"f{row['fold']}-s{row['seed']}"
+
+
 def _test_correct(row: dict) -> list[int] | None:
     return ((row.get("eval") or {}).get("test") or {}).get("correct")
 
@@ -57,7 +63,8 @@ def _group_scores(rows: list[dict], metric: str) -> dict[str, list[float]]:
 
 
 def best_group(rows: list[dict], metric: str, mode: str) -> str | None:
-    """The group (configuration over its seeds) with the best mean selection score on validation, among
+    """The group (configuration over its seeds, and folds with data.folds: each fold trial counts as a seed
+    does) with the best mean selection score on validation, among
     the groups with a test evaluation (the comparisons need the best's test outcomes).
 
     Chosen on validation, as the sweep chooses, never on test; the mean is over every seed with a
@@ -80,6 +87,9 @@ def shortlist(rows: list[dict], metric: str, mode: str, k: int) -> list[str]:
         return [r["config_id"] for r in rows]
     scores = _group_scores(rows, metric)
     groups = top(scores, lambda g: float(np.mean(scores[g])), mode, k)
+    if any(r.get("fold") is not None for r in rows):
+        # cross-validation: a configuration is its folds x seeds together (its estimate, its ensemble)
+        return [r["config_id"] for r in rows if r["group"] in set(groups)]
     members: dict[str, list[dict]] = {}
     for r in rows:
         members.setdefault(r["group"], []).append(r)
@@ -100,10 +110,10 @@ def compare_to_best(rows: list[dict], metric: str, mode: str) -> tuple[str | Non
     best = best_group(rows, metric, mode)
     if best is None:
         return None, {}
-    best_by_seed = {r["seed"]: _test_correct(r) for r in rows if r["group"] == best and _test_correct(r) is not None}
+    best_by_seed = {member(r): _test_correct(r) for r in rows if r["group"] == best and _test_correct(r) is not None}
     out: dict[str, dict] = {}
     for group in dict.fromkeys(r["group"] for r in rows):
-        mine = {r["seed"]: _test_correct(r) for r in rows if r["group"] == group and _test_correct(r) is not None}
+        mine = {member(r): _test_correct(r) for r in rows if r["group"] == group and _test_correct(r) is not None}
         seeds = sorted(set(mine) & set(best_by_seed))
         if not seeds and mine and best_by_seed:
             # no seed in common: pair the lowest seeds of each (still the same test images)
@@ -124,7 +134,7 @@ def seed_agreement(rows: list[dict]) -> dict[str, dict]:
     alone change which images a configuration gets right: the spread a single-seed sweep cannot see."""
     out: dict[str, dict] = {}
     for group in dict.fromkeys(r["group"] for r in rows):
-        seeds = {r["seed"]: _test_correct(r) for r in rows if r["group"] == group and _test_correct(r) is not None}
+        seeds = {member(r): _test_correct(r) for r in rows if r["group"] == group and _test_correct(r) is not None}
         pairs = [(s, t) for i, s in enumerate(sorted(seeds)) for t in sorted(seeds)[i + 1:]]
         if pairs:
             tests = {(s, t): mcnemar_exact(seeds[s], seeds[t])["p"] for s, t in pairs}
@@ -155,14 +165,14 @@ def stopped_rows(rows: list[dict], best: str | None, n_val: int, metric: str) ->
     the lower end of that interval (the data could not tell it apart from the best there), else "worse".
     The comparison is on accuracy, whatever metric ASHA cut on: accuracy has an exact interval from
     the epoch's numbers alone."""
-    best_rows = {r["seed"]: r for r in rows if r["group"] == best}
+    best_rows = {member(r): r for r in rows if r["group"] == best}
     out = []
     for r in rows:
         if not r.get("stopped_early") or not r.get("history"):
             continue
         last = r["history"][-1]
         rung = int(last["epoch"])
-        ref = best_rows.get(r["seed"]) or next(iter(best_rows.values()), None)
+        ref = best_rows.get(member(r)) or next(iter(best_rows.values()), None)
         ref_at = next((h for h in (ref or {}).get("history") or [] if h.get("epoch") == rung), None)
         item = {"config_id": r["config_id"], "rung": rung, "metric": metric, "last": last.get(metric),
                 "val_acc": last.get("val_acc"), "best_config": ref["config_id"] if ref else None,

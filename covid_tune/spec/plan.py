@@ -62,8 +62,10 @@ def expand(spec: Spec) -> dict[str, HParams]:
 
     The id joins backbone, freeze level, loss, every extra listed axis, the sample number (``n{K}``, when
     anything is sampled) and the seed, e.g. ``resnet18-fc_only-ce-lr0.01-s0``. Trials differing only in
-    seed share a ``group``.
+    seed share a ``group``. With ``data.folds`` K, each is K trials, ``{group}-f{fold}-s{seed}``, of the
+    same group.
     """
+    folds = list(range(spec.data.folds)) if spec.data.folds else [None]
     listed = [a for a in SWEPT_AXES if isinstance(getattr(spec.grid, a), list)]
     sampled = spec.grid.distributions()
     samples = spec.search.samples if sampled else 0
@@ -88,9 +90,11 @@ def expand(spec: Spec) -> dict[str, HParams]:
                 settings = {**{k: trainer[k] for k in TRAINER_AXES}, "augment": spec.data.augment,
                             **values, **drawn}
                 settings["augment"] = augment_value(settings["augment"])
-                for seed in spec.grid.seed:
-                    plan[f"{group}-s{seed}"] = HParams(
-                        backbone=backbone, freeze=freeze, loss=loss, seed=seed, group=group,
+                # the fold between the group and the seed: {group}-f{fold}-s{seed}
+                for fold, seed in itertools.product(folds, spec.grid.seed):
+                    cid = f"{group}-s{seed}" if fold is None else f"{group}-f{fold}-s{seed}"
+                    plan[cid] = HParams(
+                        backbone=backbone, freeze=freeze, loss=loss, seed=seed, group=group, fold=fold,
                         epochs=spec.trainer.epochs, weights=spec.trainer.weights,
                         focal_alpha=spec.trainer.focal_alpha, focal_gamma=spec.trainer.focal_gamma,
                         feature_cache=spec.trainer.feature_cache,
@@ -145,11 +149,14 @@ def plan_table(plan: dict[str, HParams], spec: Spec | None = None) -> str:
     ``(sampled)``."""
     at_run_time = set(spec.grid.distributions()) if spec is not None and spec.search.algorithm == "optuna" else set()
     extra = list(dict.fromkeys(axis_columns(plan) + sorted(at_run_time, key=SWEPT_AXES.index)))
+    folds = any(h.fold is not None for h in plan.values())
     rows = []
     for i, (cid, h) in enumerate(plan.items(), 1):
-        rows.append([i, cid, h.backbone, freeze_label(h.backbone, h.freeze), h.loss, h.seed]
+        rows.append([i, cid, h.backbone, freeze_label(h.backbone, h.freeze), h.loss] + ([h.fold] if folds else [])
+                    + [h.seed]
                     + ["(sampled)" if a in at_run_time else readable(_axis_value(h, a)) for a in extra] + [h.epochs])
-    headers = ["Sr #", "config_id", "Backbone", "Layers", "Loss", "Seed"] + extra + ["Max epochs"]
+    headers = (["Sr #", "config_id", "Backbone", "Layers", "Loss"] + (["Fold"] if folds else []) + ["Seed"] + extra
+               + ["Max epochs"])
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
@@ -163,7 +170,8 @@ def search_summary(spec: Spec, plan: dict[str, HParams]) -> str:
     how = {"random": "independent draws", "optuna": "Optuna's TPE, one search per grid cell"}[s.algorithm]
     groups = cells(plan)
     lines = [f"search: {s.algorithm} ({how}, seed {s.seed}): {len(groups)} grid cell(s) x {s.samples} sample(s) "
-             f"x {len(spec.grid.seed)} seed(s) = {len(plan)} trial(s)",
+             f"x {len(spec.grid.seed)} seed(s)" + (f" x {spec.data.folds} fold(s)" if spec.data.folds else "")
+             + f" = {len(plan)} trial(s)",
              "distributions: " + ", ".join(f"{a} ~ {d.text()}" for a, d in sampled.items()),
              "grid cells: " + ", ".join(groups)]
     return "\n".join(lines)
@@ -181,7 +189,7 @@ def tune_params(spec: Spec, plan: dict[str, HParams]) -> dict[str, dict]:
     at_run_time = set(sampled_axes(spec)) if spec.search.algorithm == "optuna" else set()
     extra = [a for a in SWEPT_AXES if getattr(spec.grid, a) is not None and a not in at_run_time]
     return {cid: {"config_id": cid, "backbone": h.backbone, "freeze": h.freeze, "loss": h.loss, "seed": h.seed,
-                  **{a: _axis_value(h, a) for a in extra}}
+                  **({"fold": h.fold} if h.fold is not None else {}), **{a: _axis_value(h, a) for a in extra}}
             for cid, h in plan.items()}
 
 

@@ -182,6 +182,28 @@ class DataSpec(Section):
     num_workers: Int = Field(0, ge=0)
     cache: bool = Field(True, description="decode + resize every image once into OUTPUT/cache (uint8), "
                                           "augment as tensors on the trial's device; false = PIL DataLoader")
+    folds: Int | None = Field(None, ge=2, description="grouped cross-validation: train and validation pooled and "
+                                                     "cut into this many folds by data.group_by; each configuration "
+                                                     "x seed x fold is a trial; test is never in a fold")
+    group_by: str | None = Field(None, description="with data.folds, what a group (never split) is: a column of "
+                                                   "ROOT/manifest.csv (e.g. patient_group), re:PATTERN on the file "
+                                                   "name (first capturing group, else the match), or none")
+    fold_seed: Int = Field(0, description="the seed of the shuffled StratifiedGroupKFold")
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by_form(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("re:"):
+            import re
+
+            try:
+                re.compile(value[3:])
+            except re.error as exc:
+                raise ValueError(f"{value!r}: the regular expression does not compile ({exc}); allowed: a "
+                                 "manifest column, re:PATTERN or none") from None
+        elif value is not None and not value.strip():
+            raise ValueError("empty; allowed: a column of ROOT/manifest.csv, re:PATTERN or none")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -195,6 +217,11 @@ class DataSpec(Section):
             raise ValueError("data.labels (a CSV) and data.columns (which column is what) go together")
         if self.columns is not None and self.columns.multi and self.label_mode != "multi":
             raise ValueError("data.columns with labels or a separator is multi-label: set data.label_mode: multi")
+        if self.folds is not None and self.group_by is None:
+            raise ValueError("data.folds needs data.group_by: a column of ROOT/manifest.csv (e.g. patient_group), "
+                             "re:PATTERN on the file name, or none (each image its own group)")
+        if self.group_by is not None and self.folds is None:
+            raise ValueError("data.group_by goes with data.folds (the number of cross-validation folds, at least 2)")
         if self.implies and self.label_mode != "multi":
             raise ValueError("data.implies needs data.label_mode: multi")
         if self.synthetic is not None and len({self.class_map.get(c, c) for c in self.synthetic.classes}) < 2:
@@ -518,6 +545,11 @@ class ReportSpec(Section):
     operating_point: str = Field("youden", description="the threshold on the positive class's calibrated "
                                                        "probability, chosen on validation: youden | sensitivity=X "
                                                        "| specificity=X | a fixed threshold such as 0.5")
+    ensemble: Literal["auto", "seeds", "folds", "none"] = Field(
+        "auto", description="the chosen configuration also as one model averaging its members' probabilities "
+                            "(best/<group>/ensemble/): auto = every member the sweep trained for it (seeds x "
+                            "folds); seeds = the seeds of its first fold; folds = its lowest seed of every fold; "
+                            "none = no ensemble")
     top_k: Int = Field(8, ge=1, description="beyond this many configurations REPORT.md details (and test "
                                             "evaluates) a shortlist: each group's best on validation plus the "
                                             "top_k overall")

@@ -51,6 +51,9 @@ DATA_DIGEST_FILE = "data-digest.json"
 KEEP = 64  # digests kept per file: the copy on storage may be several saves older than the newest
 # the data settings that decide which images and classes (a label table: its path, columns and split fractions)
 DATA_KEYS = ("root", "class_map", "synthetic", "labels", "columns", "splits")
+# with data.folds: which pooled images a fold trial trains and validates on. Recorded only with folds, so a
+# sweep without them keeps the record it had; the plan check catches a changed fold count, not these.
+FOLD_KEYS = ("folds", "group_by", "fold_seed")
 
 
 def sha256_file(path: Path) -> str:
@@ -167,7 +170,8 @@ def data_digest(spec: Spec, root: Path) -> dict:
     if spec.data.labels is not None and Path(spec.data.labels).is_file():
         h.update(Path(spec.data.labels).read_bytes())  # a label table's rows: its labels, patients and splits
     data = spec.data.model_dump(mode="json")
-    return {"settings": {k: data.get(k) for k in DATA_KEYS}, "root": str(Path(root).resolve()),
+    keys = DATA_KEYS + (FOLD_KEYS if data.get("folds") else ())
+    return {"settings": {k: data.get(k) for k in keys}, "root": str(Path(root).resolve()),
             "files": len(files), "sha256": h.hexdigest(),
             "folders": sorted({"/".join(p.split("/")[:2]) for p, _ in files if p.count("/") >= 2})}
 
@@ -187,7 +191,7 @@ def check_data(spec: Spec, root: Path) -> str | None:
         return None
     now = data_digest(spec, root) if Path(root).is_dir() else {"settings": {}, "root": str(root), "files": 0,
                                                                 "sha256": None, "folders": []}
-    changed = [f"data.{k}: {before['settings'].get(k)!r} -> {now['settings'].get(k)!r}" for k in DATA_KEYS
+    changed = [f"data.{k}: {before['settings'].get(k)!r} -> {now['settings'].get(k)!r}" for k in DATA_KEYS + FOLD_KEYS
                if before.get("settings", {}).get(k) != now["settings"].get(k)]
     if before.get("root") != now["root"]:
         changed.append(f"data folder {before.get('root')} -> {now['root']}")
