@@ -208,3 +208,16 @@ def test_the_optuna_searcher_resumes_from_its_saved_state_without_repeating_a_tr
         rest.append(c["config_id"])
     assert rest == list(plan)[4:]
     again.on_trial_complete("t2", {"val_loss": 0.4})  # a trial handed out before the save ends after it
+
+
+def test_folds_compose_with_samples_every_fold_of_a_sample_trains_its_setting(tiny_raw: dict) -> None:
+    raw = sampled(tiny_raw, samples=2)
+    raw["data"] = {**raw["data"], "folds": 2, "group_by": "none"}
+    raw["grid"]["freeze"] = ["none"]
+    spec = validate(raw)
+    plan = expand(spec)
+    assert list(plan) == [f"tiny_cnn-none-ce-n{k}-f{f}-s{s}" for k in (0, 1) for f in (0, 1) for s in (0, 1)]
+    for group in ("tiny_cnn-none-ce-n0", "tiny_cnn-none-ce-n1"):
+        members = [h for h in plan.values() if h.group == group]
+        assert {h.fold for h in members} == {0, 1} and len({(h.lr, h.dropout) for h in members}) == 1
+    assert "2 fold(s) = 8 trial(s)" in search_summary(spec, plan)
