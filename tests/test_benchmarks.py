@@ -94,3 +94,19 @@ def test_docs_benchmarks_is_generated_from_the_recorded_results(tmp_path: Path) 
     assert "| 769x [head_cache_speedup] | >= 20 | met |" in text and "[grid_speedup] | >= 3 | MISSED |" in text
     assert text == (REPO / "docs" / "benchmarks.md").read_text(), \
         "docs/benchmarks.md is stale: run python benchmarks/run.py --markdown"
+
+
+def test_cxr_real_bar_judges_the_shipped_ensemble_and_places_the_members_in_the_cv_interval() -> None:
+    spec = importlib.util.spec_from_file_location("bench_cxr_real_t", REPO / "benchmarks" / "cxr_real.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"group": "g", "eval": {"test": {"acc": a}}} for a in (0.86, 0.88)] + [
+        {"group": "other", "eval": {"test": {"acc": 0.99}}}]
+    results = {"best_group": "g", "rows": rows, "timing": {"wall_s": 900.0}}
+    row = bench.table(results).splitlines()[2]
+    assert "0.860, 0.880" in row and "| 0.870 |" in row and "| MISS |" in row  # no ensemble: the members' mean
+    results.update(ensembles={"g": {"acc": 0.91}}, cross_validation={"g": {"estimate": 0.85, "ci": [0.82, 0.88]}})
+    row = bench.table(results).splitlines()[2]
+    assert "| 0.910 |" in row and "PASS (aim met)" in row and "0.850 [0.820, 0.880]: members' mean inside" in row
+    results["cross_validation"]["g"]["ci"] = [0.80, 0.86]
+    assert "members' mean outside" in bench.table(results)

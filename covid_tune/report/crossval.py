@@ -33,7 +33,7 @@ def section(cv: dict[str, dict], best: str | None, ensembles: dict[str, dict] | 
     rows = []
     for group, c in cv.items():
         oof = c["oof"] or {}
-        test = (ensembles.get(group) or {}).get("acc", c["test_acc"])
+        test = c["test_acc"]  # what the interval estimates: one model's accuracy, so the members' mean
         inside = "-" if test is None or not c["ci"] else ("yes" if c["ci"][0] <= test <= c["ci"][1] else "no")
         rows.append([("**" + group + "**") if group == best else group, _pct(c["estimate"]), _ci(c["ci"]),
                      _pct(oof.get("acc")), _ci(oof.get("acc_ci")), _auc(oof.get("auc")), _auc_ci(oof.get("auc_ci")),
@@ -43,8 +43,8 @@ def section(cv: dict[str, dict], best: str | None, ensembles: dict[str, dict] | 
           "folds and were selected and scored on it. CV estimate = mean over folds of the held-out accuracy "
           f"(each fold's: the mean over its seeds), 95% interval mean ± t(K-1, 0.975) · sd / √K. Out-of-fold = "
           "every pooled image predicted once by the models that never trained on it (seeds' probabilities "
-          "averaged), exact interval for accuracy, DeLong for AUC. Test = the ensemble's test accuracy where one "
-          "was built, else the members' mean; Δ = test − estimate. Bold: the configuration chosen (best mean "
+          "averaged), exact interval for accuracy, DeLong for AUC. Test = the members' mean test accuracy (the "
+          "interval estimates one model's; an ensemble's own numbers are below it); Δ = test − estimate. Bold: the configuration chosen (best mean "
           "over folds and seeds on validation).", "",
           tabulate(rows, headers=["configuration", "CV acc (%)", "95% CI (%)", "OOF acc (%)", "95% CI (%)",
                                   "OOF AUC", "95% CI", "Test acc (%)", "Δ (points)", "test in CI"],
