@@ -7,8 +7,9 @@
 
 Prints a markdown table: the chosen configuration (best mean selection score on validation over its
 seeds and folds, as REPORT.md chooses), its test accuracy per member and on average, its ensemble's (the
-model the sweep ships, judged against the bar where one was built) and the cross-validated estimate, beside the goal (0.88, the plain
-script's level on the issue's held-out patients) and the aim (0.90). Our stand-in for those patients is
+model the sweep ships, judged against the bar where one was built) and the cross-validated estimate,
+beside the goal (0.88, the plain script's level on the issue's held-out patients) and the aim (0.90).
+Our stand-in for those patients is
 ../shared/cxr-real's own test split (153 images), which was looked at while the sweep was designed:
 a PASS here is weaker evidence than one on held-out patients. ``--data`` runs the same sweep on another
 ImageFolder tree with cxr-real's layout and classes (``train|validation|test/{covid,normal,pneumonia}``),

@@ -44,7 +44,8 @@ def section(cv: dict[str, dict], best: str | None, ensembles: dict[str, dict] | 
           f"(each fold's: the mean over its seeds), 95% interval mean ± t(K-1, 0.975) · sd / √K. Out-of-fold = "
           "every pooled image predicted once by the models that never trained on it (seeds' probabilities "
           "averaged), exact interval for accuracy, DeLong for AUC. Test = the members' mean test accuracy (the "
-          "interval estimates one model's; an ensemble's own numbers are below it); Δ = test − estimate. Bold: the configuration chosen (best mean "
+          "interval estimates one model's; an ensemble's own numbers are below it); Δ = test − estimate. "
+          "Bold: the configuration chosen (best mean "
           "over folds and seeds on validation).", "",
           tabulate(rows, headers=["configuration", "CV acc (%)", "95% CI (%)", "OOF acc (%)", "95% CI (%)",
                                   "OOF AUC", "95% CI", "Test acc (%)", "Δ (points)", "test in CI"],
