@@ -94,3 +94,48 @@ def test_docs_benchmarks_is_generated_from_the_recorded_results(tmp_path: Path) 
     assert "| 769x [head_cache_speedup] | >= 20 | met |" in text and "[grid_speedup] | >= 3 | MISSED |" in text
     assert text == (REPO / "docs" / "benchmarks.md").read_text(), \
         "docs/benchmarks.md is stale: run python benchmarks/run.py --markdown"
+
+
+def load_scale():
+    spec = importlib.util.spec_from_file_location("bench_scale_t", REPO / "benchmarks" / "scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scale_spec_is_the_issue_workload(tmp_path: Path) -> None:
+    """benchmarks/scale.py's covid_tune spec validates and plans N trials: tiny_cnn, 2 epochs, lr x seeds."""
+    from covid_tune.spec.load import load_spec
+    from covid_tune.spec.plan import expand
+
+    scale = load_scale()
+    path = tmp_path / "scale.yaml"
+    path.write_text(scale.spec_yaml(12))
+    spec = load_spec(path)
+    plan = expand(spec)
+    assert len(plan) == 12 and {h.lr for h in plan.values()} == {0.01, 0.001}
+    assert {h.seed for h in plan.values()} == set(range(6))
+    assert all(h.backbone == "tiny_cnn" and h.epochs == 2 and h.image_size == 64 for h in plan.values())
+    assert spec.scheduler.grace_period == 1 and spec.resources.cpus == 1
+
+
+def test_scale_dry_run_and_odd_trials() -> None:
+    script = str(REPO / "benchmarks" / "scale.py")
+    out = subprocess.run([sys.executable, script, "--dry-run", "--trials", "8"], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "seed: [0, 1, 2, 3]" in out.stdout and "reuse_actors=True" in out.stdout
+    bad = subprocess.run([sys.executable, script, "--trials", "7"], capture_output=True, text=True, timeout=60,
+                         cwd=REPO)
+    assert bad.returncode == 2 and "even number" in bad.stderr
+
+
+def test_scale_summary_shows_ratio_and_goals() -> None:
+    scale = load_scale()
+    res = {"trials": 4, "ratio": 2.0, "per_trial_overhead_s": 0.5,
+           "ray_tune": {"wall_s": 2.0, "ray_init_s": 1.0, "epochs_trained": 6, "errors": 0},
+           "covid_tune": {"wall_s": 4.0, "phases_s": {"startup": 1.0, "trials": 2.0}, "outside_trials": 0.5,
+                          "pngs": 10, "report_kb": 20.0, "results_csv_rows": 4, "output_mb": 1.0}}
+    text = scale.summary(res)
+    assert "| ratio | 2.00x | goal <= 2.5; per-trial overhead +0.500 s |" in text
+    assert "50% outside the trials" in text and "10 PNGs (goal <= 60)" in text
