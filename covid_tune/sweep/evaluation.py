@@ -73,6 +73,8 @@ class _Evaluator:
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))
+        import covid_tune.results.collect  # noqa: F401 - imported now: an actor started early is ready when needed
+
         self.index, self.decoded, self._with_test = index, decoded, None
         self._pretrained = pretrained or {}  # backbone -> reference (the trials' own copy)
         self._explain = explain  # the spec's report settings: shortcut check, Grad-CAM sample
@@ -151,6 +153,7 @@ class Evaluations:
         self._decoded = decoded if decoded is None or isinstance(decoded, ray.ObjectRef) else ray.put(decoded)
         self._handle = None
         self._pool: list = []  # the actors of the evaluation after the trials
+        self._prestarted = False
         self._pending: dict[str, ray.ObjectRef] = {}
         self._done: dict[str, dict] = {}  # model folder -> evaluation
         self.early = 0  # evaluations started as their trial ended (while others still trained)
@@ -167,8 +170,22 @@ class Evaluations:
             self._handle = self._new_actor(num_cpus=0, num_gpus=0)
         return self._handle
 
+    def prestart(self) -> None:
+        """Start the pool of a CPU sweep now, while the trials run: one actor per slot of a trial's size on
+        the cluster (at most what a shortlist can hold), asking Ray for no CPU, so that their start-up
+        (a process, torch's and covid_tune's imports) overlaps the trials instead of following them."""
+        res = self.spec.resources
+        if res.gpu or self._pool:  # a GPU actor needs its GPU share, which a trial may hold now
+            return
+        n = min(free_slots(res.cpus, 0, ray.cluster_resources()), 2 * self.spec.report.top_k, len(self.plan))
+        self._pool = [self._new_actor(num_cpus=0, num_gpus=0, scheduling_strategy="SPREAD") for _ in range(n)]
+        self._prestarted = True
+
     def _workers(self, n: int) -> list:
-        """Up to ``n`` actors with a trial's resources, one per slot free now (at least one)."""
+        """Up to ``n`` actors with a trial's resources, one per slot free now (at least one); the pool
+        :meth:`prestart` made, where it did."""
+        if self._prestarted:
+            return self._pool[:max(1, min(n, len(self._pool)))]
         res = self.spec.resources
         want = min(n, free_slots(res.cpus, res.gpu, ray.available_resources()))
         while len(self._pool) < want:

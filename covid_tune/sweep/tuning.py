@@ -341,4 +341,7 @@ def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     # during the trials only where every configuration will be evaluated: beyond report.top_k only the
     # shortlist is, known when the last trial ends (evaluating every trial cost ~0.25 s each at 256 trials)
     during = spec.resources.gpu == 0 and len(plan) <= spec.report.top_k
-    return Evaluations(spec, plan, index, decoded, during_trials=during, pretrained=pretrained)
+    evaluations = Evaluations(spec, plan, index, decoded, during_trials=during, pretrained=pretrained)
+    if not during:
+        evaluations.prestart()  # a CPU sweep's pool starts up while the trials run
+    return evaluations
