@@ -63,3 +63,27 @@ def test_the_evaluator_uses_every_free_worker(tmp_path: Path, tiny_raw: dict) ->
     # each result is its own model's (the batches come back in order): the cached eval.json agrees
     for d, e in zip(dirs, evs):
         assert json.loads((d / "eval.json").read_text())["splits"]["test"]["loss"] == e["splits"]["test"]["loss"]
+
+
+def test_the_pool_starts_when_no_more_trials_are_left_than_slots() -> None:
+    from covid_tune.sweep.evaluation import StartEvaluatorsNearTheEnd
+
+    class Fake:
+        started = 0
+
+        def slots(self) -> int:
+            return 2
+
+        def prestart(self) -> None:
+            self.started += 1
+
+    fake = Fake()
+    callback = StartEvaluatorsNearTheEnd(fake, n_trials=5)
+    for _ in range(2):
+        callback.on_trial_complete(0, [], None)
+    assert fake.started == 0  # 3 trials left, 2 slots: the pool would take cores trials need
+    callback.on_trial_error(0, [], None)
+    assert fake.started == 1  # 2 left: the next ones start in slots the sweep is about to leave idle
+    import pickle
+
+    assert pickle.loads(pickle.dumps(callback))._evaluations is None  # a restored one does nothing

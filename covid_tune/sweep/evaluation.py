@@ -170,12 +170,17 @@ class Evaluations:
             self._handle = self._new_actor(num_cpus=0, num_gpus=0)
         return self._handle
 
+    def slots(self) -> int:
+        """Trial-sized slots of the cluster (CPU: the pool :meth:`prestart` makes)."""
+        return free_slots(self.spec.resources.cpus, 0, ray.cluster_resources())
+
     def prestart(self) -> None:
-        """Start the pool of a CPU sweep now, while the trials run: one actor per slot of a trial's size on
-        the cluster (at most what a shortlist can hold), asking Ray for no CPU, so that their start-up
-        (a process, torch's and covid_tune's imports) overlaps the trials instead of following them."""
+        """Start the pool of a CPU sweep now, while its last trials run (:class:`StartEvaluatorsNearTheEnd`):
+        one actor per slot of a trial's size on the cluster (at most what a shortlist can hold), asking Ray
+        for no CPU, so that their start-up (a process, torch's and covid_tune's imports) overlaps the last
+        trials instead of following them. Nothing where trials are evaluated as they end."""
         res = self.spec.resources
-        if res.gpu or self._pool:  # a GPU actor needs its GPU share, which a trial may hold now
+        if self.during_trials or res.gpu or self._pool:  # a GPU actor needs its share, which a trial may hold
             return
         n = min(free_slots(res.cpus, 0, ray.cluster_resources()), 2 * self.spec.report.top_k, len(self.plan))
         self._pool = [self._new_actor(num_cpus=0, num_gpus=0, scheduling_strategy="SPREAD") for _ in range(n)]
@@ -246,6 +251,36 @@ class Evaluations:
         for actor in ([self._handle] if self._handle is not None else []) + self._pool:
             ray.kill(actor)
         self._handle, self._pool = None, []
+
+
+class StartEvaluatorsNearTheEnd(tune.Callback):
+    """:meth:`Evaluations.prestart` once no more trials are left to start than there are slots: the
+    pool's start-up then takes cores the sweep is about to leave idle, not cores its trials need."""
+
+    def __init__(self, evaluations: Evaluations, n_trials: int) -> None:
+        self._evaluations, self._n_trials, self._ended = evaluations, n_trials, 0
+        self._slots: int | None = None
+
+    def _ended_one(self) -> None:
+        if self._evaluations is None:
+            return
+        self._ended += 1
+        try:
+            if self._slots is None:
+                self._slots = self._evaluations.slots()
+            if self._n_trials - self._ended <= self._slots:
+                self._evaluations.prestart()
+        except Exception as exc:  # noqa: BLE001 - the pool then starts after the trials
+            log.warning(f"could not start the evaluators early: {type(exc).__name__}: {exc}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended_one()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended_one()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_evaluations": None}  # not pickled in practice: added after the Tuner is saved
 
 
 class EvaluateFinishedTrials(tune.Callback):
