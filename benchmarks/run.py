@@ -34,6 +34,9 @@ runs, ratios taken minutes apart would not mean much.
   gpu_mfu_resnet18,   the same path under torch.compile (trainer.compile: on) at batch 128 and 256,
   gpu_mfu_vgg16       each arm's compile time; the better batch's MFU against the issue's goals
 
+Run on their own (each starts its own Ray): benchmarks/scale.py (many short trials: covid_tune's whole
+run beside Ray Tune used directly, issue 36), benchmarks/cxr_real.py, benchmarks/selection.py.
+
 Data: the real chest X-rays in ../shared/cxr-real when present (covid + pneumonia -> infected),
 else a generated synthetic set. ``--quick`` keeps every part small enough to finish in under five
 minutes on two CPU cores.

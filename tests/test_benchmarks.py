@@ -110,3 +110,46 @@ def test_cxr_real_bar_judges_the_shipped_ensemble_and_places_the_members_in_the_
     assert "| 0.910 |" in row and "PASS (aim met)" in row and "0.850 [0.820, 0.880]: members' mean inside" in row
     results["cross_validation"]["g"]["ci"] = [0.80, 0.86]
     assert "members' mean outside" in bench.table(results)
+def load_scale():
+    spec = importlib.util.spec_from_file_location("bench_scale_t", REPO / "benchmarks" / "scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scale_spec_is_the_issue_workload(tmp_path: Path) -> None:
+    """benchmarks/scale.py's covid_tune spec validates and plans N trials: tiny_cnn, 2 epochs, lr x seeds."""
+    from covid_tune.spec.load import load_spec
+    from covid_tune.spec.plan import expand
+
+    scale = load_scale()
+    path = tmp_path / "scale.yaml"
+    path.write_text(scale.spec_yaml(12))
+    spec = load_spec(path)
+    plan = expand(spec)
+    assert len(plan) == 12 and {h.lr for h in plan.values()} == {0.01, 0.001}
+    assert {h.seed for h in plan.values()} == set(range(6))
+    assert all(h.backbone == "tiny_cnn" and h.epochs == 2 and h.image_size == 64 for h in plan.values())
+    assert spec.scheduler.grace_period == 1 and spec.resources.cpus == 1
+
+
+def test_scale_dry_run_and_odd_trials() -> None:
+    script = str(REPO / "benchmarks" / "scale.py")
+    out = subprocess.run([sys.executable, script, "--dry-run", "--trials", "8"], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "seed: [0, 1, 2, 3]" in out.stdout and "reuse_actors=True" in out.stdout
+    bad = subprocess.run([sys.executable, script, "--trials", "7"], capture_output=True, text=True, timeout=60,
+                         cwd=REPO)
+    assert bad.returncode == 2 and "even number" in bad.stderr
+
+
+def test_scale_summary_shows_ratio_and_goals() -> None:
+    scale = load_scale()
+    res = {"trials": 4, "ratio": 2.0, "per_trial_overhead_s": 0.5,
+           "ray_tune": {"wall_s": 2.0, "ray_init_s": 1.0, "epochs_trained": 6, "errors": 0},
+           "covid_tune": {"wall_s": 4.0, "phases_s": {"startup": 1.0, "trials": 2.0}, "outside_trials": 0.5,
+                          "pngs": 10, "report_kb": 20.0, "results_csv_rows": 4, "output_mb": 1.0}}
+    text = scale.summary(res)
+    assert "| ratio | 2.00x | goal <= 2.5; per-trial overhead +0.500 s |" in text
+    assert "50% outside the trials" in text and "10 PNGs (goal <= 60)" in text

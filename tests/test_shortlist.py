@@ -203,6 +203,10 @@ def test_a_sweep_beyond_top_k_reports_predicts_and_rebuilds(tmp_path: Path, tiny
     short = [r["config_id"] for r in rows if r["shortlisted"]]
     assert len(short) in (2, 3) and len({r["group"] for r in rows if r["shortlisted"]}) == 2  # each group's best
     assert all(bool(r["eval"]) == r["shortlisted"] for r in rows)
+    # beyond top_k nothing is evaluated while trials run (the shortlist is known at the end); after them
+    # the shortlist goes to the evaluator pool, which records the worker of each evaluation
+    assert json.loads((out / "report" / "results.json").read_text())["timing"]["evaluated_during_trials"] == 0
+    assert all(r["eval_worker"]["pid"] > 0 for r in rows if r["shortlisted"])
     assert sorted(p.parent.name for p in (out / "best").glob("*/MODEL_CARD.md")) == sorted(short)
     before = pd.read_csv(out / "report" / "results.csv")
     assert len(before) == 4 and before["test_acc"].notna().sum() == len(short)

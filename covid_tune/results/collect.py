@@ -382,6 +382,8 @@ def assemble(experiment: Path, plan: dict[str, engine.HParams], index: DatasetIn
             row["eval"] = ev["splits"]
             row["shortcut"], row["cam"] = ev.get("shortcut"), ev.get("cam")
             row["clinical"] = ev.get("clinical")
+            if ev.get("worker"):  # which worker evaluated it (a sweep's evaluator pool: pid and Ray node)
+                row["eval_worker"] = ev["worker"]
             store_operating_point(target, row["clinical"])
             if sources is not None:
                 row["test_by_source"] = accuracy_by_group(ev["splits"]["test"]["correct"], sources)

@@ -73,6 +73,8 @@ class _Evaluator:
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))
+        import covid_tune.results.collect  # noqa: F401 - imported now: an actor started early is ready when needed
+
         self.index, self.decoded, self._with_test = index, decoded, None
         self._pretrained = pretrained or {}  # backbone -> reference (the trials' own copy)
         self._explain = explain  # the spec's report settings: shortcut check, Grad-CAM sample
@@ -90,9 +92,17 @@ class _Evaluator:
         return self._with_test
 
     def evaluate(self, model_dir: str) -> dict:
+        """The evaluation of one exported model, with ``worker`` (this process's pid and Ray node)."""
+        import os
+
         from covid_tune.results.collect import evaluate_export
 
-        return evaluate_export(model_dir, self.index, decoded=self._splits(), explain=self._explain)
+        ev = evaluate_export(model_dir, self.index, decoded=self._splits(), explain=self._explain)
+        return {**ev, "worker": {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}}
+
+    def evaluate_many(self, model_dirs: list[str]) -> list[dict]:
+        """:meth:`evaluate` of a batch, one after another in this worker (one call per batch)."""
+        return [self.evaluate(d) for d in model_dirs]
 
     def export_and_evaluate(self, rec, hp: HParams, classes: list[str], metric: str, mode: str,
                             out_dir: Path, figures_dir: Path, label_mode: str) -> tuple[str, dict] | None:
@@ -111,15 +121,27 @@ class _Evaluator:
         return str(target), ev
 
 
+def free_slots(cpus: float, gpu: float, available: dict[str, float]) -> int:
+    """How many workers of a trial's size (``cpus``, ``gpu``) fit in Ray's ``available`` resources (at least 1)."""
+    fits = []
+    if cpus > 0:
+        fits.append(int(available.get("CPU", 0.0) // cpus))
+    if gpu > 0:
+        fits.append(int(available.get("GPU", 0.0) // gpu))
+    return max(1, min(fits) if fits else 1)
+
+
 class Evaluations:
-    """The test evaluation of a sweep's best checkpoints, all in one :class:`_Evaluator` actor.
+    """The test evaluation of a sweep's best checkpoints in :class:`_Evaluator` actors.
 
     With ``during_trials``, :meth:`trial_finished` (called by :class:`EvaluateFinishedTrials` as each
-    trial ends) exports that trial's best epoch and evaluates it while the other trials train; the
-    actor then asks Ray for no CPU, so it never holds back a trial (it uses what training leaves idle).
-    Without it (GPU sweeps: an actor holding a GPU share could starve a retried trial), the actor,
-    with a trial's resources, evaluates everything after the trials. :meth:`evaluator` serves the
-    report's evaluation from what is done and evaluates the rest in the same actor.
+    trial ends) exports that trial's best epoch and evaluates it while the other trials train, in one
+    actor that asks Ray for no CPU, so it never holds back a trial (it uses what training leaves idle).
+    :func:`start_evaluations` asks for that only where every configuration will be evaluated (no more
+    than ``report.top_k``: beyond it only the shortlist is, and the shortlist is known at the end), and
+    not on GPUs (an actor holding a GPU share could starve a retried trial).
+    :meth:`evaluator` serves the report's evaluation from what is done and evaluates the rest after the
+    trials on every free worker: one actor with a trial's resources per free slot, each given one batch.
     Made by :func:`start_evaluations` for a single-node Ray with local storage.
     """
 
@@ -130,18 +152,50 @@ class Evaluations:
         self._pretrained = pretrained
         self._decoded = decoded if decoded is None or isinstance(decoded, ray.ObjectRef) else ray.put(decoded)
         self._handle = None
+        self._pool: list = []  # the actors of the evaluation after the trials
+        self._prestarted = False
         self._pending: dict[str, ray.ObjectRef] = {}
         self._done: dict[str, dict] = {}  # model folder -> evaluation
         self.early = 0  # evaluations started as their trial ended (while others still trained)
 
+    def _new_actor(self, **opts):
+        res = self.spec.resources
+        # the decoded cache goes as its reference: the actor maps the object store's copy
+        return ray.remote(_Evaluator).options(**opts).remote(
+            self.index, self._decoded, res.cpus, self._pretrained, self.spec.report.model_dump())
+
     def _actor(self):
+        """The actor of the evaluations during the trials (no resources: what training leaves idle)."""
         if self._handle is None:
-            res = self.spec.resources
-            opts = dict(num_cpus=0, num_gpus=0) if self.during_trials else dict(num_cpus=res.cpus, num_gpus=res.gpu)
-            # the decoded cache goes as its reference: the actor maps the object store's copy
-            self._handle = ray.remote(_Evaluator).options(**opts).remote(
-                self.index, self._decoded, res.cpus, self._pretrained, self.spec.report.model_dump())
+            self._handle = self._new_actor(num_cpus=0, num_gpus=0)
         return self._handle
+
+    def slots(self) -> int:
+        """Trial-sized slots of the cluster (CPU: the pool :meth:`prestart` makes)."""
+        return free_slots(self.spec.resources.cpus, 0, ray.cluster_resources())
+
+    def prestart(self) -> None:
+        """Start the pool of a CPU sweep now, while its last trials run (:class:`StartEvaluatorsNearTheEnd`):
+        one actor per slot of a trial's size on the cluster (at most what a shortlist can hold), asking Ray
+        for no CPU, so that their start-up (a process, torch's and covid_tune's imports) overlaps the last
+        trials instead of following them. Nothing where trials are evaluated as they end."""
+        res = self.spec.resources
+        if self.during_trials or res.gpu or self._pool:  # a GPU actor needs its share, which a trial may hold
+            return
+        n = min(free_slots(res.cpus, 0, ray.cluster_resources()), 2 * self.spec.report.top_k, len(self.plan))
+        self._pool = [self._new_actor(num_cpus=0, num_gpus=0, scheduling_strategy="SPREAD") for _ in range(n)]
+        self._prestarted = True
+
+    def _workers(self, n: int) -> list:
+        """Up to ``n`` actors with a trial's resources, one per slot free now (at least one); the pool
+        :meth:`prestart` made, where it did."""
+        if self._prestarted:
+            return self._pool[:max(1, min(n, len(self._pool)))]
+        res = self.spec.resources
+        want = min(n, free_slots(res.cpus, res.gpu, ray.available_resources()))
+        while len(self._pool) < want:
+            self._pool.append(self._new_actor(num_cpus=res.cpus, num_gpus=res.gpu, scheduling_strategy="SPREAD"))
+        return self._pool[:max(want, 1)]
 
     def trial_finished(self, trial) -> None:
         """Export and evaluate a finished trial's best checkpoint (never raises: the report retries)."""
@@ -175,20 +229,60 @@ class Evaluations:
     def evaluator(self, model_dirs: list[Path], index: DatasetIndex) -> list[dict]:
         """``results.assemble``'s evaluator: finished evaluations of the same epoch, the rest in the actor."""
         self.wait()
-        out: dict[int, dict | ray.ObjectRef] = {}
+        out: dict[int, dict] = {}
+        todo: list[int] = []
         for i, d in enumerate(model_dirs):
             done = self._done.get(str(d))
             epoch = json.loads((Path(d) / MODEL_META).read_text())["epoch"]
             if done is not None and done.get("epoch") == epoch:
                 out[i] = done
             else:
-                out[i] = self._actor().evaluate.remote(str(d))
-        return [ray.get(v) if isinstance(v, ray.ObjectRef) else v for _, v in sorted(out.items())]
+                todo.append(i)
+        if todo:
+            if self._handle is not None:  # the trials' actor is done: its process makes room for the pool
+                ray.kill(self._handle)
+                self._handle = None
+            workers = self._workers(len(todo))
+            batches = [todo[k::len(workers)] for k in range(len(workers))]  # one batch per worker
+            refs = [w.evaluate_many.remote([str(model_dirs[i]) for i in batch]) for w, batch in zip(workers, batches)]
+            for batch, evs in zip(batches, ray.get(refs)):
+                out.update(zip(batch, evs))
+        return [out[i] for i in range(len(model_dirs))]
 
     def close(self) -> None:
-        if self._handle is not None:
-            ray.kill(self._handle)
-            self._handle = None
+        for actor in ([self._handle] if self._handle is not None else []) + self._pool:
+            ray.kill(actor)
+        self._handle, self._pool = None, []
+
+
+class StartEvaluatorsNearTheEnd(tune.Callback):
+    """:meth:`Evaluations.prestart` once no more trials are left to start than there are slots: the
+    pool's start-up then takes cores the sweep is about to leave idle, not cores its trials need."""
+
+    def __init__(self, evaluations: Evaluations, n_trials: int) -> None:
+        self._evaluations, self._n_trials, self._ended = evaluations, n_trials, 0
+        self._slots: int | None = None
+
+    def _ended_one(self) -> None:
+        if self._evaluations is None:
+            return
+        self._ended += 1
+        try:
+            if self._slots is None:
+                self._slots = self._evaluations.slots()
+            if self._n_trials - self._ended <= self._slots:
+                self._evaluations.prestart()
+        except Exception as exc:  # noqa: BLE001 - the pool then starts after the trials
+            log.warning(f"could not start the evaluators early: {type(exc).__name__}: {exc}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended_one()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended_one()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_evaluations": None}  # not pickled in practice: added after the Tuner is saved
 
 
 class EvaluateFinishedTrials(tune.Callback):

@@ -281,22 +281,30 @@ class RecordStateDigest(tune.Callback):
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
-        self._seen: dict[str, tuple[float, int]] = {}
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._digests: dict[str, str] = {}  # file name -> the digest recorded last
 
     def _record(self, trials: list) -> None:
+        import hashlib
+
         from covid_tune.sweep import resume_guard
 
         if not trials:
             return
         try:
             storage = trials[0].storage
-            for folder in (storage.experiment_driver_staging_path, storage.experiment_fs_path):
+            folders = dict.fromkeys((storage.experiment_driver_staging_path, storage.experiment_fs_path))
+            for folder in folders:
                 changed = {}
-                for path in resume_guard.guarded_files(Path(folder)):
-                    st = path.stat()
-                    if self._seen.get(str(path)) != (st.st_mtime_ns, st.st_size):
-                        self._seen[str(path)] = (st.st_mtime_ns, st.st_size)
-                        changed[path.name] = path.read_bytes()
+                for path, stamp in resume_guard.guarded_stats(Path(folder)):
+                    if self._seen.get(str(path)) != stamp:
+                        self._seen[str(path)] = stamp
+                        data = path.read_bytes()
+                        digest = hashlib.sha256(data).hexdigest()
+                        # the copy on storage of bytes just recorded from staging: recorded already
+                        if self._digests.get(path.name) != digest:
+                            self._digests[path.name] = digest
+                            changed[path.name] = data
                 resume_guard.record_files(Path(self.output_dir), changed)
         except OSError as exc:  # never stop a sweep over this record; --resume then refuses, naming the file
             log.warning(f"could not record the digest of Tune's state: {exc}")
@@ -308,7 +316,7 @@ class RecordStateDigest(tune.Callback):
         self._record(trials)
 
     def __getstate__(self) -> dict:
-        return {"output_dir": self.output_dir, "_seen": {}}
+        return {"output_dir": self.output_dir, "_seen": {}, "_digests": {}}
 def tuner_run_config(tuner: tune.Tuner) -> tune.RunConfig:
     """The run config a (restored) Tuner will use: Tune exposes no setter, and a restored Tuner keeps
     the callbacks and verbosity it was pickled with."""

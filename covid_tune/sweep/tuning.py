@@ -25,7 +25,7 @@ from covid_tune.results.collect import download_experiment
 from covid_tune.spec.load import Spec
 from covid_tune.sweep import resume_guard
 from covid_tune.sweep.cluster import check_resources, check_shared_paths, models_travel, start_shared
-from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations
+from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations, StartEvaluatorsNearTheEnd
 from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport, tuner_run_config
 from covid_tune.sweep.search import cell_search
 from covid_tune.sweep.trainable import release_feature_stores, train_trial
@@ -164,7 +164,8 @@ def _use_console(tuner, view, verbose: int, extra: list | None = None) -> None:
     run_config.verbose = verbose
     fresh = ([view] if view is not None else []) + list(extra or [])
     run_config.callbacks = [c for c in (run_config.callbacks or [])
-                            if not isinstance(c, (LiveView, TrialOutcomes, RecordStateDigest))] + fresh
+                            if not isinstance(c, (LiveView, TrialOutcomes, RecordStateDigest,
+                                                  StartEvaluatorsNearTheEnd))] + fresh
 
 
 def make_scheduler(spec: Spec) -> ASHAScheduler | FIFOScheduler:
@@ -254,7 +255,9 @@ def run_sweep(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
         from covid_tune.sweep import tracking  # loads the trackers' packages: only when the spec names one
 
         trackers = tracking.callbacks(spec, plan)  # never pickled with the Tuner: a resumed sweep makes its own
-    _use_console(tuner, view, verbose, [outcomes, RecordStateDigest(str(spec.output_dir)), *trackers])
+    # a CPU sweep beyond top_k starts its evaluator pool as its last trials run (not pickled with the Tuner)
+    pool = [StartEvaluatorsNearTheEnd(evaluations, len(plan))] if evaluations is not None else []
+    _use_console(tuner, view, verbose, [outcomes, RecordStateDigest(str(spec.output_dir)), *trackers, *pool])
     if stop is not None:
         stop.in_tune = True
     try:
@@ -348,4 +351,8 @@ def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
     :func:`evaluate_remote` then ships each model to its task."""
     if spec.remote_storage or models_travel(spec):
         return None
-    return Evaluations(spec, plan, index, decoded, during_trials=spec.resources.gpu == 0, pretrained=pretrained)
+    # during the trials only where every configuration will be evaluated: beyond report.top_k only the
+    # shortlist is, known when the last trial ends (evaluating every trial cost ~0.25 s each at 256 trials)
+    during = spec.resources.gpu == 0 and len(plan) <= spec.report.top_k
+    evaluations = Evaluations(spec, plan, index, decoded, during_trials=during, pretrained=pretrained)
+    return evaluations
