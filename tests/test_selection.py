@@ -132,12 +132,12 @@ def test_cxr_real_bar_judges_the_chosen_configuration_by_its_mean_over_seeds(tmp
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "cxr_real.py"
     out = subprocess.run([sys.executable, str(bench), "--results", str(path)], capture_output=True, text=True,
                          check=True).stdout
-    assert "| `a` | 0.840, 0.900 | 0.870 | 0.88 | 0.90 | MISS | 200 s |" in out and "held-out" in out
+    assert "| `a` | 0.840, 0.900 | 0.870 | - | - | 0.88 | 0.90 | MISS | 200 s |" in out and "held-out" in out
     res["rows"][0]["eval"]["test"]["acc"] = 0.88
     path.write_text(json.dumps(res))
     out = subprocess.run([sys.executable, str(bench), "--results", str(path)], capture_output=True, text=True,
                          check=True).stdout
-    assert "| 0.890 | 0.88 | 0.90 | PASS |" in out
+    assert "| 0.890 | - | - | 0.88 | 0.90 | PASS |" in out
     # a run on another tree (the held-out patients) names it and drops the caveat about our split
     res["data_root"] = str(tmp_path / "held-out")
     path.write_text(json.dumps(res))
