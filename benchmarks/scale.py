@@ -178,6 +178,9 @@ def model_wants_rgb(model) -> bool:
 
 def run_ray_tune(trials: int, work: Path) -> dict:
     """Ray Tune used directly, in this process; the wall clock includes ``ray.init``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when loaded by a test
+    from common import quiet
+
     from covid_tune.data.synthetic import make_synthetic
 
     root = make_synthetic(work / "synthetic", ("infected", "normal"), COUNTS, SOURCE, 0)
@@ -190,35 +193,24 @@ def run_ray_tune(trials: int, work: Path) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    with open(work / "ray_tune.log", "ab") as f:
-        saved = os.dup(1), os.dup(2)
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            # a private local Ray (address="local"): never someone else's cluster on a shared machine
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
-            init_s = time.perf_counter() - start
-            seeds = list(range(max(1, trials // 2)))
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(direct_trainable, data=data), {"cpu": 1}),
-                param_space={"lr": tune.grid_search(list(LRS)), "seed": tune.grid_search(seeds)},
-                tune_config=tune.TuneConfig(metric="val_loss", mode="min", reuse_actors=True,
-                                            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=EPOCHS,
-                                                                    grace_period=1, reduction_factor=2)),
-                run_config=tune.RunConfig(name="direct", storage_path=str(work / "ray_tune"), verbose=0,
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-            grid = tuner.fit()
-            wall = time.perf_counter() - start
-            errors = sum(1 for r in grid if r.error)
-            epochs = sum(int((r.metrics or {}).get("epoch") or 0) for r in grid)
-            ray.shutdown()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+    with quiet(work / "ray_tune.log"):  # Ray and Tune's progress output
+        # a private local Ray (address="local"): never someone else's cluster on a shared machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        init_s = time.perf_counter() - start
+        seeds = list(range(max(1, trials // 2)))
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(direct_trainable, data=data), {"cpu": 1}),
+            param_space={"lr": tune.grid_search(list(LRS)), "seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", reuse_actors=True,
+                                        scheduler=ASHAScheduler(time_attr="training_iteration", max_t=EPOCHS,
+                                                                grace_period=1, reduction_factor=2)),
+            run_config=tune.RunConfig(name="direct", storage_path=str(work / "ray_tune"), verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+        grid = tuner.fit()
+        wall = time.perf_counter() - start
+        errors = sum(1 for r in grid if r.error)
+        epochs = sum(int((r.metrics or {}).get("epoch") or 0) for r in grid)
+        ray.shutdown()
     return {"wall_s": wall, "ray_init_s": init_s, "trials": len(grid), "errors": errors, "epochs_trained": epochs}
 
 
