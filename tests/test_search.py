@@ -221,3 +221,46 @@ def test_folds_compose_with_samples_every_fold_of_a_sample_trains_its_setting(ti
         members = [h for h in plan.values() if h.group == group]
         assert {h.fold for h in members} == {0, 1} and len({(h.lr, h.dropout) for h in members}) == 1
     assert "2 fold(s) = 8 trial(s)" in search_summary(spec, plan)
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_killed_mid_search_resumes_with_no_trial_repeated(tmp_path: Path) -> None:
+    # two trials run at once on 2 CPUs: the kill lands before the third sample is asked for, so the
+    # resumed sweep must restore the searcher and hand out only that one
+    from test_faults_resume import Driver, assert_each_epoch_once, reported, sweep_spec, wait_until
+
+    epochs = 4
+    path = sweep_spec(tmp_path, epochs, train=200)
+    raw = yaml.safe_load(path.read_text())
+    raw["grid"].update(seed=[0], lr={"loguniform": [1.0e-3, 1.0e-1]})
+    raw["search"] = {"algorithm": "optuna", "samples": 3, "seed": 0}
+    path.write_text(yaml.safe_dump(raw))
+    out = Path(raw["output"])
+    experiment = out / "ray" / "faults"
+
+    def sampled_lr() -> dict[str, float]:
+        found = {}
+        for params in experiment.glob("*/params.json"):
+            p = json.loads(params.read_text())
+            found.setdefault(p["config_id"], []).append(p["lr"])
+        return found
+
+    first = Driver(path, log=tmp_path / "run0.log")
+    try:
+        wait_until(lambda: reported(experiment) >= 1 or first.proc.poll() == 0, first, "an epoch reported")
+    finally:
+        first.kill()
+    assert first.proc.returncode != 0, "the sweep finished before the kill: make its epochs longer"
+    before = sampled_lr()
+    resumed = Driver(path, "--resume", log=tmp_path / "run1.log")
+    try:
+        assert resumed.wait() == 0, resumed.text()[-4000:]
+    finally:
+        resumed.kill()
+    after = sampled_lr()
+    ids = [f"tiny_cnn-none-ce-n{k}-s0" for k in range(3)]
+    assert sorted(after) == ids and all(len(v) == 1 for v in after.values()), after  # no trial run twice
+    assert all(after[cid] == lrs for cid, lrs in before.items())  # a restored trial keeps its sample
+    assert len({v[0] for v in after.values()}) == 3 and all(1e-3 <= v[0] <= 1e-1 for v in after.values())
+    assert_each_epoch_once(experiment, epochs)
+    assert all(t["status"] == "ok" for t in json.loads((out / "trials.json").read_text()).values())
