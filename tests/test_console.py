@@ -327,6 +327,9 @@ def test_summary_best_is_the_reports_best_configuration_over_seeds() -> None:
     assert best_group(rows, "val_acc", "max") == "a"
     assert best_line(rows, "val_acc", "max") == ("best: a (mean selection score on val_acc 0.845 over 2 seeds; "
                                                  "test accuracy 81.00 ± 1.41%)")
+    for fold, r in enumerate(rows):
+        r["fold"] = fold % 2  # fold trials of one configuration are not seeds
+    assert "over 2 trials (folds x seeds);" in best_line(rows, "val_acc", "max")
     one = [row("a-s0", "a", 0.85, 0.80), row("b-s0", "b", 0.90, 0.86)]
     one[1]["history"][0]["val_acc"] = 0.88  # the raw value at the chosen epoch, beside an EMA score of 0.90
     assert best_line(one, "val_acc", "max") == "best: b-s0 (val_acc 0.88 at epoch 3; test accuracy 86.00%)"

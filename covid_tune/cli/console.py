@@ -262,7 +262,8 @@ def best_line(rows: list[dict], metric: str, mode: str) -> str:
         scores = [selection_score(r, metric) for r in members]
         tests = [100 * r["eval"]["test"]["acc"] for r in members if _test_acc(r) is not None]
         test = f"; test accuracy {mean(tests):.2f} ± {stdev(tests):.2f}%" if len(tests) > 1 else ""
-        return f"best: {group} (mean selection score on {metric} {mean(scores):.4g} over {len(members)} seeds{test})"
+        what = "trials (folds x seeds)" if any(r.get("fold") is not None for r in members) else "seeds"
+        return f"best: {group} (mean selection score on {metric} {mean(scores):.4g} over {len(members)} {what}{test})"
     best = best_row(members or rows, metric, mode)
     if best is None:
         return ""
