@@ -330,6 +330,8 @@ def test_summary_best_is_the_reports_best_configuration_over_seeds() -> None:
     for fold, r in enumerate(rows):
         r["fold"] = fold % 2  # fold trials of one configuration are not seeds
     assert "over 2 trials (folds x seeds);" in best_line(rows, "val_acc", "max")
+    failed = {"config_id": "a-s2", "group": "a", "status": "error", "best_epoch": None, "history": [], "eval": {}}
+    assert "over 2 trials" in best_line(rows + [failed], "val_acc", "max")  # a trial with no score is left out
     one = [row("a-s0", "a", 0.85, 0.80), row("b-s0", "b", 0.90, 0.86)]
     one[1]["history"][0]["val_acc"] = 0.88  # the raw value at the chosen epoch, beside an EMA score of 0.90
     assert best_line(one, "val_acc", "max") == "best: b-s0 (val_acc 0.88 at epoch 3; test accuracy 86.00%)"

@@ -257,7 +257,9 @@ def best_line(rows: list[dict], metric: str, mode: str) -> str:
     from covid_tune.results.stats import best_group, selection_score
 
     group = best_group(rows, metric, mode)
-    members = [r for r in rows if group is not None and r.get("group") == group]
+    # members with a score: a trial that failed before its first epoch has none
+    members = [r for r in rows if group is not None and r.get("group") == group
+               and selection_score(r, metric) is not None]
     if len(members) > 1:
         scores = [selection_score(r, metric) for r in members]
         tests = [100 * r["eval"]["test"]["acc"] for r in members if _test_acc(r) is not None]
