@@ -82,6 +82,8 @@ scheduler:
   metric: val_loss
   grace_period: 1
   reduction_factor: 2
+report:
+  ensemble: none  # the seeds here only make N trials: Ray Tune used directly builds no 128-model ensemble
 resources:
   cpus: 1
   gpu: 0
