@@ -254,7 +254,7 @@ def best_row(rows: list[dict], metric: str, mode: str) -> tuple[dict, float] | N
 def best_line(rows: list[dict], metric: str, mode: str) -> str:
     """``best: ...``: the configuration REPORT.md calls best (best mean selection score over its seeds), or,
     before the test evaluation, the trial whose best epoch has the best ``metric``; "" if none."""
-    from covid_tune.results.stats import best_group, selection_score
+    from covid_tune.results.stats import accuracy_on_test, best_group, selection_score
 
     group = best_group(rows, metric, mode)
     # members with a score: a trial that failed before its first epoch has none
@@ -262,7 +262,7 @@ def best_line(rows: list[dict], metric: str, mode: str) -> str:
                and selection_score(r, metric) is not None]
     if len(members) > 1:
         scores = [selection_score(r, metric) for r in members]
-        tests = [100 * r["eval"]["test"]["acc"] for r in members if _test_acc(r) is not None]
+        tests = [100 * t for t in map(accuracy_on_test, members) if t is not None]
         test = f"; test accuracy {mean(tests):.2f} ± {stdev(tests):.2f}%" if len(tests) > 1 else ""
         what = "trials (folds x seeds)" if any(r.get("fold") is not None for r in members) else "seeds"
         return f"best: {group} (mean selection score on {metric} {mean(scores):.4g} over {len(members)} {what}{test})"
@@ -270,13 +270,9 @@ def best_line(rows: list[dict], metric: str, mode: str) -> str:
     if best is None:
         return ""
     row, value = best
-    test = _test_acc(row)
+    test = accuracy_on_test(row)
     return (f"best: {row['config_id']} ({metric} {value:.4g} at epoch {row['best_epoch']}"
             + (f"; test accuracy {100 * test:.2f}%" if test is not None else "") + ")")
-
-
-def _test_acc(row: dict) -> float | None:
-    return ((row.get("eval") or {}).get("test") or {}).get("acc")
 
 
 def summary_lines(rows: list[dict], metric: str, mode: str, report: Path, output: Path, seconds: float) -> list[str]:

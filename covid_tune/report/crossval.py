@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+from covid_tune.report.evidence import pct as _pct
 
 
 def _ci(ci) -> str:

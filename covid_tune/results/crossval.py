@@ -16,6 +16,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from covid_tune.results import clinical
+from covid_tune.results.stats import accuracy_on_test
 
 LEVEL = 0.95
 
@@ -37,11 +38,6 @@ def _val_acc(row: dict) -> float | None:
         return float(ev["acc"])
     at = next((h for h in row.get("history") or [] if h.get("epoch") == row.get("best_epoch")), {})
     return None if at.get("val_acc") is None else float(at["val_acc"])
-
-
-def _test_acc(row: dict) -> float | None:
-    acc = ((row.get("eval") or {}).get("test") or {}).get("acc")
-    return None if acc is None else float(acc)
 
 
 def out_of_fold(members: list[dict]) -> dict | None:
@@ -91,7 +87,7 @@ def cross_validation(rows: list[dict]) -> dict[str, dict]:
         for fold in sorted({r["fold"] for r in members}):
             mine = [r for r in members if r["fold"] == fold]
             val = [v for v in map(_val_acc, mine) if v is not None]
-            test = [v for v in map(_test_acc, mine) if v is not None]
+            test = [v for v in map(accuracy_on_test, mine) if v is not None]
             n = next((((r.get("eval") or {}).get("validation") or {}).get("n") for r in mine if r.get("eval")), None)
             folds.append({"fold": fold, "n": n, "seeds": len(val), "val_acc": float(np.mean(val)) if val else None,
                           "test_acc": float(np.mean(test)) if test else None})
@@ -99,7 +95,7 @@ def cross_validation(rows: list[dict]) -> dict[str, dict]:
         if not scored:
             continue
         estimate, ci = t_interval(scored)
-        tests = [v for v in map(_test_acc, members) if v is not None]
+        tests = [v for v in map(accuracy_on_test, members) if v is not None]
         out[group] = {"k": len(scored), "estimate": estimate, "ci": ci, "folds": folds, "oof": out_of_fold(members),
                       "test_acc": float(np.mean(tests)) if tests else None}
     return out

@@ -17,6 +17,7 @@ import torch
 
 from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS
 from covid_tune.models.registry import save_exported
+from covid_tune.results.stats import accuracy_on_test
 
 ENSEMBLE_DIR = "ensemble"
 
@@ -68,8 +69,7 @@ def summary(ev: dict, member_rows: list[dict]) -> dict:
     head = ((ev.get("clinical") or {}).get("per_class") or {})
     positive = (ev.get("clinical") or {}).get("positive")
     block = (head.get(positive) or {}).get("test") or {}
-    accs = [((r.get("eval") or {}).get("test") or {}).get("acc") for r in member_rows]
-    accs = [a for a in accs if a is not None]
+    accs = [a for a in map(accuracy_on_test, member_rows) if a is not None]
     return {"members": len(member_rows), "acc": test.get("acc"), "acc_ci": test.get("acc_ci95"),
             "auc": block.get("auc"), "auc_ci": block.get("auc_ci"), "n": test.get("n"),
             "members_acc": float(np.mean(accs)) if accs else None}

@@ -44,6 +44,12 @@ def _test_correct(row: dict) -> list[int] | None:
     return ((row.get("eval") or {}).get("test") or {}).get("correct")
 
 
+def accuracy_on_test(row: dict) -> float | None:
+    """A result row's test accuracy (None where it was not evaluated on test)."""
+    acc = ((row.get("eval") or {}).get("test") or {}).get("acc")
+    return None if acc is None else float(acc)
+
+
 def selection_score(row: dict, metric: str) -> float | None:
     """The validation value a configuration was chosen on (its ``select_score``, else the metric at its best epoch)."""
     if row.get("select_score") is not None:

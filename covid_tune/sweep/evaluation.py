@@ -182,7 +182,7 @@ class Evaluations:
         res = self.spec.resources
         if self.during_trials or res.gpu or self._pool:  # a GPU actor needs its share, which a trial may hold
             return
-        n = min(free_slots(res.cpus, 0, ray.cluster_resources()), 2 * self.spec.report.top_k, len(self.plan))
+        n = min(self.slots(), 2 * self.spec.report.top_k, len(self.plan))
         self._pool = [self._new_actor(num_cpus=0, num_gpus=0, scheduling_strategy="SPREAD") for _ in range(n)]
         self._prestarted = True
 
