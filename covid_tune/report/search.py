@@ -111,7 +111,7 @@ def write_figure(path: Path, points: list[dict], dists: dict[str, Distribution],
                 lo, hi = (_position(v, d) for v in d.args)
                 ys.append((_position(p[a], d) - lo) / (hi - lo))
         ys.append((s - lo_s) / (hi_s - lo_s) if hi_s > lo_s else 0.5)
-        ax.plot(range(len(ys)), ys, color=cmap((s - lo_s) / (hi_s - lo_s) if hi_s > lo_s else 0.5), alpha=0.8)
+        ax.plot(range(len(ys)), ys, color=cmap(ys[-1]), alpha=0.8)  # coloured by its score's place
     labels = [f"{a}\n{d.text()}" for a, d in dists.items()] + [f"{metric}\n[{lo_s:.3g}, {hi_s:.3g}]"]
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_yticks([0, 1], ["low", "high"])
