@@ -8,7 +8,8 @@
 Prints a markdown table: the chosen configuration (best mean selection score on validation over its
 seeds and folds, as REPORT.md chooses), its test accuracy per member and on average, its ensemble's (the
 model the sweep ships, judged against the bar where one was built) and the cross-validated estimate,
-beside the goal (0.88, the plain script's level on the issue's held-out patients) and the aim (0.90).
+beside the goal (0.88, the plain script's level on the issue's held-out patients) and the aim (0.90),
+then what the sweep left on disk against issue 32's goal (400 MB).
 Our stand-in for those patients is
 ../shared/cxr-real's own test split (153 images), which was looked at while the sweep was designed:
 a PASS here is weaker evidence than one on held-out patients. ``--data`` runs the same sweep on another
@@ -28,6 +29,18 @@ from statistics import mean
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "cxr-real"
 GOAL, AIM = 0.88, 0.90
+DISK_GOAL_MB = 400  # issue 32: what the shipped sweep may leave in its output folder
+
+
+def disk_line(output: Path) -> str:
+    """What the sweep's output folder holds (as the console's disk line counts it) against the goal."""
+    from covid_tune.cli.console import disk_usage
+
+    total, parts = disk_usage(output)
+    mb = total / 1e6
+    shown = ", ".join(f"{k}/ {v / 1e6:.0f} MB" for k, v in parts.items() if v >= 1e6)
+    return (f"disk: {output} holds {mb:.0f} MB ({shown}); goal <= {DISK_GOAL_MB} MB: "
+            + ("PASS" if mb <= DISK_GOAL_MB else "MISS"))
 
 
 def chosen(results: dict) -> tuple[str, list[float]]:
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.output / "report" / "results.json"
     results = json.loads(path.read_text())
     print(table(results, results.get("data_root") or str(args.data or DATA)))
+    print("\n" + disk_line(path.parent.parent))
     return 0
 
 

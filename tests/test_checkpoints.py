@@ -114,7 +114,12 @@ def test_export_of_slim_checkpoint_is_a_full_model(index: DatasetIndex, tmp_path
     rec = results.TrialRecord("c", tmp_path / "trial", [row], {1: folder})
     target = results.export_best(rec, HP, index.classes, "val_loss", "min", tmp_path / "best")
     exported = torch.load(target / "model.pt", weights_only=True)
-    assert exported.keys() == run.model.state_dict().keys()  # users get a plain, whole state_dict
+    frozen = torch.load(target / "frozen.pt", weights_only=True)  # the frozen layers, stored apart
+    assert not exported.keys() & frozen.keys()
+    assert exported.keys() | frozen.keys() == run.model.state_dict().keys()  # two plain state_dicts, whole together
+    assert exported.keys() == trained_state(run.model).keys()
+    stored = json.loads((target / "model.json").read_text())["frozen_weights"]
+    assert (tmp_path / "best" / ".frozen" / f"{stored['sha256']}.pt").samefile(target / "frozen.pt")
     model, meta = load_exported(target)
     assert meta["epoch"] == 1
     x = torch.rand(4, 3, 32, 32)

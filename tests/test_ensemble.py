@@ -44,6 +44,16 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(tmp_path: Path) -> N
         again = load_model(target)[0](x).softmax(1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(again, want, rtol=1e-5, atol=1e-7)
+    # the members' weights are not copied: each member's files are links to its own folder's
+    for i, r in enumerate(rows):
+        assert (target / "members" / str(i) / "model.pt").samefile(r["checkpoint"])
+    assert not (target / "model.pt").exists()
+    # the ensemble folder copied alone still loads (the links are files)
+    import shutil
+
+    shutil.copytree(target, tmp_path / "copy")
+    with torch.no_grad():
+        np.testing.assert_allclose(load_model(tmp_path / "copy")[0](x).softmax(1).numpy(), want, rtol=1e-5, atol=1e-7)
     # the same members again: kept; fewer than two members: none
     assert export_ensemble(rows, "g", "auto", tmp_path / "best") == target
     assert export_ensemble(rows[:1], "g", "auto", tmp_path / "best2") is None

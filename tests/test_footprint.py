@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +166,80 @@ def test_an_unfinished_trial_keeps_its_weights(index: DatasetIndex, tmp_path: Pa
     target = results.export_best(rec, HP, index.classes, "val_loss", "min", tmp_path / "best")
     assert results.release_exported(rec, target) == 0
     assert "model" in torch.load(folder / STATE_FILE, weights_only=True)
+
+
+def _export(index: DatasetIndex, hp: HParams, cid: str, best: Path) -> Path:
+    """Train ``hp`` one epoch and export it as ``best/<cid>`` (a finished trial's one checkpoint)."""
+    run = TrainingRun(hp, index, CPU)
+    row = {**run.run_epoch(), "val_loss": 0.5}
+    folder = best.parent / "ray" / cid / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    save_checkpoint(run, row, folder)
+    rec = results.TrialRecord(cid, folder.parent, [row], {1: folder})
+    return results.export_best(rec, hp, index.classes, "val_loss", "min", best)
+
+
+def test_equal_frozen_layers_are_on_disk_once(index: DatasetIndex, tmp_path: Path) -> None:
+    """Two configurations with the same backbone, freeze level and initial weights (another lr) share one
+    frozen.pt (one inode, counted once by the console's disk line); another seed's frozen layers are
+    other weights, stored apart. Each folder loads on its own, also when copied elsewhere."""
+    import shutil
+
+    from covid_tune.cli.console import disk_usage
+    from covid_tune.cli.predict import TargetError, load_model
+
+    best = tmp_path / "out" / "best"
+    frozen_hp = replace(HP, freeze="fc_only")
+    a = _export(index, frozen_hp, "a", best)
+    b = _export(index, replace(frozen_hp, lr=0.01), "b", best)
+    c = _export(index, replace(frozen_hp, seed=1), "c", best)
+    assert (a / "frozen.pt").samefile(b / "frozen.pt") and not (a / "frozen.pt").samefile(c / "frozen.pt")
+    assert len(list((best / ".frozen").iterdir())) == 2
+    sizes = {p: (p / "model.pt").stat().st_size + (p / "frozen.pt").stat().st_size + (p / "model.json").stat().st_size
+             for p in (a, b, c)}
+    total, parts = disk_usage(tmp_path / "out")
+    assert parts["best"] == sum(sizes.values()) - (a / "frozen.pt").stat().st_size  # b's frozen.pt not counted again
+
+    for folder in (a, b, c):
+        model, _ = load_model(folder)
+        whole = torch.load(folder / "model.pt", weights_only=True) | torch.load(folder / "frozen.pt", weights_only=True)
+        assert all(torch.equal(v, whole[k]) for k, v in model.state_dict().items())
+    copy = tmp_path / "elsewhere" / "a"
+    shutil.copytree(a, copy)  # a model folder copied alone still loads: its files, not references
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_model(copy)[0](x), load_model(a)[0](x))
+    (copy / "frozen.pt").unlink()
+    with pytest.raises(TargetError, match=r"frozen.pt: no such file .*copy the folder whole"):
+        load_model(copy)
+
+
+def test_a_trunk_trained_with_the_head_is_not_split(index: DatasetIndex, tmp_path: Path) -> None:
+    """freeze none: every weight trained, model.pt is the whole state_dict and no frozen.pt is written."""
+    target = _export(index, HP, "n", tmp_path / "best")
+    assert sorted(p.name for p in target.iterdir()) == ["model.json", "model.pt"]
+    assert "frozen_weights" not in json.loads((target / "model.json").read_text())
+    model, _ = load_exported(target)
+    assert torch.load(target / "model.pt", weights_only=True).keys() == model.state_dict().keys()
+
+
+def test_the_estimate_of_best_is_what_the_demos_models_take(tmp_path: Path) -> None:
+    """The pre-flight's best/ estimate against the demo's eight models written as an export writes them
+    (initial weights: same sizes), frozen layers linked where equal: within 2%."""
+    from covid_tune.cli.preflight import exported_bytes
+    from covid_tune.engine.files import file_bytes_once
+    from covid_tune.models.freeze import trained_state
+    from covid_tune.models.registry import build_model, save_exported
+    from covid_tune.spec import plan as plan_mod
+    from covid_tune.spec.load import load_spec
+
+    spec = load_spec(Path(__file__).parent.parent / "sweeps" / "demo.yaml")
+    plan = plan_mod.expand(spec)
+    for cid, hp in plan.items():
+        model = build_model(hp, 2)
+        trained = trained_state(model).keys()
+        save_exported(model.state_dict(), {"config_id": cid}, tmp_path / "best" / cid,
+                      frozen=[k for k in model.state_dict() if k not in trained])
+    written = file_bytes_once(p for p in (tmp_path / "best").rglob("*.pt"))
+    assert abs(exported_bytes(plan, 2) - written) < 0.02 * written
+    assert len(list((tmp_path / "best" / ".frozen").iterdir())) == 2  # resnet18 fc_only and tiny_cnn fc_only

@@ -19,6 +19,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import TextIO
 
+from covid_tune.engine.files import file_bytes_once
+
 
 def fmt_duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``1h02m``."""
@@ -40,23 +42,19 @@ def fmt_bytes(n: float) -> str:
 
 
 def disk_usage(folder: Path) -> tuple[int, dict[str, int]]:
-    """Bytes under ``folder`` in all and per top-level entry (links not followed), largest first."""
+    """Bytes under ``folder`` in all and per top-level entry (links not followed, a hard-linked file
+    counted once: the first entry that holds it), largest first."""
     parts: dict[str, int] = {}
     folder = Path(folder)
     if not folder.is_dir():
         return 0, parts
-    for child in folder.iterdir():
-        size = 0
+    seen: set[tuple[int, int]] = set()
+    for child in sorted(folder.iterdir()):
         if child.is_dir() and not child.is_symlink():
-            for root, _, files in os.walk(child):
-                for f in files:
-                    try:
-                        size += os.lstat(os.path.join(root, f)).st_size
-                    except OSError:  # removed while walking
-                        pass
+            files = (os.path.join(root, f) for root, _, names in os.walk(child) for f in names)
         else:
-            size = child.lstat().st_size
-        parts[child.name] = size
+            files = [child]
+        parts[child.name] = file_bytes_once(files, seen)
     return sum(parts.values()), dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 

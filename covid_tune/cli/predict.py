@@ -17,7 +17,7 @@ from pathlib import Path
 
 from covid_tune.cli.main import setup_logging, verbosity_options
 from covid_tune.cli.output_dir import nearest_existing, not_writable
-from covid_tune.engine.files import MODEL_META, MODEL_WEIGHTS, RESULTS_FILE, SPEC_FILE
+from covid_tune.engine.files import MODEL_META, RESULTS_FILE, SPEC_FILE, is_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +62,15 @@ def read_meta(model_dir: Path) -> dict:
 
 def load_model(model_dir: Path):
     """The exported model and its checked ``model.json``; any unreadable or mismatched file is a TargetError."""
-    import torch
-
-    from covid_tune.models.registry import exported_module
+    from covid_tune.models.registry import ExportedModelError, load_exported
 
     meta = read_meta(model_dir)
     try:
-        model = exported_module(meta)  # a single model, or an ensemble (best/<group>/ensemble/)
+        return load_exported(model_dir, meta)  # a single model, or an ensemble (best/<group>/ensemble/)
+    except ExportedModelError as exc:
+        raise TargetError(str(exc)) from None
     except (KeyError, ValueError, TypeError) as exc:
         raise TargetError(f"{model_dir / MODEL_META}: cannot rebuild the model ({exc})") from None
-    pt = model_dir / MODEL_WEIGHTS
-    if not pt.is_file():
-        raise TargetError(f"{pt}: no such file (an exported model folder holds model.pt and {MODEL_META})")
-    try:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
-        raise TargetError(f"{pt}: not a readable PyTorch state_dict, the file may be truncated or damaged "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    try:
-        model.load_state_dict(state)
-    except Exception as exc:  # RuntimeError: missing/unexpected keys or shapes; TypeError etc.: not a dict
-        first = str(exc).strip().splitlines()
-        raise TargetError(f"{pt}: does not fit {MODEL_META} ({meta['backbone']}, {len(meta['classes'])} classes): "
-                          f"{first[0] if first else type(exc).__name__}") from None
-    return model.eval(), meta
 
 
 def best_model_dir(sweep: Path, config: str | None = None) -> Path:
@@ -134,7 +119,7 @@ def _best_ensemble(sweep: Path) -> Path | None:
     except (OSError, ValueError, AttributeError):
         return None
     folder = sweep / "best" / str(best) / "ensemble"
-    return folder if best and (folder / MODEL_META).is_file() and (folder / MODEL_WEIGHTS).is_file() else None
+    return folder if best and is_model_folder(folder) else None
 
 
 def _best_group_ids(sweep: Path) -> list[str]:
@@ -149,7 +134,7 @@ def _best_group_ids(sweep: Path) -> list[str]:
 
 def resolve_target(target: Path, config: str | None) -> Path:
     """The exported model folder TARGET names (see :func:`best_model_dir`)."""
-    if (target / MODEL_META).is_file() and (target / MODEL_WEIGHTS).is_file():
+    if is_model_folder(target):
         if config is not None and (found := read_meta(target)["config_id"]) != config:
             raise TargetError(f"--config {config}: {target} is the single model {found}")
         return target

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from covid_tune.cli.console import fmt_bytes, resources_text, scheduler_text
+from covid_tune.engine.files import file_bytes_once
 from covid_tune.engine.hparams import HParams
 from covid_tune.spec import plan as plan_mod
 from covid_tune.spec.load import Spec
@@ -223,22 +224,39 @@ def concurrent_trials(spec: Spec, n_trials: int) -> int:
     return max(1, min(n_trials, int(local_resources()["CPU"] // spec.resources.cpus)))
 
 
+def _sizes(hp: HParams, num_classes: int, sizes: dict[tuple, tuple[int, int, int]]) -> tuple[int, int, int]:
+    key = (hp.backbone, hp.freeze, hp.head_hidden, hp.optimizer, hp.momentum > 0)
+    if key not in sizes:
+        sizes[key] = state_bytes(hp, num_classes)
+    return sizes[key]
+
+
+def exported_bytes(plan: dict[str, HParams], num_classes: int,
+                   sizes: dict[tuple, tuple[int, int, int]] | None = None) -> int:
+    """Bytes of best/'s models: each configuration's trained part, and its frozen layers once per distinct
+    initial weights (:func:`covid_tune.models.registry.save_exported` links equal ones): a seed's random
+    init, or the pretrained weights whatever the seed. An ensemble's members are links: nothing more."""
+    sizes = {} if sizes is None else sizes
+    best, frozen_parts = 0, set()
+    for hp in plan.values():
+        model, trained, _ = _sizes(hp, num_classes, sizes)
+        shared = (hp.backbone, hp.freeze, hp.weights, hp.seed if hp.weights == "none" else None)
+        best += trained + (model - trained) * (shared not in frozen_parts)
+        frozen_parts.add(shared)
+    return best
+
+
 def disk_estimate(spec: Spec, plan: dict[str, HParams], num_classes: int, n_images: int) -> tuple[int, list[str]]:
     """About how many bytes the sweep leaves under its output folder, and the parts (text).
 
-    Each configuration's exported model (best/), Tune's small files per trial (a finished trial's
-    checkpoint gives its weights up once best/ holds the chosen epoch), the decoded cache and generated
-    data. While trials run, each also holds its latest ``keep_checkpoints`` checkpoints' trained part with
+    Each configuration's exported model (best/: :func:`exported_bytes`), Tune's small files per trial (a
+    finished trial's checkpoint gives its weights up once best/ holds the chosen epoch), the decoded cache
+    and generated data. While trials run, each also holds its latest ``keep_checkpoints`` checkpoints' trained part with
     the optimizer state, and the selected epoch's: :func:`running_bytes`, named in the text, not counted."""
     from covid_tune.data.cache import node_memory_bytes
 
     sizes: dict[tuple, tuple[int, int, int]] = {}
-    best = 0
-    for hp in plan.values():
-        key = (hp.backbone, hp.freeze, hp.head_hidden, hp.optimizer, hp.momentum > 0)
-        if key not in sizes:
-            sizes[key] = state_bytes(hp, num_classes)
-        best += sizes[key][0]
+    best = exported_bytes(plan, num_classes, sizes)
     ray = TRIAL_FILES_BYTES * len(plan)
     cache = node_memory_bytes(n_images, spec.data.image_size, spec.data.grayscale) if spec.data.cache else 0
     synth = 0
@@ -262,10 +280,7 @@ def running_bytes(spec: Spec, plan: dict[str, HParams], num_classes: int,
     keep = min(spec.trainer.epochs, spec.scheduler.keep_checkpoints)
     per_trial = []
     for hp in plan.values():
-        key = (hp.backbone, hp.freeze, hp.head_hidden, hp.optimizer, hp.momentum > 0)
-        if key not in sizes:
-            sizes[key] = state_bytes(hp, num_classes)
-        _, trained, optim = sizes[key]
+        _, trained, optim = _sizes(hp, num_classes, sizes)
         per_trial.append(keep * (trained + optim) + (hp.epochs > 1) * trained)
     return sum(sorted(per_trial, reverse=True)[:concurrent_trials(spec, len(plan))])
 
@@ -295,14 +310,7 @@ def data_size(spec: Spec) -> tuple[int, int] | None:
 
 
 def _bytes_under(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
+    return file_bytes_once(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names)
 
 
 def disk_problem(spec: Spec, needed: int) -> str | None:

@@ -5,12 +5,16 @@ every stage may use them (the engine writes the exported model; the sweep, resul
 """
 
 import os
+import shutil
 from pathlib import Path
 
 # an exported model folder (OUTPUT/best/<config_id>/): weights, what rebuilds them, its test evaluation
-MODEL_WEIGHTS = "model.pt"
+MODEL_WEIGHTS = "model.pt"  # the trained part (the whole state_dict when nothing is frozen)
 MODEL_META = "model.json"
 EVAL_FILE = "eval.json"
+FROZEN_WEIGHTS = "frozen.pt"  # the frozen layers' state_dict, where the model has any (one inode for all sharers)
+FROZEN_STORE = ".frozen"  # best/.frozen/<sha256>.pt: each distinct frozen part once, linked as frozen.pt
+MEMBERS_DIR = "members"  # an ensemble folder's members/<i>/: its members' model folders, linked
 
 # a sweep's output folder
 SPEC_FILE = "spec.json"  # the validated spec the sweep started with
@@ -32,3 +36,41 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     else:
         tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an exported model: ``model.json`` with ``model.pt``, or an ensemble's members."""
+    folder = Path(folder)
+    return (folder / MODEL_META).is_file() and ((folder / MODEL_WEIGHTS).is_file() or (folder / MEMBERS_DIR).is_dir())
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (the bytes once on disk, and each folder still whole on its
+    own: copying it copies the file), a copy where the filesystem has no hard links; replaced whole.
+    Files are never rewritten in place (:func:`write_atomic` renames), so a link never changes behind a sharer."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # another filesystem, or one without hard links (some network and FAT mounts)
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def file_bytes_once(paths, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes of these files, a file with several hard links counted once (as ``du`` does); ``seen`` carries
+    the linked files already counted from one call to the next."""
+    seen = set() if seen is None else seen
+    total = 0
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:  # removed meanwhile
+            continue
+        if st.st_nlink > 1:
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+        total += st.st_size
+    return total

@@ -9,22 +9,33 @@ seeded build, device and memory format, frozen-prefix split.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from covid_tune.engine.files import MODEL_META, MODEL_WEIGHTS
+from covid_tune.engine.files import (
+    FROZEN_STORE,
+    FROZEN_WEIGHTS,
+    MEMBERS_DIR,
+    MODEL_META,
+    MODEL_WEIGHTS,
+    link_or_copy,
+    write_atomic,
+)
 from covid_tune.engine.hparams import HParams, seed_everything
 from covid_tune.models.backbones import BACKBONES, Backbone
 from covid_tune.models.freeze import Classifier, PrefixSplit, SplitForward, split_stages
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FROZEN_META = "frozen_weights"  # model.json: where the frozen layers are ({file, sha256, entries})
 
 
 class WeightsUnavailable(RuntimeError):
@@ -153,13 +164,46 @@ def build_trial_model(hp: HParams, num_classes: int, device: torch.device, chann
 
 # --- exported best checkpoints -------------------------------------------------------------
 
-def save_exported(state_dict: dict, meta: dict, out_dir: Path) -> None:
-    """Write ``model.pt`` (a plain state_dict) and ``model.json`` (how to rebuild and preprocess)."""
+class ExportedModelError(ValueError):
+    """An exported model folder that cannot be loaded; the message names the file and what is wrong."""
+
+
+def _serialized(state: Mapping[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()  # not a path: torch names the archive after the file, and equal parts must be equal bytes
+    torch.save(dict(state), buffer)
+    return buffer.getvalue()
+
+
+def save_exported(state_dict: Mapping[str, torch.Tensor], meta: dict, out_dir: Path,
+                  frozen: Collection[str] = (), store: Path | None = None) -> None:
+    """Write ``model.pt`` and ``model.json`` (how to rebuild and preprocess) into ``out_dir``.
+
+    The entries named in ``frozen`` (layers training never changed) go to ``frozen.pt`` instead, a hard
+    link to ``store/<sha256>.pt`` (default ``out_dir/../.frozen``): configurations whose frozen layers are
+    equal (same backbone, freeze level and initial weights: ImageNet's, or one seed's) hold them once on
+    disk, while each folder stays whole on its own. ``model.json`` names the file and its SHA-256.
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "model.pt.tmp"
-    torch.save(state_dict, tmp)
-    os.replace(tmp, out_dir / MODEL_WEIGHTS)
-    (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    frozen_part = {k: v for k, v in state_dict.items() if k in frozen}
+    meta = {k: v for k, v in meta.items() if k != FROZEN_META}
+    if frozen_part:
+        blob = _serialized(frozen_part)
+        digest = hashlib.sha256(blob).hexdigest()
+        store = Path(store) if store is not None else out_dir.parent / FROZEN_STORE
+        shared = store / f"{digest}.pt"
+        if not shared.is_file():
+            store.mkdir(parents=True, exist_ok=True)
+            tmp = store / f".{digest}.{os.getpid()}.tmp"  # exporters in several processes may write it at once
+            tmp.write_bytes(blob)
+            os.replace(tmp, shared)
+        link_or_copy(shared, out_dir / FROZEN_WEIGHTS)
+        meta[FROZEN_META] = {"file": FROZEN_WEIGHTS, "sha256": digest, "entries": len(frozen_part)}
+    else:
+        (out_dir / FROZEN_WEIGHTS).unlink(missing_ok=True)
+    write_atomic(out_dir / MODEL_WEIGHTS, _serialized({k: v for k, v in state_dict.items() if k not in frozen}))
+    # last: an export is complete when model.json names it (export_best keys its reuse on that)
+    write_atomic(out_dir / MODEL_META, json.dumps(meta, indent=2, sort_keys=True))
 
 
 class Ensemble(nn.Module):
@@ -193,10 +237,46 @@ def exported_module(meta: dict) -> nn.Module:
     return one()
 
 
-def load_exported(model_dir: str | Path) -> tuple[Classifier, dict]:
-    """Rebuild a model (or an ensemble, :class:`Ensemble`) from ``model.pt`` + ``model.json`` alone, in eval mode."""
+def _read_state(path: Path) -> dict:
+    if not path.is_file():
+        raise ExportedModelError(f"{path}: no such file (an exported model folder holds {MODEL_WEIGHTS}, {MODEL_META} "
+                                 f"and, where layers were frozen, {FROZEN_WEIGHTS}: copy the folder whole)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+        raise ExportedModelError(f"{path}: not a readable PyTorch state_dict, the file may be truncated or damaged "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def exported_state(model_dir: str | Path, meta: dict) -> dict:
+    """One exported model's whole state_dict: ``model.pt`` and, where ``model.json`` names it, ``frozen.pt``."""
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / MODEL_META).read_text())
-    model = exported_module(meta)
-    model.load_state_dict(torch.load(model_dir / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
+    state = _read_state(model_dir / MODEL_WEIGHTS)
+    if meta.get(FROZEN_META) and isinstance(state, dict):
+        frozen = _read_state(model_dir / meta[FROZEN_META]["file"])
+        state = {**frozen, **state} if isinstance(frozen, dict) else frozen
+    return state
+
+
+def load_exported(model_dir: str | Path, meta: dict | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model (or an ensemble, :class:`Ensemble`, from its ``members/``) from its folder alone, in
+    eval mode. ``meta``: its ``model.json`` when already read. Raises :class:`ExportedModelError`."""
+    model_dir = Path(model_dir)
+    if meta is None:
+        try:
+            meta = json.loads((model_dir / MODEL_META).read_text())
+        except (OSError, ValueError) as exc:
+            raise ExportedModelError(f"{model_dir / MODEL_META}: cannot be read ({exc})") from None
+    if "ensemble" in meta and (model_dir / MEMBERS_DIR).is_dir():
+        n = len(meta["ensemble"]["members"])
+        members = [load_exported(model_dir / MEMBERS_DIR / str(i))[0] for i in range(n)]
+        return Ensemble(members, meta.get("label_mode", "single")).eval(), meta
+    model = exported_module(meta)  # a single model, or an ensemble written as one model.pt (earlier versions)
+    state = exported_state(model_dir, meta)
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:  # RuntimeError: missing/unexpected keys or shapes; TypeError etc.: not a dict
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportedModelError(f"{model_dir / MODEL_WEIGHTS}: does not fit {MODEL_META} ({meta['backbone']}, "
+                                 f"{len(meta['classes'])} classes): {first}") from None
     return model.eval(), meta

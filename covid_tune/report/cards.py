@@ -97,7 +97,8 @@ def card_text(spec: Spec, row: dict, classes: list[str], counts: dict, best_grou
     chosen = " It is the sweep's chosen configuration." if row.get("group") == best_group else ""
     md = [f"# Model card: `{row['config_id']}`", "",
           f"From the sweep `{spec.name}`: configuration {row['sr']} of the grid, exported at its selected epoch "
-          f"as `model.pt` (a plain PyTorch state_dict) with `model.json`.{chosen} Numbers from "
+          f"as `model.pt` (a plain PyTorch state_dict; frozen layers, where any, in `frozen.pt`) with `model.json`."
+          f"{chosen} Numbers from "
           "`report/results.json`.", "", NOT_CLINICAL, "",
           "## Intended use", "",
           "Studying how backbone, freeze level, loss and training settings change a chest X-ray classifier "

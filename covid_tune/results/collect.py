@@ -30,6 +30,7 @@ from covid_tune.engine.checkpoints import (
     METRICS_FILE,
     SELECTED_FILE,
     STATE_FILE,
+    is_slim,
     released,
 )
 from covid_tune.engine.explain import explain_split
@@ -167,8 +168,11 @@ def export_best(rec: TrialRecord, hp: engine.HParams, classes: list[str], metric
         "source_checkpoint": str(rec.checkpoints[epoch]),
     }
     (target / EVAL_FILE).unlink(missing_ok=True)
-    # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one
-    save_exported(engine.full_model_state(hp, len(classes), state, pretrained), meta, target)
+    # a full state_dict whatever the checkpoint holds: the frozen layers are rebuilt for a slim one, and
+    # stored apart, once for all configurations that share them (save_exported)
+    full = engine.full_model_state(hp, len(classes), state, pretrained)
+    frozen = [k for k in full if k not in state["model"]] if is_slim(state) else []
+    save_exported(full, meta, target, frozen=frozen)
     return target
 
 

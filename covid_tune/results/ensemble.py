@@ -1,22 +1,32 @@
 """The chosen configuration shipped as one model: its members' exported models (seeds, folds) averaged.
 
-``best/<group>/ensemble/`` holds ``model.pt`` (the members' state_dicts as one
-:class:`~covid_tune.models.registry.Ensemble`)
-and ``model.json`` (the first member's, plus ``ensemble.members``), so ``covid-tune predict`` and the test
-evaluation load it as they load a single model. Its validation numbers are not an estimate: with
-``data.folds`` the members trained on the validation images (the cross-validated estimate is in REPORT.md).
+``best/<group>/ensemble/`` holds ``members/<i>/`` (each member's model folder, its files hard links to the
+member's own: no weights twice on disk) and ``model.json`` (the first member's, plus ``ensemble.members``), so
+``covid-tune predict`` and the test evaluation load it (:func:`~covid_tune.models.registry.load_exported`, an
+:class:`~covid_tune.models.registry.Ensemble`) as they load a single model. Its validation numbers are not an
+estimate: with ``data.folds`` the members trained on the validation images
+(the cross-validated estimate is in REPORT.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from covid_tune.engine.files import EVAL_FILE, MODEL_META, MODEL_WEIGHTS
-from covid_tune.models.registry import save_exported
+from covid_tune.engine.files import (
+    EVAL_FILE,
+    FROZEN_WEIGHTS,
+    MEMBERS_DIR,
+    MODEL_META,
+    MODEL_WEIGHTS,
+    link_or_copy,
+    write_atomic,
+)
+from covid_tune.models.registry import FROZEN_META
 from covid_tune.results.stats import accuracy_on_test
 
 ENSEMBLE_DIR = "ensemble"
@@ -47,18 +57,29 @@ def export_ensemble(rows: list[dict], group: str | None, how: str, out_dir: Path
     target = out_dir / group / ENSEMBLE_DIR
     record = [{"config_id": m["config_id"], "epoch": m["epoch"]} for m in metas]
     meta_path = target / MODEL_META
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("ensemble", {}).get("members") == record:
+    if (meta_path.is_file() and (target / MEMBERS_DIR).is_dir()
+            and json.loads(meta_path.read_text()).get("ensemble", {}).get("members") == record):
         return target
-    state = {}
-    for i, d in enumerate(dirs):
-        for k, v in torch.load(d / MODEL_WEIGHTS, map_location="cpu", weights_only=True).items():
-            state[f"members.{i}.{k}"] = v
-    meta = {**{k: v for k, v in metas[0].items() if k not in ("temperature", "operating_point", "source_checkpoint")},
+    meta = {**{k: v for k, v in metas[0].items()
+               if k not in ("temperature", "operating_point", "source_checkpoint", FROZEN_META)},
             "config_id": f"{group}-{ENSEMBLE_DIR}", "group": group, "seed": None, "fold": None,
             "epoch": [m["epoch"] for m in metas], "ensemble": {"how": how, "members": record},
             "metrics": {}}
+    target.mkdir(parents=True, exist_ok=True)
     (target / EVAL_FILE).unlink(missing_ok=True)
-    save_exported(state, meta, target)
+    (target / MODEL_WEIGHTS).unlink(missing_ok=True)  # an earlier version's copy of the members' weights
+    # each member's folder linked whole (no second copy of its weights), built aside and renamed into place
+    staging = target / f".{MEMBERS_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    for i, d in enumerate(dirs):
+        folder = staging / str(i)
+        folder.mkdir(parents=True)
+        for name in (MODEL_WEIGHTS, FROZEN_WEIGHTS, MODEL_META):
+            if (d / name).is_file():
+                link_or_copy(d / name, folder / name)
+    shutil.rmtree(target / MEMBERS_DIR, ignore_errors=True)
+    os.replace(staging, target / MEMBERS_DIR)
+    write_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True))  # last: names a complete folder
     return target
 
 

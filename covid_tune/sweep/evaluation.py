@@ -29,6 +29,7 @@ def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], in
 
     with tempfile.TemporaryDirectory(prefix="covid_tune-eval-") as d:
         for name, blob in files.items():
+            (Path(d) / name).parent.mkdir(parents=True, exist_ok=True)
             (Path(d) / name).write_bytes(blob)
         return evaluate(d, index, **kwargs)
 
@@ -55,7 +56,8 @@ def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index
     task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(_evaluate_shipped)
     refs = []
     for d in model_dirs:
-        files = {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file() and not f.name.endswith(".tmp")}
+        files = {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted(Path(d).rglob("*"))
+                 if f.is_file() and not f.name.endswith(".tmp")}  # an ensemble's members/ included
         refs.append(task.remote(evaluate, ray.put(files), index_ref, **extra))
     outs = ray.get(refs)
     for d, out in zip(model_dirs, outs):
