@@ -78,3 +78,23 @@ def test_predict_takes_the_best_configurations_ensemble(tmp_path: Path, tiny_raw
     export_ensemble(rows, "g", "auto", sweep / "best")
     assert best_model_dir(sweep) == sweep / "best" / "g" / "ensemble"
     assert best_model_dir(sweep, "g-f1-s0").name == "g-f1-s0"
+
+
+def test_an_ensemble_travels_to_a_worker_whole(tmp_path: Path) -> None:
+    """On a cluster an exported folder travels as its files (sweep/evaluation.py): an ensemble's members/
+    go with it, and the copy written on the worker loads to the same probabilities."""
+    from covid_tune.sweep.evaluation import _evaluate_shipped, folder_files
+
+    rows = exported_rows(tmp_path / "best")
+    target = export_ensemble(rows, "g", "auto", tmp_path / "best")
+    files = folder_files(target)
+    assert {"model.json", "members/0/model.pt", "members/2/model.json"} <= files.keys()
+    x = torch.rand(2, 3, 32, 32)
+
+    def evaluate(model_dir, index):
+        with torch.no_grad():
+            return {"p": load_model(Path(model_dir))[0](x).softmax(1).tolist()}
+
+    with torch.no_grad():
+        want = load_model(target)[0](x).softmax(1).numpy()
+    np.testing.assert_allclose(_evaluate_shipped(evaluate, files, None)["p"], want, rtol=1e-6)

@@ -218,7 +218,8 @@ def test_predict_reproduces_the_test_predictions_stored_by_the_sweep(centre_swee
         labels = [rows[f]["predicted"] for f in ev["files"]]
         assert labels == [CLASSES[k] if p[k] >= op["threshold"] else CLASSES[1 - k] for p in scaled]
     # without --config: the configuration whose best epoch has the lowest val_loss (the sweep's metric)
-    metas = {d.name: json.loads((d / "model.json").read_text()) for d in (centre_sweep / "best").iterdir()}
+    metas = {d.name: json.loads((d / "model.json").read_text()) for d in (centre_sweep / "best").iterdir()
+             if (d / "model.json").is_file()}
     best = min(metas, key=lambda c: metas[c]["metrics"]["val_loss"])
     assert predict_mod.resolve_target(centre_sweep, None).name == best
 

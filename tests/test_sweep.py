@@ -138,8 +138,9 @@ def test_phase_times_and_evaluations_started_as_trials_ended(demo_run: Path, tmp
     for row in data["rows"][:2]:
         copy = tmp_path / row["config_id"]
         copy.mkdir()
-        for name in ("model.pt", "model.json"):
-            (copy / name).write_bytes((Path(row["checkpoint"]).parent / name).read_bytes())
+        for name in ("model.pt", "frozen.pt", "model.json"):  # frozen.pt: where the freeze level has frozen layers
+            if (Path(row["checkpoint"]).parent / name).is_file():
+                (copy / name).write_bytes((Path(row["checkpoint"]).parent / name).read_bytes())
         fresh = evaluate_export(copy, index)["splits"]
         for split in ("train", "validation", "test"):
             assert fresh[split]["confusion"] == row["eval"][split]["confusion"]
@@ -152,7 +153,8 @@ def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path
     proc = run_cli("predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = proc.stderr.split("[covid_tune] model ", 1)[1].split()[0]
-    metas = {d.name: json.loads((d / "model.json").read_text()) for d in (demo_run / "best").iterdir()}
+    metas = {d.name: json.loads((d / "model.json").read_text()) for d in (demo_run / "best").iterdir()
+             if (d / "model.json").is_file()}
     assert metas[chosen]["metrics"]["val_loss"] == min(m["metrics"]["val_loss"] for m in metas.values())
     test = json.loads((demo_run / "best" / chosen / "eval.json").read_text())["splits"]["test"]
     pred = pd.read_csv(out_csv).set_index("path").loc[test["files"]]

@@ -417,7 +417,9 @@ def test_cluster_trials_get_the_weights_from_the_driver_through_the_object_store
     assert not homes["head"].exists() and not homes["worker"].exists()  # nothing was fetched on a node
     csv = pd.read_csv(tmp_path / "out" / "report" / "results.csv")
     assert len(csv) == 2 and (csv["status"] == "ok").all() and set(csv["node_id"]) == {worker}
-    for cid in csv["config_id"]:  # fc_only: the backbone is exactly the served file's
-        model = torch.load(tmp_path / "out" / "best" / cid / "model.pt", weights_only=True)
+    for cid in csv["config_id"]:  # fc_only: the backbone is exactly the served file's, in frozen.pt
+        model = torch.load(tmp_path / "out" / "best" / cid / "frozen.pt", weights_only=True)
         for key in ("conv1.weight", "bn1.running_mean", "layer4.1.conv2.weight"):
             assert torch.equal(model[f"net.{key}"], state[key]), (cid, key)
+    first, second = (tmp_path / "out" / "best" / cid / "frozen.pt" for cid in csv["config_id"])
+    assert first.samefile(second)  # the pretrained trunk on disk once for both configurations

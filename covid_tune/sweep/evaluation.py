@@ -22,6 +22,12 @@ from covid_tune.spec.load import Spec
 log = logging.getLogger(__name__)
 
 
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """An exported model folder's files by relative path (an ensemble's ``members/`` included), to travel."""
+    return {f.relative_to(folder).as_posix(): f.read_bytes() for f in sorted(folder.rglob("*"))
+            if f.is_file() and not f.name.endswith(".tmp")}
+
+
 def _evaluate_shipped(evaluate: Callable[..., dict], files: dict[str, bytes], index: DatasetIndex,
                       **kwargs) -> dict:
     """``evaluate`` on a copy of an exported model folder written to this worker's disk."""
@@ -56,8 +62,7 @@ def evaluate_remote(evaluate: Callable[..., dict], model_dirs: list[Path], index
     task = ray.remote(num_cpus=cpus, num_gpus=gpu, max_retries=2)(_evaluate_shipped)
     refs = []
     for d in model_dirs:
-        files = {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted(Path(d).rglob("*"))
-                 if f.is_file() and not f.name.endswith(".tmp")}  # an ensemble's members/ included
+        files = folder_files(Path(d))
         refs.append(task.remote(evaluate, ray.put(files), index_ref, **extra))
     outs = ray.get(refs)
     for d, out in zip(model_dirs, outs):
