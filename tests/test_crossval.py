@@ -71,3 +71,12 @@ def test_folds_count_like_seeds_in_selection_and_shortlist() -> None:
     assert best_group(rows, "val_acc", "max") == "b"  # a's best single fold does not win it
     # beyond top_k, every fold of the chosen groups is kept (its estimate needs all)
     assert shortlist(rows, "val_acc", "max", 1) == ["b-f0-s0", "b-f1-s0", "b-f2-s0"]
+
+
+def test_results_csv_names_each_rows_fold() -> None:
+    """results.csv: one row per trial, its fold beside its seed (empty without data.folds)."""
+    from covid_tune.report.sections import CSV_COLUMNS, flat_row
+
+    assert CSV_COLUMNS.index("fold") == CSV_COLUMNS.index("seed") + 1
+    assert flat_row({"config_id": "g-f1-s0", "seed": 0, "fold": 1})["fold"] == 1
+    assert flat_row({"config_id": "g-s0", "seed": 0})["fold"] is None

@@ -21,7 +21,7 @@ from covid_tune.spec.sections import SWEPT_AXES
 # test numbers of the positive class (single-label) or macro means (multi-label), results.clinical.headline
 CLINICAL_COLUMNS = ["vs_best_auc_p", "auc", "auc_ci_low", "auc_ci_high", "ap", "ap_ci_low", "ap_ci_high", "sens",
                     "spec", "ppv", "npv", "threshold", "ece", "brier", "temperature"]
-CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", *SWEPT_AXES,
+CSV_COLUMNS = ["sr", "config_id", "group", "backbone", "freeze", "layers", "loss", "seed", "fold", *SWEPT_AXES,
                "epochs_max", "epochs_trained", "best_epoch", "stopped_early", "status", "shortlisted",
                *results_mod.MODE_KEYS,
                "train_acc", "val_acc", "test_acc", "train_f1", "val_f1", "test_f1",
