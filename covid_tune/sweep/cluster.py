@@ -107,6 +107,7 @@ def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> N
     to disk-backed memory. A cluster's nodes size their own. ``quiet``: Ray logs warnings and errors
     only (worker output, spilling and trial errors still reach this console; a stopping worker's
     SIGTERM traceback does not, :func:`filter_worker_logs`)."""
+    global _connected_here
     if ray.is_initialized():
         return
     extra = _quiet_ray() if quiet else {}
@@ -125,8 +126,22 @@ def connect(address: str | None, cache_bytes: int = 0, quiet: bool = False) -> N
         ray.init(address="local", include_dashboard=False,
                  object_store_memory=max(MIN_OBJECT_STORE, int(cache_bytes * 1.25)), log_to_driver=True,
                  **extra)
+    _connected_here = True
     if quiet:
         filter_worker_logs()
+
+
+# whether :func:`connect` called ray.init in this process: a Ray the caller had started is theirs to stop
+_connected_here = False
+
+
+def disconnect() -> None:
+    """Leave the Ray :func:`connect` joined or started (a local one stops, its processes with it); a Ray
+    this process had already initialized before (a notebook, a script calling covid_tune) stays up."""
+    global _connected_here
+    if _connected_here:
+        ray.shutdown()
+        _connected_here = False
 
 
 def models_travel(spec: Spec) -> bool:

@@ -23,7 +23,7 @@ from covid_tune.engine.hparams import HParams
 from covid_tune.models.weights import load_all
 from covid_tune.results.collect import download_experiment
 from covid_tune.spec.load import Spec
-from covid_tune.sweep import resume_guard
+from covid_tune.sweep import cluster, resume_guard
 from covid_tune.sweep.cluster import check_resources, check_shared_paths, models_travel, start_shared
 from covid_tune.sweep.evaluation import EvaluateFinishedTrials, Evaluations, StartEvaluatorsNearTheEnd
 from covid_tune.sweep.ray_internals import RecordStateDigest, ResumeFromLastReport, tuner_run_config
@@ -338,8 +338,9 @@ def trial_outcomes(plan: dict[str, HParams], grid, ended: dict[str, str], interr
 
 
 def disconnect() -> None:
-    """Leave Ray; a Ray this driver started (no --address) stops with it, its processes included."""
-    ray.shutdown()
+    """Leave Ray (:func:`covid_tune.sweep.cluster.disconnect`): a Ray this driver started stops with it, its
+    processes included; one the caller had started stays up."""
+    cluster.disconnect()
 
 
 def start_evaluations(spec: Spec, plan: dict[str, HParams], index: DatasetIndex,
