@@ -23,6 +23,7 @@ from covid_tune.cli import run
 from covid_tune.cli.output_dir import LOCK, MARKER, OutputLock, record_experiment
 from covid_tune.report.build import load_saved_spec, save_spec
 from covid_tune.spec.load import validate
+from covid_tune.spec.plan import expand
 from covid_tune.sweep.resume_guard import record_experiment_state
 
 
@@ -115,8 +116,12 @@ def test_overwrite_refuses_an_experiment_the_marker_does_not_list(saved_spec, tm
 
 
 def test_overwrite_deletes_the_experiment_the_marker_lists(tmp_path, capsys, tiny_raw) -> None:
+    """Only the experiment the marker lists, and only once the new run's data passed: a run refused for
+    its data leaves the old sweep whole."""
+    from covid_tune.cli.output_dir import check_output, clear_for_overwrite
+
     raw = copy.deepcopy(tiny_raw)
-    raw["data"] = {"root": str(tmp_path / "no-data"), "image_size": 32}  # stops the run after --overwrite cleared
+    raw["data"] = {"root": str(tmp_path / "no-data"), "image_size": 32}  # refused after the output checks
     out = Path(raw["output"])
     experiment = _fake_sweep(out, raw, marker=True)
     other = copy.deepcopy(raw)
@@ -125,8 +130,14 @@ def test_overwrite_deletes_the_experiment_the_marker_lists(tmp_path, capsys, tin
     _fake_sweep_other.mkdir(parents=True)
     rc, err = _main(capsys, _write(tmp_path / "o.yaml", other), "--overwrite")
     assert rc == 2 and "does not list" in err and _fake_sweep_other.is_dir()
+    before = _tree(out)
     rc, err = _main(capsys, _write(tmp_path / "s.yaml", raw), "--overwrite")
-    assert rc == 2 and "data folder does not exist" in err
+    assert rc == 2 and "data folder does not exist" in err and "--overwrite deleted nothing" in err
+    assert _tree(out) == before and experiment.is_dir()
+    # a run whose data and weights pass clears what check_output allowed, and nothing else
+    spec = validate(raw)
+    assert check_output(spec, expand(spec), resume=False, overwrite=True) is None
+    clear_for_overwrite(spec)
     assert not experiment.exists() and not (out / "trials.json").exists()
     assert json.loads((out / MARKER).read_text())["experiments"] == [str(experiment)]
     assert _fake_sweep_other.is_dir()
@@ -163,8 +174,8 @@ def test_a_second_run_into_a_locked_output_is_refused_naming_the_pid(tmp_path, c
         holder.kill()  # SIGKILL: the OS drops its lock, nothing stale stays behind
         holder.wait()
     rc, err = _main(capsys, spec, "--overwrite")
-    assert rc == 2 and "in use" not in err and "data folder does not exist" in err
-    assert not experiment.exists()
+    assert rc == 2 and "in use" not in err and "data folder does not exist" in err  # past the lock, to the data
+    assert "--overwrite deleted nothing" in err and experiment.is_dir()  # refused data: the old sweep stays
     lock = OutputLock(out)  # released when main returned
     assert lock.acquire() is None
     lock.release()

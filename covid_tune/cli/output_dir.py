@@ -43,7 +43,8 @@ def delete_experiment(spec: Spec) -> None:
 
 
 def check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str | None:
-    """Refuse to mix two sweeps in one output/storage folder; clear it for --overwrite.
+    """Refuse to mix two sweeps in one output/storage folder. With --overwrite, whether the existing sweep
+    may be deleted; :func:`clear_for_overwrite` deletes it, once the new run's data and weights are checked.
 
     Returns why the run must stop, or None. --resume needs the same plan the sweep started with
     (Tune restores its own copy of the grid); without --resume or --overwrite an existing sweep
@@ -76,14 +77,21 @@ def check_output(spec: Spec, plan: dict, resume: bool, overwrite: bool) -> str |
         if not overwrite:
             return (f"{spec.experiment_path} already holds a sweep named {spec.name!r}; "
                     "pass --resume to finish it or --overwrite to start again")
-        problem = overwrite_problem(spec)
-        if problem:
-            return problem
-        delete_experiment(spec)
-        for sub in ("best", "report"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "trials.json").unlink(missing_ok=True)
+        return overwrite_problem(spec)
     return None
+
+
+def clear_for_overwrite(spec: Spec) -> None:
+    """Delete the sweep --overwrite replaces (its experiment, best/, report/, trials.json; call after
+    :func:`check_output` allowed it): only once the new run's data and weights passed, so a run refused
+    for them leaves the old sweep whole."""
+    out = spec.output_dir
+    if not experiment_exists(spec):
+        return
+    delete_experiment(spec)
+    for sub in ("best", "report"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "trials.json").unlink(missing_ok=True)
 
 
 MARKER = ".covid_tune"  # JSON: the experiments covid_tune created for this output folder

@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--resume", action="store_true",
                        help="restore an interrupted sweep in the output folder and finish it")
     group.add_argument("--overwrite", action="store_true",
-                       help="delete an earlier sweep in the output folder and start again")
+                       help="delete an earlier sweep in the output folder and start again (once the "
+                            "data and weights passed their checks)")
     verbosity_options(p)
     return p.parse_args(argv)
 
@@ -283,7 +284,13 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
         return 2
     tracker_environment(spec, quiet=not args.verbose)
     from covid_tune.cli.console import resources_text, scheduler_text, summary_lines
-    from covid_tune.cli.output_dir import OutputLock, check_output, experiment_exists, record_experiment
+    from covid_tune.cli.output_dir import (
+        OutputLock,
+        check_output,
+        clear_for_overwrite,
+        experiment_exists,
+        record_experiment,
+    )
     from covid_tune.data.dataset import DatasetError
     from covid_tune.models.registry import WeightsUnavailable
     from covid_tune.report import build as report_mod
@@ -336,8 +343,10 @@ def _main(argv: list[str] | None, stop: StopSignals, cleanup: contextlib.ExitSta
     try:
         index, decoded, pretrained = prepare(spec)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
-        log.error("%s", exc)
+        log.error("%s%s", exc, " (--overwrite deleted nothing)" if args.overwrite else "")
         return 2
+    if args.overwrite:
+        clear_for_overwrite(spec)  # the data and weights passed: now the old sweep may go
     lap("cache")  # data checked (generated if synthetic), weights resolved, decoded cache built or read back
     dups = index.duplicates
     log.info(f"{len(plan)} trial(s) on {sum(len(v) for v in index.splits.values())} images "
