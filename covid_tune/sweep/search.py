@@ -68,8 +68,10 @@ class CellSearch(Searcher):
     def _cell_search(self, cell: str) -> OptunaSearch:
         if cell not in self._searchers:
             sampler = optuna.samplers.TPESampler(seed=cell_seed(self._seed, cell))
-            self._searchers[cell] = OptunaSearch(space=self._space, metric=self.metric, mode=self.mode,
-                                                 sampler=sampler)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a "new study created" line per cell
+            # Optuna's own distributions: given Tune's, OptunaSearch converts them itself but warns each time
+            space = OptunaSearch.convert_search_space(self._space)
+            self._searchers[cell] = OptunaSearch(space=space, metric=self.metric, mode=self.mode, sampler=sampler)
         return self._searchers[cell]
 
     def suggest(self, trial_id: str) -> dict | None:
