@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,18 @@ def decoded(request, index):
     from covid_tune.data.cache import build_decoded_cache
 
     return build_decoded_cache(index, request.module.SYNTHETIC["decoded_size"], True, splits=("train", "validation"))
+
+
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``covid-tune ARGS`` in this process (``covid_tune.cli.main.main``), shaped as ``subprocess.run``'s
+    result: for the commands that start no Ray (report, predict, a refused run), a new Python process
+    is seconds of imports for nothing."""
+    from covid_tune.cli.main import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["covid-tune", *args], code, captured.out, captured.err)
 
 
 def load_sweep(name: str) -> dict:

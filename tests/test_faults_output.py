@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, cli_here
 
 from covid_tune.cli import run
 from covid_tune.cli.output_dir import LOCK, MARKER, OutputLock, record_experiment
@@ -209,7 +209,7 @@ def test_saved_spec_is_rebased_onto_the_folder_given(tmp_path, tiny_raw) -> None
 
 
 @pytest.mark.slow
-def test_report_of_a_copied_and_moved_folder_reads_its_own_trials(tmp_path, tiny_raw) -> None:
+def test_report_of_a_copied_and_moved_folder_reads_its_own_trials(tmp_path, tiny_raw, capsys) -> None:
     raw = copy.deepcopy(tiny_raw)
     raw["grid"]["freeze"] = ["none"]
     raw["trainer"]["epochs"] = 1
@@ -222,8 +222,7 @@ def test_report_of_a_copied_and_moved_folder_reads_its_own_trials(tmp_path, tiny
     shutil.copytree(original, copied)
     shutil.rmtree(original)  # a copy whose original is gone = a moved folder
     shutil.rmtree(copied / "report")
-    proc = subprocess.run([sys.executable, "-m", "covid_tune", "report", str(copied)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = cli_here(capsys, "report", str(copied))  # no Ray: in this process
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     results = json.loads((copied / "report" / "results.json").read_text())

@@ -149,55 +149,99 @@ def assert_each_epoch_once(experiment: Path, epochs: int | None = None) -> None:
 # case 2: SIGINT / SIGTERM
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_cuts_the_sweep_it_is_never_reported_as_finished(tmp_path: Path, sig: int) -> None:
-    epochs = 8
-    spec = sweep_spec(tmp_path, epochs)
-    out = tmp_path / "out"
+SIGNAL_EPOCHS = 8
+
+
+def signal_sweep(tmp: Path, sig: int, data_root: Path | None = None) -> dict:
+    """A sweep that ``sig`` cuts as soon as a trial reports: exit code, console, trials.json and
+    REPORT.md (None where none was written) as the cut left them."""
+    spec = sweep_spec(tmp, SIGNAL_EPOCHS, data_root=data_root)
+    out = tmp / "out"
     experiment = out / "ray" / "faults"
-    driver = Driver(spec, log=tmp_path / "run1.log")
+    driver = Driver(spec, log=tmp / "run1.log")
     try:
         wait_until(lambda: any(experiment.glob("*/progress.csv")), driver, "a trial reporting")
         driver.proc.send_signal(sig)  # to the driver only, as `kill -INT PID` does
         code = driver.wait(180)
     finally:
         driver.kill()
-    text = driver.text()
-    assert code == 128 + sig, text[-4000:]
+    report = out / "report" / "REPORT.md"
+    return {"spec": spec, "out": out, "experiment": experiment, "code": code, "text": driver.text(),
+            "trials": json.loads((out / "trials.json").read_text()),
+            "report": report.read_text() if report.exists() else None}
+
+
+def assert_cut(cut_run: dict, sig: int) -> dict:
+    """A sweep cut by ``sig`` exits 128+sig, says so, and is never reported as finished; its
+    interrupted trials."""
+    text = cut_run["text"]
+    assert cut_run["code"] == 128 + sig, text[-4000:]
     assert "Traceback" not in text and "finished in" not in text and "stopped by ASHA" not in text
     assert f"interrupted by {signal.Signals(sig).name}" in text
-    trials = json.loads((out / "trials.json").read_text())
+    trials = cut_run["trials"]
     assert set(trials) == {"tiny_cnn-none-ce-s0", "tiny_cnn-none-ce-s1"}
     cut = {c: t for c, t in trials.items() if t["status"] == "interrupted"}
-    assert cut and all(t["epochs"] < epochs and t["epochs_max"] == epochs for t in cut.values()), trials
+    assert cut and all(t["epochs"] < SIGNAL_EPOCHS and t["epochs_max"] == SIGNAL_EPOCHS for t in cut.values()), trials
     assert all(t["status"] in ("ok", "interrupted") for t in trials.values()), trials
+    assert cut_run["report"] is None or cut_run["report"].startswith("INTERRUPTED")
+    return cut
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> dict:
+    """A sweep cut by SIGINT, its report rebuilt from the cut folder, then resumed to the end. It runs on
+    an image folder (not synthetic: --set data.root applies), so the --resume refusals below (cases 4
+    and 5) use it as their finished sweep."""
+    from covid_tune.data.synthetic import make_synthetic
+
+    tmp = tmp_path_factory.mktemp("interrupted")
+    data = make_synthetic(tmp / "data", ["infected", "normal"], {"train": 400, "validation": 10, "test": 10}, 36, 0)
+    seen = signal_sweep(tmp, signal.SIGINT, data_root=data)
+    out, spec = seen["out"], seen["spec"]
     report = out / "report" / "REPORT.md"
-    assert not report.exists() or report.read_text().startswith("INTERRUPTED")
-    if sig == signal.SIGTERM:
-        return
+    seen["rebuild"] = subprocess.run([sys.executable, "-m", "covid_tune", "report", str(out)], cwd=REPO, env=ENV,
+                                     capture_output=True, text=True, timeout=300)
+    seen["rebuilt"] = report.read_text() if report.exists() else ""
+    resumed = Driver(spec, "--resume", log=tmp / "run2.log")
+    try:
+        seen["resumed_code"] = resumed.wait()
+    finally:
+        resumed.kill()
+    seen["resumed_text"] = resumed.text()
+    seen["resumed_trials"] = json.loads((out / "trials.json").read_text())
+    seen["rows"] = rows(seen["experiment"])
+    seen["final"] = report.read_text()
+    return seen
+
+
+@pytest.mark.slow
+def test_sigint_cuts_the_sweep_it_is_never_reported_as_finished_and_resumes(interrupted: dict) -> None:
+    cut = assert_cut(interrupted, signal.SIGINT)
 
     # a report rebuilt from the cut sweep says so first, with each unfinished trial and why it has no value
-    proc = subprocess.run([sys.executable, "-m", "covid_tune", "report", str(out)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = interrupted["rebuild"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    md = report.read_text()
+    md = interrupted["rebuilt"]
     assert md.startswith("INTERRUPTED: ")
     first = md.splitlines()[0]
     for cid in cut:
         assert f"`{cid}` (interrupted at epoch " in first or f"`{cid}` (not started)" in first, first
     assert "stopped early by ASHA" not in md.split("## Accuracy")[0]
 
-    resumed = Driver(spec, "--resume", log=tmp_path / "run2.log")
-    try:
-        assert resumed.wait() == 0, resumed.text()[-4000:]
-    finally:
-        resumed.kill()
-    assert "Traceback" not in resumed.text()
-    assert all(t["status"] == "ok" for t in json.loads((out / "trials.json").read_text()).values())
-    assert_each_epoch_once(experiment, epochs)
-    md = report.read_text()
+    assert interrupted["resumed_code"] == 0, interrupted["resumed_text"][-4000:]
+    assert "Traceback" not in interrupted["resumed_text"]
+    assert all(t["status"] == "ok" for t in interrupted["resumed_trials"].values())
+    for cid, e in interrupted["rows"].items():  # as assert_each_epoch_once, on the rows read right after the resume
+        for kind in ("result", "progress"):
+            assert e[kind] == list(range(1, SIGNAL_EPOCHS + 1)), (cid, kind, e[kind])
+    assert len(interrupted["rows"]) == 2
+    md = interrupted["final"]
     assert md.startswith("# faults") and "INTERRUPTED" not in md
+
+
+@pytest.mark.slow
+def test_sigterm_cuts_the_sweep_it_is_never_reported_as_finished(tmp_path: Path) -> None:
+    assert_cut(signal_sweep(tmp_path, signal.SIGTERM), signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,23 +315,23 @@ def assert_finished_footprint(out: Path, experiment: Path) -> None:
 # cases 4 and 5: --resume refuses Tune state or data that changed (checked before Ray starts)
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished two-trial sweep of one epoch on an image folder (not synthetic: --set data.root applies)."""
-    from covid_tune.data.synthetic import make_synthetic
-
-    tmp = tmp_path_factory.mktemp("finished")
-    data = make_synthetic(tmp / "data", ["infected", "normal"], {"train": 16, "validation": 6, "test": 6}, 36, 0)
-    spec = sweep_spec(tmp, epochs=1, data_root=data)
-    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return spec
+@pytest.fixture
+def finished(interrupted: dict, monkeypatch) -> Path:
+    """The finished sweep of :func:`interrupted` (on an image folder: --set data.root applies); its spec."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the refusals come before Ray, but would join one named here
+    assert interrupted["resumed_code"] == 0, interrupted["resumed_text"][-4000:]
+    return interrupted["spec"]
 
 
-def resume(spec: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec), "--resume", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+def resume(capsys, spec: Path, *args: str) -> subprocess.CompletedProcess:
+    """``covid-tune run SPEC --resume ARGS`` in this process (each case is refused before Ray starts)."""
+    from covid_tune.cli.main import main
+
+    capsys.readouterr()
+    code = main(["run", str(spec), "--resume", *args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["covid-tune", "run", str(spec), "--resume", *args], code,
+                                       captured.out, captured.err)
 
 
 class _Touch:
@@ -301,7 +345,7 @@ class _Touch:
 
 
 @pytest.mark.slow
-def test_a_tampered_tuner_pickle_is_refused_and_never_loaded(finished: Path, tmp_path: Path) -> None:
+def test_a_tampered_tuner_pickle_is_refused_and_never_loaded(finished: Path, tmp_path: Path, capsys) -> None:
     out = finished.parent / "out"
     tuner = out / "ray" / "faults" / "tuner.pkl"
     marker = tmp_path / "pwned"
@@ -309,7 +353,7 @@ def test_a_tampered_tuner_pickle_is_refused_and_never_loaded(finished: Path, tmp
     spec_json = (out / "spec.json").read_bytes()
     tuner.write_bytes(pickle.dumps(_Touch(marker)))
     try:
-        proc = resume(finished)
+        proc = resume(capsys, finished)
     finally:
         tuner.write_bytes(saved)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -320,13 +364,13 @@ def test_a_tampered_tuner_pickle_is_refused_and_never_loaded(finished: Path, tmp
 
 
 @pytest.mark.slow
-def test_tune_state_without_covid_tunes_record_is_refused(finished: Path) -> None:
+def test_tune_state_without_covid_tunes_record_is_refused(finished: Path, capsys) -> None:
     out = finished.parent / "out"
     record = out / "state-digest.json"
     saved = record.read_bytes()
     record.unlink()
     try:
-        proc = resume(finished)
+        proc = resume(capsys, finished)
     finally:
         record.write_bytes(saved)
     assert proc.returncode == 2 and proc.stderr.startswith(f"covid_tune: --resume: {record} is missing"), proc.stderr
@@ -334,14 +378,14 @@ def test_tune_state_without_covid_tunes_record_is_refused(finished: Path) -> Non
     planted = out / "ray" / "faults" / "searcher-state-x.pkl"
     planted.write_bytes(b"x")
     try:
-        proc = resume(finished)
+        proc = resume(capsys, finished)
     finally:
         planted.unlink()
     assert proc.returncode == 2 and f"{planted} was not written by covid_tune's run" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
-def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path) -> None:
+def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path, capsys) -> None:
     from covid_tune.data.synthetic import make_synthetic
 
     out = finished.parent / "out"
@@ -349,7 +393,7 @@ def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path) -> No
     spec_json = (out / "spec.json").read_bytes()
     other = make_synthetic(tmp_path / "other", ["covid", "normal", "pneumonia"],
                            {"train": 6, "validation": 3, "test": 3}, 36, 1)
-    proc = resume(finished, "--set", f"data.root={other}")
+    proc = resume(capsys, finished, "--set", f"data.root={other}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("covid_tune: --resume: the data differ") and f"-> '{other}'" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
@@ -357,7 +401,7 @@ def test_resume_with_other_data_is_refused(finished: Path, tmp_path: Path) -> No
     extra = data / "train" / "infected" / "extra.png"
     shutil.copy(next((data / "test" / "normal").iterdir()), extra)
     try:
-        proc = resume(finished)
+        proc = resume(capsys, finished)
     finally:
         extra.unlink()
     assert proc.returncode == 2 and f"the files under {data.resolve()}" in proc.stderr, proc.stderr

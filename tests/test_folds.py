@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, write_image
+from conftest import REPO, cli_here, write_image
 
 from covid_tune.data.cache import build_decoded_cache
 from covid_tune.data.dataset import scan_dataset
@@ -199,7 +199,7 @@ def test_dry_run_prints_the_folds_and_refuses_a_crossing_group(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_fold_sweep_end_to_end(tmp_path: Path) -> None:
+def test_fold_sweep_end_to_end(tmp_path: Path, capsys) -> None:
     """folds 2 x 1 configuration x 1 seed on a tiny tree with a manifest: 2 trials, the report's CV section,
     the ensemble of both folds evaluated and taken by predict."""
     import json
@@ -233,6 +233,5 @@ def test_fold_sweep_end_to_end(tmp_path: Path) -> None:
     assert cv["k"] == 2 and cv["oof"]["n"] == 24
     ens = out / "best" / "tiny_cnn-none-ce" / "ensemble"
     assert (ens / "eval.json").is_file() and results["ensembles"]["tiny_cnn-none-ce"]["members"] == 2
-    pred = subprocess.run([sys.executable, "-m", "covid_tune", "predict", str(out), str(root / "test")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    pred = cli_here(capsys, "predict", str(out), str(root / "test"))  # no Ray: in this process
     assert pred.returncode == 0 and "ensemble" in pred.stderr, pred.stderr[-2000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, parse_markdown_table
+from conftest import REPO, cli_here, parse_markdown_table
 from test_stats import _report, _row
 
 from covid_tune.engine.files import MODEL_META
@@ -182,7 +182,7 @@ def test_assemble_evaluates_only_the_shortlist(tmp_path: Path, monkeypatch) -> N
 
 
 @pytest.mark.slow
-def test_a_sweep_beyond_top_k_reports_predicts_and_rebuilds(tmp_path: Path, tiny_raw: dict) -> None:
+def test_a_sweep_beyond_top_k_reports_predicts_and_rebuilds(tmp_path: Path, tiny_raw: dict, capsys) -> None:
     """4 trials, top_k 2: every model exported, the shortlist (each group's best) evaluated on test;
     ``covid-tune report`` rebuilds it and ``predict`` picks the chosen model."""
     raw = {**tiny_raw, "grid": {**tiny_raw["grid"], "seed": [0, 1]}, "report": {"top_k": 2}}
@@ -191,8 +191,9 @@ def test_a_sweep_beyond_top_k_reports_predicts_and_rebuilds(tmp_path: Path, tiny
     spec_path.write_text(yaml.safe_dump(raw))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
+        # the sweep in a new process; report and predict (no Ray) in this one
         proc = subprocess.run([sys.executable, "-m", "covid_tune", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300) if args[0] == "run" else cli_here(capsys, *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 

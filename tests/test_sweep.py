@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, load_sweep, parse_markdown_table, shrink
+from conftest import REPO, cli_here, load_sweep, parse_markdown_table, shrink
 from PIL import Image
 from torchvision import transforms as T
 
@@ -147,10 +147,10 @@ def test_phase_times_and_evaluations_started_as_trials_ended(demo_run: Path, tmp
             assert fresh[split]["loss"] == pytest.approx(row["eval"][split]["loss"], rel=1e-5)
 
 
-def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path: Path) -> None:
+def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path: Path, capsys) -> None:
     """The test evaluation ran as Ray tasks; predict (no Ray) gives the same labels and probabilities."""
     out_csv = tmp_path / "pred.csv"
-    proc = run_cli("predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
+    proc = cli_here(capsys, "predict", str(demo_run), str(demo_run / "synthetic-data" / "test"), "--csv", str(out_csv))
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = proc.stderr.split("[covid_tune] model ", 1)[1].split()[0]
     metas = {d.name: json.loads((d / "model.json").read_text()) for d in (demo_run / "best").iterdir()
@@ -174,18 +174,19 @@ def test_predict_reproduces_the_sweeps_test_predictions(demo_run: Path, tmp_path
     assert len(list((demo_run / "report" / "figures").glob("*_gradcam.png"))) == len(metas)
 
 
-def test_report_rebuilds_from_output_folder(demo_run: Path) -> None:
+def test_report_rebuilds_from_output_folder(demo_run: Path, capsys) -> None:
     before = pd.read_csv(demo_run / "report" / "results.csv")
     (demo_run / "report" / "REPORT.md").unlink()
-    proc = run_cli("report", str(demo_run))
+    proc = cli_here(capsys, "report", str(demo_run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = pd.read_csv(demo_run / "report" / "results.csv")
     pd.testing.assert_frame_equal(before, after)
     assert (demo_run / "report" / "REPORT.md").is_file()
 
 
-def test_rerun_without_resume_refuses_to_overwrite(demo_run: Path) -> None:
+def test_rerun_without_resume_refuses_to_overwrite(demo_run: Path, capsys, monkeypatch) -> None:
     spec = demo_run.parent / "demo.yaml"
-    proc = run_cli("run", str(spec))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # refused before Ray starts, but would join one named here
+    proc = cli_here(capsys, "run", str(spec))
     assert proc.returncode == 2
     assert "--resume" in proc.stderr and "--overwrite" in proc.stderr
