@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, shrink
+from conftest import REPO, cli_here, shrink
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 ENV.pop("RAY_ADDRESS", None)
@@ -325,13 +325,7 @@ def finished(interrupted: dict, monkeypatch) -> Path:
 
 def resume(capsys, spec: Path, *args: str) -> subprocess.CompletedProcess:
     """``covid-tune run SPEC --resume ARGS`` in this process (each case is refused before Ray starts)."""
-    from covid_tune.cli.main import main
-
-    capsys.readouterr()
-    code = main(["run", str(spec), "--resume", *args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(["covid-tune", "run", str(spec), "--resume", *args], code,
-                                       captured.out, captured.err)
+    return cli_here(capsys, "run", spec, "--resume", *args)
 
 
 class _Touch:
