@@ -98,3 +98,32 @@ def test_an_ensemble_travels_to_a_worker_whole(tmp_path: Path) -> None:
     with torch.no_grad():
         want = load_model(target)[0](x).softmax(1).numpy()
     np.testing.assert_allclose(_evaluate_shipped(evaluate, files, None)["p"], want, rtol=1e-6)
+
+
+def test_grad_cam_of_an_ensemble_is_its_members_mean_for_its_prediction(tmp_path: Path, capsys) -> None:
+    """predict --cam on an ensemble (the default model of a multi-seed or fold sweep) used to crash: its map
+    is the mean of the members' maps, each for the class the ensemble predicts."""
+    from conftest import cli_here
+    from PIL import Image
+
+    from covid_tune.engine.explain import grad_cam
+
+    rows = exported_rows(tmp_path / "best")
+    target = export_ensemble(rows, "g", "auto", tmp_path / "best")
+    ens, _ = load_exported(target)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        pred = ens(x).argmax(1).tolist()
+    members = [load_exported(Path(r["checkpoint"]).parent)[0] for r in rows]
+    want = np.mean([grad_cam(m, "tiny_cnn", x, pred) for m in members], axis=0)
+    got = grad_cam(ens, "tiny_cnn", x)
+    assert got.shape == (4, 32, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((40, 40)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    proc = cli_here(capsys, "predict", target, images, "--cam", tmp_path / "cams")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["0000_0_gradcam.png", "0001_1_gradcam.png"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covid_tune.models.registry import get_backbone
+from covid_tune.models.registry import Ensemble, get_backbone
 
 MAP_SIZE = 64  # Grad-CAM maps are stored at most this many pixels wide (uint8), drawn at the crop's size
 
@@ -103,12 +103,20 @@ def grad_cam(model: nn.Module, backbone: str, images: torch.Tensor, classes: Ite
     """Grad-CAM maps (N, H, W) in [0, 1] at the input's size, for ``classes`` (default: the predicted class).
 
     The input requires grad, so maps exist for frozen trunks too (no parameter before the layer trains).
+    An :class:`~covid_tune.models.registry.Ensemble`'s map is the mean of its members' maps, each for the
+    class the ensemble predicts (default) or ``classes``: where the averaged model looked.
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    was = model.training
     device = next(model.parameters()).device
+    if isinstance(model, Ensemble):
+        if classes is None:
+            with torch.no_grad():
+                classes = model(images.to(device)).argmax(1).tolist()
+        classes = list(classes)
+        return np.mean([grad_cam(m, backbone, images, classes) for m in model.members], axis=0).astype(np.float32)
+    was = model.training
     x = images.detach().to(device).clone().requires_grad_(True)
     targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
     try:
