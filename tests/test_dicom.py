@@ -166,3 +166,24 @@ def test_without_pydicom_a_dicom_tree_is_one_message(tmp_path: Path, monkeypatch
     with pytest.raises(DatasetError) as info:
         scan_dataset(root)
     assert len(info.value.problems) == 1 and "pip install 'covid_tune[dicom]'" in str(info.value)
+
+
+def test_predict_takes_a_dicom_without_extension(tmp_path: Path, capsys) -> None:
+    """DICOM files often come without an extension (IM0001): predict finds them by their preamble, as the
+    data scan does, and still skips a file that is neither an image nor DICOM, naming it."""
+    from conftest import cli_here
+
+    from covid_tune.models.registry import IMAGENET_MEAN, IMAGENET_STD, create_model, save_exported
+
+    meta = {"backbone": "tiny_cnn", "classes": ["normal", "opacity"], "config_id": "m", "dropout": 0.0,
+            "freeze": "none", "grayscale": True, "head_hidden": 8, "image_size": 32, "label_mode": "single",
+            "threshold": 0.5, "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+    save_exported(create_model("tiny_cnn", 2, head_hidden=8).state_dict(), meta, tmp_path / "model")
+    images = tmp_path / "images"
+    write_dicom(images / "IM0001", np.random.default_rng(0).integers(0, 4000, (40, 40)), bits_stored=12)
+    (images / "notes").write_text("x" * 300)
+    proc = cli_here(capsys, "predict", tmp_path / "model", images)
+    assert proc.returncode == 1  # one file skipped
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{images / 'IM0001'}\t")
+    assert f"{images / 'notes'}: skipped, not an image file" in proc.stderr

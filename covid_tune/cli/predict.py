@@ -166,8 +166,9 @@ def load_batch(paths: list[Path], meta: dict) -> tuple[list[Path], list, list[st
     transform = eval_transform(meta["image_size"], *([norm["mean"], norm["std"]] if norm else []))
     ok, tensors, problems = [], [], []
     for p in paths:
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            problems.append(f"{p}: skipped, not an image file (allowed: {', '.join(IMAGE_EXTENSIONS)})")
+        if not is_image_file(p):  # DICOM files often have no extension
+            problems.append(f"{p}: skipped, not an image file (allowed: {', '.join(IMAGE_EXTENSIONS)}, "
+                            "or DICOM without an extension)")
             continue
         try:
             tensors.append(transform(load_image(str(p), meta["grayscale"])))
@@ -259,10 +260,12 @@ def operating_line(meta: dict) -> str:
     return f"temperature {temp} (fitted on validation); decision ({op['rule']}, chosen on validation): {cut}"
 
 
-def has_image_suffix(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, or a DICOM file without one (found by its preamble, as the data scan does)."""
     from covid_tune.data.dataset import IMAGE_EXTENSIONS
+    from covid_tune.data.dicom import is_dicom
 
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     files, problems = image_files(args.images)
-    if not any(has_image_suffix(f) for f in files):
+    if not any(is_image_file(f) for f in files):
         from covid_tune.data.dataset import IMAGE_EXTENSIONS
 
         others = f"; {len(files)} other file(s) there, none an image" if files else ""
