@@ -230,10 +230,15 @@ def test_help_and_version_load_neither_torch_nor_ray() -> None:
 @pytest.mark.slow
 def test_compact_console_of_a_small_sweep(tmp_path: Path) -> None:
     """A demo-like sweep through the CLI, piped: header, one start and one end line per trial, a
-    summary; nothing of Ray's own output; params.json holds the real hyperparameters."""
+    summary; nothing of Ray's own output; params.json holds the real hyperparameters. Its image folder
+    shares two images across splits (test_faults_inputs' issue 27 case 12, merged here to save a sweep):
+    the console, REPORT.md and data-checks.json name them."""
+    from test_faults_inputs import add_duplicates, make_tree
+
+    root = make_tree(tmp_path / "data", n=6)
+    add_duplicates(root)
     spec = {"name": "live", "output": str(tmp_path / "out"),
-            "data": {"synthetic": {"classes": ["infected", "normal"], "train": 24, "validation": 10, "test": 10,
-                                   "image_size": 36}, "image_size": 32, "augment": False},
+            "data": {"root": str(root), "image_size": 32, "augment": False},
             "grid": {"backbone": ["tiny_cnn"], "freeze": ["fc_only", "none"], "loss": "ce", "lr": [0.01, 0.001]},
             "trainer": {"epochs": 2, "batch_size": 16, "head_hidden": 16},
             "scheduler": {"metric": "val_loss", "grace_period": 1}, "resources": {"cpus": 1}}
@@ -265,6 +270,12 @@ def test_compact_console_of_a_small_sweep(tmp_path: Path) -> None:
     assert summary[1].startswith("best: tiny_cnn-") and summary[2] == f"report: {tmp_path / 'out/report/REPORT.md'}"
     assert summary[3].startswith(f"disk: {tmp_path / 'out'} holds ")
     assert not any("Checkpoint successfully created" in ln or "snapshotting" in ln for ln in lines)
+    # the images shared across splits: one console line, REPORT.md, data-checks.json
+    assert "duplicates: 1 validation image also in train, 1 test image also in train" in proc.stderr
+    report = (tmp_path / "out" / "report" / "REPORT.md").read_text()
+    assert "**Duplicates across splits** (identical decoded pixels): 1 validation image also in train" in report
+    checks = json.loads((tmp_path / "out" / "data-checks.json").read_text())
+    assert checks["duplicates"]["action"] == "warn" and len(checks["duplicates"]["pairs"]) == 2
 
     experiment = tmp_path / "out" / "ray" / "live"
     params = [json.loads(p.read_text()) for p in experiment.glob("*/params.json")]

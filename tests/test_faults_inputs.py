@@ -327,20 +327,8 @@ def test_report_line_and_rebuild_use_the_recorded_duplicates(tmp_path: Path) -> 
     assert "removed from the later split" in "\n".join(duplicates_lines(report_mod.load_data_checks(tmp_path)))
 
 
-@pytest.mark.slow
-def test_sweep_with_duplicates_names_them_in_console_and_report(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "data")
-    add_duplicates(root)
-    spec = write_spec(tmp_path, {"root": str(root)}, report={"shortcut_check": False, "gradcam": {"per_class": 0}})
-    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    both = proc.stdout + proc.stderr
-    assert "duplicates: 1 validation image also in train, 1 test image also in train" in both
-    report = (tmp_path / "out" / "report" / "REPORT.md").read_text()
-    assert "**Duplicates across splits** (identical decoded pixels): 1 validation image also in train" in report
-    checks = json.loads((tmp_path / "out" / "data-checks.json").read_text())
-    assert checks["duplicates"]["action"] == "warn" and len(checks["duplicates"]["pairs"]) == 2
+# A sweep on such a folder names them on the console, in REPORT.md and data-checks.json:
+# tests/test_console.py::test_compact_console_of_a_small_sweep (one sweep for both).
 
 
 # --- 13. true as a number; weights a folder -----------------------------------------------------

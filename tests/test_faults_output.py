@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cli_here
 
 from covid_tune.cli import run
 from covid_tune.cli.output_dir import LOCK, MARKER, OutputLock, record_experiment
@@ -208,28 +207,8 @@ def test_saved_spec_is_rebased_onto_the_folder_given(tmp_path, tiny_raw) -> None
     assert load_saved_spec(new).data.root == str(tmp_path / "data")  # data elsewhere is kept
 
 
-@pytest.mark.slow
-def test_report_of_a_copied_and_moved_folder_reads_its_own_trials(tmp_path, tiny_raw, capsys) -> None:
-    raw = copy.deepcopy(tiny_raw)
-    raw["grid"]["freeze"] = ["none"]
-    raw["trainer"]["epochs"] = 1
-    spec = _write(tmp_path / "s.yaml", raw)
-    original = Path(raw["output"])
-    proc = subprocess.run([sys.executable, "-m", "covid_tune", "run", str(spec)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    copied = tmp_path / "copied"
-    shutil.copytree(original, copied)
-    shutil.rmtree(original)  # a copy whose original is gone = a moved folder
-    shutil.rmtree(copied / "report")
-    proc = cli_here(capsys, "report", str(copied))  # no Ray: in this process
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    results = json.loads((copied / "report" / "results.json").read_text())
-    assert [r["status"] for r in results["rows"]] == ["ok"]
-    assert results["rows"][0]["eval"]["test"]["n"] == 20
-    assert str(original) not in (copied / "report" / "REPORT.md").read_text()
-    assert not original.exists()
+# A sweep's folder copied and moved (the original gone) is rebuilt by `covid-tune report` from its own
+# trials and data: tests/test_shortlist.py::test_a_sweep_beyond_top_k_reports_predicts_and_rebuilds.
 
 
 # case 8: a disk smaller than the pre-flight estimate

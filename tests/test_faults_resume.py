@@ -189,9 +189,9 @@ def assert_cut(cut_run: dict, sig: int) -> dict:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> dict:
-    """A sweep cut by SIGINT, its report rebuilt from the cut folder, then resumed to the end. It runs on
-    an image folder (not synthetic: --set data.root applies), so the --resume refusals below (cases 4
-    and 5) use it as their finished sweep."""
+    """A sweep cut by SIGINT, its report rebuilt from the cut folder, resumed and cut by SIGTERM, then
+    resumed to the end. It runs on an image folder (not synthetic: --set data.root applies), so the
+    --resume refusals below (cases 4 and 5) use it as their finished sweep."""
     from covid_tune.data.synthetic import make_synthetic
 
     tmp = tmp_path_factory.mktemp("interrupted")
@@ -202,7 +202,19 @@ def interrupted(tmp_path_factory) -> dict:
     seen["rebuild"] = subprocess.run([sys.executable, "-m", "covid_tune", "report", str(out)], cwd=REPO, env=ENV,
                                      capture_output=True, text=True, timeout=300)
     seen["rebuilt"] = report.read_text() if report.exists() else ""
-    resumed = Driver(spec, "--resume", log=tmp / "run2.log")
+    # resumed, then cut by SIGTERM as soon as it reports a new epoch (test_sigterm_...: one sweep for both)
+    before = reported(seen["experiment"])
+    term = Driver(spec, "--resume", log=tmp / "run2.log")
+    try:
+        wait_until(lambda: reported(seen["experiment"]) > before, term, "a new epoch reported after the resume")
+        term.proc.send_signal(signal.SIGTERM)
+        term_code = term.wait(180)
+    finally:
+        term.kill()
+    seen["term"] = {"code": term_code, "text": term.text(),
+                    "trials": json.loads((out / "trials.json").read_text()),
+                    "report": report.read_text() if report.exists() else None}
+    resumed = Driver(spec, "--resume", log=tmp / "run3.log")
     try:
         seen["resumed_code"] = resumed.wait()
     finally:
@@ -240,8 +252,10 @@ def test_sigint_cuts_the_sweep_it_is_never_reported_as_finished_and_resumes(inte
 
 
 @pytest.mark.slow
-def test_sigterm_cuts_the_sweep_it_is_never_reported_as_finished(tmp_path: Path) -> None:
-    assert_cut(signal_sweep(tmp_path, signal.SIGTERM), signal.SIGTERM)
+def test_sigterm_cuts_the_sweep_it_is_never_reported_as_finished(interrupted: dict) -> None:
+    """The SIGINT-cut sweep, resumed and cut again by SIGTERM (after its first new epoch); the
+    resume after that one is the SIGINT test's."""
+    assert_cut(interrupted["term"], signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +269,12 @@ def test_resume_after_kills_at_many_moments_trains_every_epoch_once(tmp_path: Pa
     out = tmp_path / "out"
     experiment = out / "ray" / "faults"
     finished = False
-    for i, delay in enumerate((0.0, 0.7, 1.6, 2.8)):
+    # two kills, each a driver start (~15 s): the first driver mid-run, 1.6 s after an epoch reported
+    # (Tune's state saved, the next epoch under way); the resumed driver the moment its first new epoch
+    # is reported (the restored trials' first report, before Tune's next state save). A first driver
+    # killed the moment an epoch is reported is test_search's optuna kill; a killed driver whose Tune
+    # snapshot lags its last reported epoch, test_cluster's.
+    for i, delay in enumerate((1.6, 0.0)):
         before = reported(experiment)
         driver = Driver(spec, *(["--resume"] if i else []), log=tmp_path / f"run{i}.log")
         try:
