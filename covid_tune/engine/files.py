@@ -26,11 +26,17 @@ MLFLOW_FOLDER = "mlruns"  # tracking.mlflow's file store when no uri is given
 WANDB_FOLDER = "wandb"  # what W&B writes into tracking.wandb.dir (default: the output folder)
 
 
+def _tmp_beside(path: Path) -> Path:
+    """A hidden temporary name beside ``path``, this process's own: processes that write the same file at
+    once (exporters sharing a frozen part) never write into each other's temporary file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``path`` whole or not at all: a hidden temporary file beside it, renamed into place, so a
     process killed meanwhile leaves the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_beside(path)
     if isinstance(data, str):
         tmp.write_text(data)
     else:
@@ -49,7 +55,7 @@ def link_or_copy(source: Path, target: Path) -> None:
     own: copying it copies the file), a copy where the filesystem has no hard links; replaced whole.
     Files are never rewritten in place (:func:`write_atomic` renames), so a link never changes behind a sharer."""
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = _tmp_beside(target)
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)

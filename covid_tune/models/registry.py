@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,11 +191,9 @@ def save_exported(state_dict: Mapping[str, torch.Tensor], meta: dict, out_dir: P
         digest = hashlib.sha256(blob).hexdigest()
         store = Path(store) if store is not None else out_dir.parent / FROZEN_STORE
         shared = store / f"{digest}.pt"
-        if not shared.is_file():
+        if not shared.is_file():  # exporters in several processes may write it at once: equal bytes
             store.mkdir(parents=True, exist_ok=True)
-            tmp = store / f".{digest}.{os.getpid()}.tmp"  # exporters in several processes may write it at once
-            tmp.write_bytes(blob)
-            os.replace(tmp, shared)
+            write_atomic(shared, blob)
         link_or_copy(shared, out_dir / FROZEN_WEIGHTS)
         meta[FROZEN_META] = {"file": FROZEN_WEIGHTS, "sha256": digest, "entries": len(frozen_part)}
     else:
